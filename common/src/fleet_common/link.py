@@ -1,0 +1,164 @@
+"""The MQTT link every component uses: one paho MQTT 5 client, jittered reconnect
+backoff, TLS and credentials from config, and one log line per state change."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any, Callable, List, Optional, Tuple
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .config import MqttConfig
+
+OnConnect = Callable[[mqtt.Client, bool], None]
+
+
+class Backoff:
+    """Exponential backoff with 'equal jitter': a delay in [d/2, d], d doubling up to a cap."""
+
+    def __init__(self, min_s: float, max_s: float) -> None:
+        self.min_s, self.max_s, self.attempt = max(min_s, 0.01), max(max_s, min_s), 0
+
+    def next(self) -> float:
+        ceiling = min(self.max_s, self.min_s * (2 ** min(self.attempt, 20)))
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def publish_properties(response_topic: Optional[str] = None, correlation: Optional[bytes] = None,
+                       expiry_s: Optional[int] = None) -> Optional[Properties]:
+    if response_topic is None and correlation is None and expiry_s is None:
+        return None
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    if correlation is not None:
+        props.CorrelationData = correlation
+    if expiry_s is not None:
+        props.MessageExpiryInterval = max(1, int(expiry_s))
+    return props
+
+
+class Link:
+    """A long-lived connection to the broker; use as a context manager or start()/stop()."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str, *, clean_start: bool = True,
+                 session_expiry_s: int = 0, receive_maximum: Optional[int] = None,
+                 manual_ack: bool = False, will: Optional[Tuple[str, bytes]] = None,
+                 username: Optional[str] = None, logger: Optional[logging.Logger] = None) -> None:
+        self.cfg, self.client_id = cfg, client_id
+        self.log = logger or logging.getLogger("fleet.link")
+        self.clean_start, self.session_expiry_s, self.receive_maximum = clean_start, session_expiry_s, receive_maximum
+        self.on_connect_hooks: List[OnConnect] = []
+        self.connected = threading.Event()
+        self.reconnects = 0
+        self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        self._failures = 0
+        self._ever_connected = False
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                        manual_ack=manual_ack)
+        user = username if username is not None else cfg.username
+        if user is not None:
+            c.username_pw_set(user, cfg.password)
+        if cfg.tls.enabled:
+            c.tls_set(ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file)
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_connect_fail = self._on_connect_fail
+        c.max_inflight_messages_set(1000)
+        c.max_queued_messages_set(0)
+        self.client = c
+        self._jitter()
+
+    @property
+    def where(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    def _jitter(self) -> float:
+        delay = self._backoff.next()
+        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        return delay
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        if self.receive_maximum:
+            props.ReceiveMaximum = self.receive_maximum
+        return props
+
+    def start(self) -> "Link":
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
+                                  clean_start=self.clean_start, properties=self._connect_properties())
+        self.client.loop_start()
+        return self
+
+    def wait_connected(self, timeout_s: Optional[float] = None) -> bool:
+        return self.connected.wait(timeout_s)
+
+    def stop(self, before_disconnect: Optional[Callable[[], None]] = None, timeout_s: float = 5.0) -> None:
+        """Optionally publish last words, then disconnect cleanly (keeping the session) and stop the loop."""
+        if self.connected.is_set() and before_disconnect is not None:
+            before_disconnect()
+        props = Properties(PacketTypes.DISCONNECT)
+        props.SessionExpiryInterval = self.session_expiry_s
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+        self.connected.clear()
+
+    def __enter__(self) -> "Link":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                properties: Optional[Properties] = None) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+
+    # paho callbacks (run on the network thread)
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            delay = self._jitter()
+            self.log.error("broker at %s refused the connection as %r: %s; retrying in %.1f s",
+                           self.where, self.client_id, reason, delay)
+            return
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        self._failures = 0
+        self._backoff.reset()
+        self._jitter()
+        self.log.info("connected to broker at %s as %r%s", self.where, self.client_id,
+                      " (session resumed)" if flags.session_present else "")
+        for hook in self.on_connect_hooks:
+            hook(client, bool(flags.session_present))
+        self.connected.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if not was:
+            return
+        if reason.is_failure or reason.value != 0:
+            delay = self._jitter()
+            self.log.warning("lost connection to broker at %s (%s); reconnecting in %.1f s",
+                             self.where, reason, delay)
+        else:
+            self.log.info("disconnected from broker at %s", self.where)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        delay = self._jitter()
+        self._failures += 1
+        level = logging.WARNING if self._failures in (1, 10, 100) or self._failures % 1000 == 0 else logging.DEBUG
+        self.log.log(level, "cannot reach broker at %s (attempt %d); retrying in %.1f s",
+                     self.where, self._failures, delay)

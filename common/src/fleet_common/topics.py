@@ -1,0 +1,106 @@
+"""Topic builders and parsers: the only place a topic string is assembled.
+
+    <prefix>/<agent_id>/req/<type>   requests to an agent
+    <prefix>/<agent_id>/res/<type>   its responses
+    <prefix>/<agent_id>/status       its retained birth / Last Will
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+from .errors import ContractError
+
+AGENT_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+SHARE_GROUP = "persisters"
+
+REQ = "req"
+RES = "res"
+STATUS = "status"
+
+
+def check_agent_id(value: object) -> str:
+    if not isinstance(value, str) or not AGENT_ID_RE.match(value):
+        raise ContractError(
+            "bad_agent_id",
+            f"{str(value)[:80]!r} is not 1-64 characters of [A-Za-z0-9_.-] not starting with '.'",
+        )
+    return value
+
+
+def check_type(value: object) -> str:
+    if not isinstance(value, str) or not TYPE_RE.match(value):
+        raise ContractError("bad_type", f"{str(value)[:80]!r} does not match [a-z][a-z0-9_]{{0,31}}")
+    return value
+
+
+def sanitise_agent_id(name: Optional[str] = None) -> str:
+    """Turn a host name into a valid agent id (the default id)."""
+    raw = name if name is not None else socket.gethostname()
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", raw).lstrip(".")[:64]
+    return cleaned or "agent"
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    kind: str  # "req" | "res" | "status"
+    agent_id: str
+    type: Optional[str]
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under one prefix (config `mqtt.topic_prefix`)."""
+
+    prefix: str = "fleet"
+
+    def __post_init__(self) -> None:
+        if not PREFIX_RE.match(self.prefix):
+            raise ContractError("bad_prefix", f"topic prefix {self.prefix!r} must be plain topic levels")
+
+    def request(self, agent_id: str, type_: str) -> str:
+        return f"{self.prefix}/{check_agent_id(agent_id)}/{REQ}/{check_type(type_)}"
+
+    def response(self, agent_id: str, type_: str) -> str:
+        return f"{self.prefix}/{check_agent_id(agent_id)}/{RES}/{check_type(type_)}"
+
+    def status(self, agent_id: str) -> str:
+        return f"{self.prefix}/{check_agent_id(agent_id)}/{STATUS}"
+
+    def response_base(self, agent_id: str) -> str:
+        """Every topic an agent may answer on starts with this."""
+        return f"{self.prefix}/{check_agent_id(agent_id)}/{RES}/"
+
+    # subscription filters
+    def agent_requests(self, agent_id: str) -> str:
+        return f"{self.prefix}/{check_agent_id(agent_id)}/{REQ}/+"
+
+    def all_requests(self) -> str:
+        return f"{self.prefix}/+/{REQ}/+"
+
+    def all_responses(self) -> str:
+        return f"{self.prefix}/+/{RES}/+"
+
+    def all_status(self) -> str:
+        return f"{self.prefix}/+/{STATUS}"
+
+    @staticmethod
+    def shared(topic_filter: str, group: str = SHARE_GROUP) -> str:
+        return f"$share/{group}/{topic_filter}"
+
+    def parse(self, topic: str) -> ParsedTopic:
+        """Split a concrete topic into kind, agent id and type; raise ContractError if it is not ours."""
+        head = self.prefix + "/"
+        if not topic.startswith(head):
+            raise ContractError("bad_topic", f"{topic[:120]!r} is not under {head!r}")
+        parts = topic[len(head):].split("/")
+        if len(parts) == 2 and parts[1] == STATUS:
+            return ParsedTopic(STATUS, check_agent_id(parts[0]), None)
+        if len(parts) == 3 and parts[1] in (REQ, RES):
+            return ParsedTopic(parts[1], check_agent_id(parts[0]), check_type(parts[2]))
+        raise ContractError("bad_topic", f"{topic[:120]!r} is not <prefix>/<agent>/(req|res)/<type> or status")

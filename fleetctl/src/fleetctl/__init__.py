@@ -1,0 +1,1 @@
+"""fleetctl: run the whole stack on one machine and query the fleet."""

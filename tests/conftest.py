@@ -1,0 +1,125 @@
+"""Shared fixtures: a real Mosquitto per test on a free port, a unique topic prefix,
+config files, and real service processes that are stopped (and their logs shown) at the end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import pytest
+import yaml
+
+from fleetctl.broker import EmbeddedBroker, find_mosquitto, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_CONF = ROOT / "broker_config" / "dev.conf"
+BIN = Path(sys.executable).parent
+
+
+def pytest_report_header(config: Any) -> List[str]:
+    uri = os.environ.get("FLEET_TEST_MONGODB_URI")
+    which = f"a real MongoDB server at {uri}" if uri else "mongomock (FLEET_TEST_MONGODB_URI is not set)"
+    return [f"MongoDB store tests run against {which}", f"mosquitto: {find_mosquitto()}"]
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.1,
+             what: str = "condition") -> Any:
+    """Poll until predicate() is truthy; fail the test naming `what` otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed; run 'make test', which installs it")
+    log = open(tmp_path / "mosquitto.log", "wb")
+    b = EmbeddedBroker(DEV_CONF, free_port(), tmp_path / "broker", log=log)
+    b.start()
+    yield b
+    b.stop()
+    log.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, broker: EmbeddedBroker, prefix: str) -> Callable[..., Path]:
+    """write_config(name, agent={...}, ...) -> path of a config file for this test's broker."""
+
+    def write(name: str = "config", **sections: Dict[str, Any]) -> Path:
+        data: Dict[str, Any] = {
+            "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": prefix,
+                     "reconnect_min_s": 0.2, "reconnect_max_s": 2},
+            "persister": {"sqlite_path": str(tmp_path / "fleet.db"), "batch_wait_s": 0.05,
+                          "sweep_interval_s": 0.5, "expire_grace_s": 0.5},
+            "agent": {"outbox_path": str(tmp_path / f"{name}-outbox.db")},
+            "log": {"level": "debug"},
+        }
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+class Procs:
+    """Real service processes, each logging to its own file, all stopped at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: Dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, command: str, *args: str, env: Optional[Dict[str, str]] = None) -> "subprocess.Popen[bytes]":
+        log = open(self.tmp_path / f"{name}.log", "ab")
+        proc = subprocess.Popen([str(BIN / command), *args], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return proc.returncode
+
+    def log(self, name: str) -> str:
+        path = self.tmp_path / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        for name in self.procs:
+            text = self.log(name)
+            print(f"----- {name} log (last 60 lines) -----")
+            print("\n".join(text.splitlines()[-60:]))
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    yield p
+    p.close()
