@@ -1,0 +1,177 @@
+"""The controller service: learns the fleet from retained status, and on every tick
+publishes the requests that fell due (QoS 1, with MQTT 5 ResponseTopic, CorrelationData
+and MessageExpiryInterval)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from typing import Any, Callable, Dict, List
+
+import paho.mqtt.client as mqtt
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from fleet_common.config import Config
+from fleet_common.errors import ContractError
+from fleet_common.link import Link, publish_properties
+from fleet_common.messages import Request, parse_status
+from fleet_common.timefmt import iso, new_id
+from fleet_common.topics import STATUS
+
+from .schedule import Due, Schedule, Shard
+
+log = logging.getLogger("fleet.controller")
+
+SUMMARY_EVERY_S = 60.0
+Clock = Callable[[], float]
+
+
+def default_client_id(cfg: Config) -> str:
+    index, count = cfg.controller.shard_index()
+    # Unique per process: two controllers of one shard with one id would knock each other off.
+    return cfg.controller.client_id or f"fleet-controller-{index}of{count}-{new_id()[-8:]}"
+
+
+class Controller:
+    """Owns the MQTT link, the schedule and the tick job; start() and stop(), or a `with` block."""
+
+    def __init__(self, cfg: Config, clock: Clock = time.time) -> None:
+        self.cfg = cfg
+        self.topics = cfg.mqtt.topics()
+        self.intervals_s = dict(cfg.controller.schedule)
+        self._clock = clock
+        self._lock = threading.Lock()  # the schedule is fed by the network thread, read by the tick
+        self.schedule = Schedule(self.intervals_s, start_s=clock(), shard=Shard(*cfg.controller.shard_index()),
+                                 offline_forget_s=cfg.controller.offline_forget_s)
+        self.link = Link(cfg.mqtt, default_client_id(cfg), logger=logging.getLogger("fleet.controller.link"))
+        self.link.on_connect_hooks.append(self._subscribe)
+        self.link.client.on_subscribe = self._on_subscribe
+        self.link.client.on_message = self._on_message
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        # counters, for logs now and metrics later
+        self.issued: Counter[str] = Counter()
+        self.skipped = 0
+        self.malformed = 0
+        self._skipping = True  # until the first connection; start-up is not worth a warning
+        self._summary_at = clock()
+        self._issued_at_summary = 0
+
+    # lifecycle
+    def start(self) -> Controller:
+        self.link.start()
+        self._scheduler.add_job(self.tick, "interval", seconds=self.cfg.controller.tick_s, id="tick",
+                                name="controller-tick", coalesce=True, max_instances=1, misfire_grace_time=None)
+        self._scheduler.start()
+        log.info("controller started: shard %s, schedule %s, tick %.2f s", self.cfg.controller.shard,
+                 ", ".join(f"{t}={s}s" for t, s in sorted(self.intervals_s.items())), self.cfg.controller.tick_s)
+        return self
+
+    def stop(self) -> None:
+        self._scheduler.shutdown(wait=True)
+        self.link.stop()
+        log.info("controller stopped: %d requests issued, %d skipped while disconnected",
+                 sum(self.issued.values()), self.skipped)
+
+    def __enter__(self) -> Controller:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stats(self) -> Dict[str, Any]:
+        with self._lock:
+            known, online = self.schedule.known, self.schedule.online
+        return {"agents_known": known, "agents_online": online, "issued": dict(self.issued),
+                "skipped": self.skipped, "malformed_status": self.malformed,
+                "connected": self.link.connected.is_set()}
+
+    # the tick (scheduler thread)
+    def tick(self) -> int:
+        """Publish everything that fell due since the previous tick; return how many were sent."""
+        now = self._clock()
+        with self._lock:
+            due = self.schedule.due(now)
+        sent = self._dispatch(due, now)
+        self._summarise(now)
+        return sent
+
+    def _dispatch(self, due: List[Due], now: float) -> int:
+        if not self.link.connected.is_set():
+            # Not queued in paho: the next request for each pair is due within one interval anyway.
+            if not self._skipping:
+                log.warning("not connected to the broker: skipping requests until reconnected")
+                self._skipping = True
+            with self._lock:
+                self.skipped += len(due)
+            return 0
+        if self._skipping:
+            log.info("connected: dispatching requests (%d skipped while disconnected)", self.skipped)
+            self._skipping = False
+        sent = 0
+        for agent_id, type_ in due:
+            sent += self.send(agent_id, type_, now)
+        return sent
+
+    def send(self, agent_id: str, type_: str, now: float) -> bool:
+        interval_s = self.intervals_s[type_]
+        request = Request(id=new_id(), type=type_, params={}, issued_at=iso(now), expires_at=iso(now + interval_s))
+        # The expiry is the interval, so an offline agent's session holds at most one of each type.
+        props = publish_properties(self.topics.response(agent_id, type_), request.id.encode(), interval_s)
+        info = self.link.publish(self.topics.request(agent_id, type_), request.payload(), qos=1, properties=props)
+        # NO_CONN: the link dropped mid-tick; paho keeps this QoS 1 message and sends it on reconnect.
+        ok = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+        with self._lock:  # first rounds are sent from the network thread, the rest from the tick
+            if ok:
+                self.issued[type_] += 1
+            else:
+                self.skipped += 1
+        if not ok:
+            return False
+        log.debug("asked %s for %s (request %s)", agent_id, type_, request.id)
+        return True
+
+    def _summarise(self, now: float) -> None:
+        if now - self._summary_at < SUMMARY_EVERY_S:
+            return
+        total = sum(self.issued.values())
+        with self._lock:
+            known, online = self.schedule.known, self.schedule.online
+        log.info("agents online %d/%d known; %d requests issued in the last %.0f s; %d skipped, "
+                 "%d malformed statuses so far", online, known, total - self._issued_at_summary,
+                 now - self._summary_at, self.skipped, self.malformed)
+        self._summary_at, self._issued_at_summary = now, total
+
+    # MQTT callbacks (network thread)
+    def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
+        # A clean session each time: the retained statuses tell us the fleet again.
+        client.subscribe(self.topics.all_status(), qos=1)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("broker refused the subscription to %s: %s", self.topics.all_status(), reasons)
+        else:
+            log.info("watching agent status on %s", self.topics.all_status())
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        now = self._clock()
+        try:
+            topic = self.topics.parse(msg.topic)
+            if topic.kind != STATUS:
+                return
+            if not msg.payload:  # a cleared retained status: the agent was removed
+                with self._lock:
+                    self.schedule.forget(topic.agent_id)
+                return
+            status = parse_status(bytes(msg.payload), topic)
+        except ContractError as exc:
+            self.malformed += 1
+            log.debug("ignored a malformed status on %s: %s", msg.topic, exc)
+            return
+        with self._lock:
+            first_round = self.schedule.observe(status, now, live=not msg.retain)
+        if first_round and self.link.connected.is_set():
+            log.info("new agent %s: asking for %s now", status.agent_id, ", ".join(first_round))
+            for type_ in first_round:
+                self.send(status.agent_id, type_, now)
