@@ -1,0 +1,39 @@
+# Two commands a new user needs: `make run` (the whole stack on this machine) and
+# `make test`. Both create the virtual environment and install what is missing.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DISTS  := common agent controller persister fleetctl
+
+.PHONY: run test lint typecheck unit bench clean deps mosquitto
+
+run: deps
+	$(BIN)/fleetctl up
+
+test: deps lint typecheck unit
+
+lint: deps
+	$(BIN)/ruff check .
+
+typecheck: deps
+	$(BIN)/mypy
+
+unit: deps
+	$(BIN)/pytest
+
+deps: $(STAMP) mosquitto
+
+mosquitto:
+	@bash scripts/ensure-mosquitto.sh
+
+$(STAMP): $(foreach d,$(DISTS),$(d)/pyproject.toml) requirements-dev.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed for the services (the agent alone runs on 3.9); set PYTHON=python3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(foreach d,$(DISTS),-e ./$(d)) -r requirements-dev.txt
+	touch $@
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,165 @@
+"""The wire contract module: topics, ids, timestamps, payload validation and config loading."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fleet_common import (
+    ContractError,
+    ParsedTopic,
+    Request,
+    Response,
+    Status,
+    Topics,
+    iso,
+    new_id,
+    parse_iso,
+    parse_request,
+    parse_response,
+    parse_status,
+    sanitise_agent_id,
+)
+from fleet_common.config import ConfigError, load_config
+
+T = Topics("fleet")
+RES = ParsedTopic("res", "web-01", "cpu")
+
+
+def test_topics_build_and_parse_round_trip() -> None:
+    """Every topic the builders make parses back to the same agent and type."""
+    assert T.request("web-01", "cpu") == "fleet/web-01/req/cpu"
+    assert T.parse(T.response("web-01", "os_info")) == ParsedTopic("res", "web-01", "os_info")
+    assert T.parse(T.status("a.b_c-1")) == ParsedTopic("status", "a.b_c-1", None)
+    assert T.shared(T.all_responses()) == "$share/persisters/fleet/+/res/+"
+
+
+@pytest.mark.parametrize("topic", ["fleet/.hidden/res/cpu", "fleet/web-01/res/CPU", "other/web-01/res/cpu",
+                                   "fleet/web-01/res/cpu/extra", "fleet/web 01/status", "fleet/" + "a" * 65 + "/status"])
+def test_topics_reject_what_the_contract_forbids(topic: str) -> None:
+    """Agent ids and types outside the allowed alphabet and length are refused."""
+    with pytest.raises(ContractError):
+        T.parse(topic)
+
+
+def test_default_agent_id_is_a_sanitised_host_name() -> None:
+    """Host names with odd characters become valid agent ids."""
+    assert sanitise_agent_id("my host.example/1") == "my-host.example-1"
+    assert sanitise_agent_id(".x") == "x"
+
+
+def test_ids_are_unique_and_time_ordered() -> None:
+    """new_id() sorts by creation time and never repeats."""
+    first = new_id()
+    time.sleep(0.002)
+    ids = [new_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(first < i for i in ids)
+    assert all(len(i) == 32 for i in ids)
+
+
+def test_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
+    """iso() gives the contract's format and parse_iso() reads it (and offsets) back."""
+    assert iso(0) == "1970-01-01T00:00:00.000Z"
+    assert iso(1795671360.1234) == "2026-11-26T05:36:00.123Z"
+    assert parse_iso("2026-11-26T05:36:00.123Z") == pytest.approx(1795671360.123)
+    assert parse_iso("2026-11-26T06:36:00+01:00") == pytest.approx(1795671360.0)
+    with pytest.raises(ContractError):
+        parse_iso("yesterday")
+
+
+def test_request_defaults_and_payload() -> None:
+    """Only id is required; v, params and type default as the design says."""
+    req = parse_request(b'{"id": "abc"}', ParsedTopic("req", "web-01", "cpu"))
+    assert (req.v, req.type, req.params) == (1, "cpu", {})
+    again = parse_request(req.payload(), ParsedTopic("req", "web-01", "cpu"))
+    assert again == req
+
+
+def test_response_round_trip() -> None:
+    """An ok response survives encoding and parsing unchanged."""
+    res = Response.ok("id1", "web-01", "cpu", {"percent": 1.5}, 2.0)
+    assert parse_response(res.payload(), RES) == res
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"", "empty_payload"),
+    (b"\xff\xfe", "not_utf8"),
+    (b"{not json", "bad_json"),
+    (b"[1,2]", "not_object"),
+    (b'{"id":"x","agent_id":"web-02","type":"cpu","status":"ok","data":{}}', "agent_id_mismatch"),
+    (b'{"id":"x","agent_id":"web-01","type":"disk","status":"ok","data":{}}', "type_mismatch"),
+    (b'{"id":"x","status":"ok","data":{"$where":1}}', "bad_key"),
+    (b'{"id":"x","status":"ok","data":{"a.b":1}}', "bad_key"),
+    (b'{"id":"x","status":"maybe"}', "bad_status"),
+    (b'{"id":"x","status":"ok","data":null}', "bad_data"),
+    (b'{"id":"x","status":"error","error":{"code":"oops"}}', "bad_error"),
+    (b'{"id":"bad id!","status":"ok","data":{}}', "bad_id"),
+    (b'{"v":2,"id":"x","status":"ok","data":{}}', "bad_version"),
+    (b'{"id":"x","status":"ok","data":' + b'[' * 40 + b']' * 40 + b'}', "too_deep"),
+    (b'{"id":"x","status":"ok","data":' + b'[' * 100000 + b']' * 100000 + b'}', "too_deep"),
+])
+def test_bad_responses_are_refused_with_a_precise_reason(payload: bytes, reason: str) -> None:
+    """Each kind of bad response payload gets its own stable reason code."""
+    with pytest.raises(ContractError) as info:
+        parse_response(payload, RES)
+    assert info.value.reason == reason
+
+
+def test_status_birth_and_will() -> None:
+    """A birth carries types; a will carries only online=false; extra keys survive."""
+    birth = Status("web-01", True, hostname="web-01", platform="Linux", agent_version="0.1.0", types=["cpu"],
+                   extra={"counters": {"answered": 3}})
+    parsed = parse_status(birth.payload(), ParsedTopic("status", "web-01", None))
+    assert parsed.types == ["cpu"] and parsed.online and parsed.extra == {"counters": {"answered": 3}}
+    will = json.loads(Status("web-01", False).payload())
+    assert set(will) == {"v", "agent_id", "online", "ts"}
+
+
+def test_expired_request() -> None:
+    """A request is expired once its expires_at has passed."""
+    req = Request(id="x", type="cpu", expires_at=iso(time.time() - 1))
+    assert req.is_expired(time.time())
+
+
+def test_config_defaults_without_a_file(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    """With no config.yaml the built-in defaults apply, as the design lists them."""
+    cfg = load_config(None, env={})
+    assert cfg.mqtt.port == 1883 and cfg.controller.schedule["os_info"] == 3600
+    assert cfg.persister.retention_s == {"default": 2592000, "processes": 86400}
+
+
+def test_config_env_overrides_scalars(tmp_path) -> None:
+    """FLEET_<SECTION>_<KEY> overrides a file value, with the type of the key."""
+    path = tmp_path / "c.yaml"
+    path.write_text("mqtt:\n  port: 1999\n  host: broker\n")
+    cfg = load_config(str(path), env={"FLEET_MQTT_PORT": "1884", "FLEET_MQTT_PASSWORD": "123",
+                                      "FLEET_MQTT_TLS_ENABLED": "true", "FLEET_TEST_MONGODB_URI": "x"})
+    assert (cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.password, cfg.mqtt.tls.enabled) == ("broker", 1884, "123", True)
+
+
+@pytest.mark.parametrize(("text", "env", "key"), [
+    ("mqtt:\n  hots: x\n", {}, "mqtt.hots"),
+    ("mqtt:\n  port: many\n", {}, "mqtt.port"),
+    ("mqttt: {}\n", {}, "mqttt"),
+    ("controller:\n  schedule: {cpu: 0}\n", {}, "controller.schedule.cpu"),
+    ("controller:\n  shard: 2/2\n", {}, "controller.shard"),
+    ("persister:\n  store: postgres\n", {}, "persister.store"),
+    ("", {"FLEET_AGENT_IDD": "x"}, "agent.idd"),
+    ("", {"FLEET_MQTT_PORT": "x"}, "mqtt.port"),
+])
+def test_bad_config_names_the_key(tmp_path, text: str, env: dict, key: str) -> None:
+    """A wrong key or value stops loading with an error that names the key."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env=env)
+    assert info.value.key == key
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path) -> None:
+    """--config pointing nowhere is reported, not silently replaced by defaults."""
+    with pytest.raises(ConfigError):
+        load_config(str(tmp_path / "nope.yaml"), env={})
