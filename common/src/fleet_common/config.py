@@ -101,7 +101,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     source: Optional[str] = field(default=None, compare=False)
 
-    def replace(self, section: str, **changes: Any) -> "Config":
+    def replace(self, section: str, **changes: Any) -> Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
 

@@ -96,7 +96,7 @@ class Link:
             props.ReceiveMaximum = self.receive_maximum
         return props
 
-    def start(self) -> "Link":
+    def start(self) -> Link:
         self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s,
                                   clean_start=self.clean_start, properties=self._connect_properties())
         self.client.loop_start()
@@ -115,7 +115,7 @@ class Link:
         self.client.loop_stop()
         self.connected.clear()
 
-    def __enter__(self) -> "Link":
+    def __enter__(self) -> Link:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -141,7 +141,10 @@ class Link:
         self.log.info("connected to broker at %s as %r%s", self.where, self.client_id,
                       " (session resumed)" if flags.session_present else "")
         for hook in self.on_connect_hooks:
-            hook(client, bool(flags.session_present))
+            try:
+                hook(client, bool(flags.session_present))
+            except Exception:  # paho re-raises from callbacks, which would end the network thread
+                self.log.exception("on-connect hook %r failed", hook)
         self.connected.set()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

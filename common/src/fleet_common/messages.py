@@ -151,13 +151,13 @@ class Response:
     v: int = VERSION
 
     @classmethod
-    def ok(cls, req_id: str, agent_id: str, type_: str, data: JsonObject, duration_ms: float) -> "Response":
+    def ok(cls, req_id: str, agent_id: str, type_: str, data: JsonObject, duration_ms: float) -> Response:
         return cls(id=req_id, agent_id=agent_id, type=type_, status="ok", data=data,
                    duration_ms=round(duration_ms, 3))
 
     @classmethod
     def fail(cls, req_id: str, agent_id: str, type_: str, code: str, message: str,
-             duration_ms: Optional[float] = None) -> "Response":
+             duration_ms: Optional[float] = None) -> Response:
         if code not in ERROR_CODES:
             raise ValueError(f"unknown error code {code!r}")
         return cls(id=req_id, agent_id=agent_id, type=type_, status="error",

@@ -15,7 +15,7 @@ _TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{
 
 def iso(epoch_s: float) -> str:
     """Format seconds since the epoch as `2026-11-26T04:30:00.123Z`."""
-    ms = int(round(epoch_s * 1000))
+    ms = round(epoch_s * 1000)
     dt = datetime.fromtimestamp(ms // 1000, tz=timezone.utc)
     return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
 

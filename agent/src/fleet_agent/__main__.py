@@ -1,0 +1,5 @@
+"""`python -m fleet_agent` is `fleet-agent`."""
+
+from .cli import entry
+
+entry()

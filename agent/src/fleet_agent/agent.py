@@ -1,0 +1,362 @@
+"""The agent: answers requests on <prefix>/<id>/req/<type> with collector readings.
+
+Threads: paho's network thread parses each request and hands it to a bounded pool
+of collector workers; a timer per request answers `timeout` if the collector takes
+longer than agent.collector_timeout_s. Whichever comes first (result or timeout)
+answers; the other is dropped. No request can stop the agent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Tuple
+
+import paho.mqtt.client as mqtt
+
+from fleet_common.config import Config
+from fleet_common.errors import ContractError
+from fleet_common.link import Link, publish_properties
+from fleet_common.messages import Request, Response, Status, check_document, dumps, parse_request
+from fleet_common.timefmt import is_valid_id
+from fleet_common.topics import Topics, check_agent_id, sanitise_agent_id
+
+from . import __version__
+from .collectors import PRIMERS, REGISTRY, BadParams, Collector, jsonable
+
+log = logging.getLogger("fleet.agent")
+
+MAX_TOPIC_BYTES = 65535
+MAX_POOL_REPLACEMENTS = 3
+
+
+class _Job:
+    """One accepted request on its way to an answer; answered exactly once."""
+
+    __slots__ = ("answered", "correlation", "lock", "reply_to", "req", "started", "timer")
+
+    def __init__(self, req: Request, reply_to: str, correlation: Optional[bytes]) -> None:
+        self.req, self.reply_to, self.correlation = req, reply_to, correlation
+        self.started = time.monotonic()
+        self.lock = threading.Lock()
+        self.answered = False
+        self.timer: Optional[threading.Timer] = None
+
+    def claim(self) -> bool:
+        with self.lock:
+            if self.answered:
+                return False
+            self.answered = True
+            return True
+
+    def elapsed_ms(self) -> float:
+        return (time.monotonic() - self.started) * 1000.0
+
+
+class Agent:
+    """A fleet agent for one host.
+
+    Agent(cfg, agent_id=None, collectors=None)
+      cfg         fleet_common Config (mqtt.*, agent.*)
+      agent_id    overrides cfg.agent.id (default: the sanitised host name)
+      collectors  request type -> collector (default: the global registry, built-ins included)
+
+    start() connects in the background and returns; stop() says goodbye (offline
+    status) and disconnects; run(stop_event) does both around waiting for the event.
+    """
+
+    def __init__(self, cfg: Config, agent_id: Optional[str] = None,
+                 collectors: Optional[Dict[str, Collector]] = None) -> None:
+        self.cfg = cfg
+        self.id = check_agent_id(agent_id or cfg.agent.id or sanitise_agent_id())
+        self.topics = Topics(cfg.mqtt.topic_prefix)
+        self.collectors: Dict[str, Collector] = REGISTRY if collectors is None else collectors
+        self.timeout_s = float(cfg.agent.collector_timeout_s) or 10.0
+        self.workers = max(1, int(cfg.agent.workers))
+        self.stats: Dict[str, int] = {"received": 0, "answered": 0, "ok": 0, "errors": 0, "timeouts": 0,
+                                      "dropped": 0}
+        self._stats_lock = threading.Lock()
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._stopping = threading.Event()
+        self._active: Dict[int, float] = {}  # running collectors: id(job) -> monotonic start
+        self._replaced = 0
+        self._health: Dict[str, str] = {}  # type -> last outcome, to log changes only
+        self._status_topic = self.topics.status(self.id)
+        self._response_base = self.topics.response_base(self.id)
+        will = (self._status_topic, self._offline().payload())
+        self.link = Link(cfg.mqtt, self.id, clean_start=False, session_expiry_s=cfg.agent.session_expiry_s,
+                         will=will, username=cfg.mqtt.username or self.id, logger=logging.getLogger("fleet.link"))
+        self.link.on_connect_hooks.append(self._on_connect)
+        self.link.client.on_message = self._on_message
+
+    # ----------------------------------------------------------------- lifecycle
+    @property
+    def types(self) -> List[str]:
+        return sorted(self.collectors)
+
+    def start(self) -> Agent:
+        """Prime the collectors, start the workers and connect (in the background; retries forever)."""
+        for name in self.types:
+            primer = PRIMERS.get(name)
+            if primer is not None and self.collectors[name] is REGISTRY.get(name):
+                try:
+                    primer()
+                except Exception as exc:  # priming is an optimisation
+                    log.debug("priming %s failed: %s", name, exc)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="collector")
+        log.info("agent %r starting: broker %s, topic prefix %r, %d types (%s)", self.id, self.link.where,
+                 self.topics.prefix, len(self.types), ", ".join(self.types))
+        self.link.start()
+        return self
+
+    def wait_connected(self, timeout_s: Optional[float] = None) -> bool:
+        return self.link.wait_connected(timeout_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Let running collectors answer (briefly), publish the offline status, disconnect."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        deadline = time.monotonic() + min(2.0, timeout_s / 2)
+        while self.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.link.stop(before_disconnect=lambda: self._publish_status(self._offline(), wait_s=timeout_s / 2))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("agent %r stopped (%s)", self.id, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
+
+    def run(self, stop_event: threading.Event) -> int:
+        """Serve until stop_event is set (e.g. by SIGTERM), then stop cleanly; returns the exit code."""
+        self.start()
+        try:
+            stop_event.wait()
+        finally:
+            log.info("agent %r stopping", self.id)
+            self.stop()
+        return 0
+
+    @property
+    def busy(self) -> int:
+        """Number of collectors still running (a hung one keeps counting)."""
+        with self._stats_lock:
+            return len(self._active)
+
+    def __enter__(self) -> Agent:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- status
+    def _offline(self) -> Status:
+        return Status(agent_id=self.id, online=False)
+
+    def _birth(self) -> Status:
+        return Status(agent_id=self.id, online=True, hostname=socket.gethostname(), platform=platform.platform(),
+                      agent_version=__version__, types=self.types)
+
+    def _publish_status(self, status: Status, wait_s: float = 0.0) -> None:
+        info = self.link.publish(self._status_topic, status.payload(), qos=1, retain=True)
+        if wait_s > 0:
+            try:
+                info.wait_for_publish(wait_s)
+            except (RuntimeError, ValueError) as exc:
+                log.warning("offline status not confirmed by the broker: %s", exc)
+
+    def _on_connect(self, client: mqtt.Client, session_present: bool) -> None:
+        client.subscribe(self.topics.agent_requests(self.id), qos=1)
+        self._publish_status(self._birth())
+        log.debug("subscribed to %s and published birth status", self.topics.agent_requests(self.id))
+
+    # ----------------------------------------------------------------- requests
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] += 1
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self.handle(msg.topic, bytes(msg.payload), msg.properties)
+        except Exception:  # the agent never dies of a request
+            self._count("dropped")
+            log.exception("unexpected error handling a message on %r", msg.topic[:200])
+
+    def handle(self, topic: str, payload: bytes, properties: Any = None) -> None:
+        """Answer one request message (called on paho's network thread)."""
+        self._count("received")
+        reply_to = getattr(properties, "ResponseTopic", None) if properties is not None else None
+        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+        try:
+            parsed = self.topics.parse(topic)
+        except ContractError as exc:
+            self._drop(topic, f"bad topic: {exc}")
+            return
+        if parsed.kind != "req" or parsed.agent_id != self.id or parsed.type is None:
+            self._drop(topic, "not a request for this agent")
+            return
+        type_ = parsed.type
+        try:
+            req = parse_request(payload, parsed)
+        except ContractError as exc:
+            req_id = _recover_id(payload, correlation)
+            if req_id is None:
+                self._drop(topic, f"bad request without a usable id: {exc}")
+                return
+            job = _Job(Request(id=req_id, type=type_), self._reply_topic(reply_to, type_), correlation)
+            self._answer(job, Response.fail(req_id, self.id, type_, "bad_request", str(exc)))
+            return
+        job = _Job(req, self._reply_topic(reply_to, type_), correlation)
+        if self._stopping.is_set():
+            self._drop(topic, "agent is stopping")
+            return
+        if req.is_expired(time.time()):
+            self._answer(job, Response.fail(req.id, self.id, type_, "expired",
+                                            f"request expired at {req.expires_at}"))
+            return
+        collector = self.collectors.get(type_)
+        if collector is None:
+            self._answer(job, Response.fail(req.id, self.id, type_, "unknown_type",
+                                            f"this agent answers {', '.join(self.types)}"))
+            return
+        self._submit(job, collector)
+
+    def _drop(self, topic: str, why: str) -> None:
+        self._count("dropped")
+        log.debug("dropped a message on %r: %s", topic[:200], why)
+
+    def _reply_topic(self, reply_to: Optional[str], type_: str) -> str:
+        if (isinstance(reply_to, str) and reply_to.startswith(self._response_base)
+                and len(reply_to) > len(self._response_base) and not any(ch in reply_to for ch in "+#\x00")
+                and len(reply_to.encode("utf-8")) <= MAX_TOPIC_BYTES):
+            return reply_to
+        return self.topics.response(self.id, type_)
+
+    def stuck(self) -> int:
+        """Collectors still running past their timeout (hung, e.g. on a dead network mount)."""
+        limit = time.monotonic() - self.timeout_s
+        with self._stats_lock:
+            return sum(1 for started in self._active.values() if started < limit)
+
+    def _submit(self, job: _Job, collector: Collector) -> None:
+        pool = self._pool
+        if pool is None:
+            raise RuntimeError("agent not started")
+        if self.stuck() >= self.workers and self._replaced < MAX_POOL_REPLACEMENTS:
+            # Python cannot kill a thread: leave the hung ones behind and carry on with new workers
+            self._replaced += 1
+            log.warning("all %d collector workers are stuck past their timeout; starting new ones (%d/%d)",
+                        self.workers, self._replaced, MAX_POOL_REPLACEMENTS)
+            pool.shutdown(wait=False)
+            self._pool = pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="collector")
+        timer = threading.Timer(self.timeout_s, self._on_timeout, args=(job,))
+        timer.daemon = True
+        job.timer = timer
+        timer.start()
+        try:
+            pool.submit(self._collect, job, collector)
+        except RuntimeError as exc:  # the pool was shut down: the agent is stopping
+            timer.cancel()
+            self._drop(job.reply_to, str(exc))
+
+    def _collect(self, job: _Job, collector: Collector) -> None:
+        if job.answered:  # it timed out while waiting for a worker
+            return
+        key = id(job)
+        started = time.monotonic()
+        with self._stats_lock:
+            self._active[key] = started
+        type_ = job.req.type
+        try:
+            try:
+                data = collector(dict(job.req.params))
+                if not isinstance(data, dict):
+                    raise TypeError(f"collector returned {type(data).__name__}, not an object")
+                data = jsonable(data)
+                check_document(data)
+                dumps(data)
+                response = Response.ok(job.req.id, self.id, type_, data, (time.monotonic() - started) * 1000.0)
+            except BadParams as exc:
+                response = Response.fail(job.req.id, self.id, type_, "bad_request", str(exc)[:1000],
+                                         duration_ms=_ms(started))
+            except ContractError as exc:
+                response = Response.fail(job.req.id, self.id, type_, "collector_failed",
+                                         f"result breaks the contract: {exc}"[:1000], duration_ms=_ms(started))
+            except Exception as exc:  # a failing collector is an answer, not a crash
+                message = str(exc) or type(exc).__name__
+                response = Response.fail(job.req.id, self.id, type_, "collector_failed", message[:1000],
+                                         duration_ms=_ms(started))
+            if job.timer is not None:
+                job.timer.cancel()
+            if not self._answer(job, response):
+                log.debug("%s request %s finished after its timeout; result discarded", type_, job.req.id)
+        finally:
+            with self._stats_lock:
+                self._active.pop(key, None)
+
+    def _on_timeout(self, job: _Job) -> None:
+        self._answer(job, Response.fail(job.req.id, self.id, job.req.type, "timeout",
+                                        f"collector took longer than {self.timeout_s:g} s",
+                                        duration_ms=round(job.elapsed_ms(), 3)))
+
+    def _answer(self, job: _Job, response: Response) -> bool:
+        if not job.claim():
+            return False
+        payload = response.payload()
+        props = publish_properties(correlation=job.correlation) if job.correlation is not None else None
+        self.link.publish(job.reply_to, payload, qos=1, properties=props)
+        code = "ok" if response.status == "ok" else (response.error or {}).get("code", "error")
+        with self._stats_lock:
+            self.stats["answered"] += 1
+            self.stats["ok" if code == "ok" else "errors"] += 1
+            if code == "timeout":
+                self.stats["timeouts"] += 1
+        self._note_health(response.type, code, response)
+        log.debug("answered %s request %s on %s: %s (%.1f ms)", response.type, response.id, job.reply_to,
+                  code, response.duration_ms or 0.0)
+        return True
+
+    def _note_health(self, type_: str, code: str, response: Response) -> None:
+        """Log when a type's collector starts or stops failing, not on every answer."""
+        if code not in ("ok", "collector_failed", "timeout"):
+            return  # bad requests and expiries say nothing about this host
+        before = self._health.get(type_, "ok")
+        self._health[type_] = code
+        if code != before:
+            if code == "ok":
+                log.info("collector %s works again", type_)
+            else:
+                log.warning("collector %s: %s: %s", type_, code, (response.error or {}).get("message", ""))
+
+
+def _ms(started: float) -> float:
+    return round((time.monotonic() - started) * 1000.0, 3)
+
+
+def _recover_id(payload: bytes, correlation: Optional[bytes]) -> Optional[str]:
+    """The request id of a malformed request, from its JSON or its CorrelationData, if either holds one."""
+    try:
+        obj = json.loads(payload.decode("utf-8"))
+        if isinstance(obj, dict) and is_valid_id(obj.get("id")):
+            return str(obj["id"])
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        pass
+    if isinstance(correlation, (bytes, bytearray)):
+        try:
+            text = bytes(correlation).decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        if is_valid_id(text):
+            return text
+    return None
+
+
+def run_agent(cfg: Config, stop_event: threading.Event, agent_id: Optional[str] = None) -> Tuple[int, Agent]:
+    agent = Agent(cfg, agent_id=agent_id)
+    return agent.run(stop_event), agent
+
+
+__all__ = ["Agent", "run_agent"]

@@ -1,0 +1,89 @@
+"""The collector registry, the error a collector raises for bad params, and JSON-safety helpers."""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Callable, Dict, Iterable, Optional, TypeVar
+
+from fleet_common.topics import check_type
+
+JsonObject = Dict[str, Any]
+Collector = Callable[[JsonObject], JsonObject]
+C = TypeVar("C", bound=Collector)
+
+REGISTRY: Dict[str, Collector] = {}
+"""Request type -> collector. A collector takes the request params and returns the response data."""
+
+PRIMERS: Dict[str, Callable[[], None]] = {}
+"""Request type -> function the agent calls once at start (e.g. to take a first CPU sample)."""
+
+
+class BadParams(ValueError):
+    """The request's params are not acceptable; the agent answers with error code `bad_request`."""
+
+
+def register(name: str, prime: Optional[Callable[[], None]] = None) -> Callable[[C], C]:
+    """Decorator: make `fn(params) -> data` the collector of request type `name`."""
+    check_type(name)
+
+    def decorate(fn: C) -> C:
+        REGISTRY[name] = fn
+        if prime is not None:
+            PRIMERS[name] = prime
+        else:
+            PRIMERS.pop(name, None)
+        return fn
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+    PRIMERS.pop(name, None)
+
+
+def prime_all() -> None:
+    """Run every collector's priming step; a failing primer is not fatal (the collector primes itself)."""
+    for primer in list(PRIMERS.values()):
+        try:
+            primer()
+        except Exception:  # priming is an optimisation only
+            pass
+
+
+def check_params(params: JsonObject, allowed: Iterable[str] = ()) -> None:
+    """Raise BadParams if `params` has keys other than `allowed`."""
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        known = ", ".join(sorted(allowed)) or "none"
+        raise BadParams(f"unknown param(s) {', '.join(repr(k)[:40] for k in unknown)}; accepted: {known}")
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON values from psutil results: namedtuples become objects, NaN/inf become null."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):
+        return {str(k): jsonable(v) for k, v in value._asdict().items()}
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def attempt(fn: Callable[[], Any], default: Any = None) -> Any:
+    """fn() made JSON-safe, or `default` when the platform does not have it or denies it."""
+    try:
+        return jsonable(fn())
+    except Exception:  # missing features, AccessDenied, NotImplementedError, OSError...
+        return default

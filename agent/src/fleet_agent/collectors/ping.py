@@ -1,0 +1,11 @@
+"""`ping`: an empty answer; the requester measures liveness and round trip."""
+
+from __future__ import annotations
+
+from .base import JsonObject, check_params, register
+
+
+@register("ping")
+def collect(params: JsonObject) -> JsonObject:
+    check_params(params)
+    return {}

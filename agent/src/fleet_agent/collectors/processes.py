@@ -1,0 +1,137 @@
+"""`processes`: the top processes by CPU, memory, pid, name or start time, as a list.
+
+Per-process cpu_percent is measured between two calls on the same psutil.Process
+object, so the objects are kept by pid between requests (primed at agent start); a
+process first seen now is primed and, if that was less than MIN_INTERVAL_S ago, the
+collector waits for the remainder before measuring.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import psutil
+
+from .base import BadParams, JsonObject, check_params, register
+
+MIN_INTERVAL_S = 0.1
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 10000
+# sort key -> descending?
+SORTS: Dict[str, bool] = {"cpu_percent": True, "rss": True, "create_time": True, "pid": False, "name": False}
+DEFAULT_SORT = "cpu_percent"
+
+
+class ProcessTable:
+    """psutil.Process objects cached by pid, so cpu_percent has a previous sample to compare with."""
+
+    def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._procs: Dict[int, psutil.Process] = {}
+        self._primed_at = 0.0  # monotonic time of the newest priming
+
+    def _refresh(self) -> None:
+        live = set(psutil.pids())
+        for pid in list(self._procs):
+            if pid not in live:
+                del self._procs[pid]
+        for pid in live:
+            proc = self._procs.get(pid)
+            if proc is not None:
+                try:
+                    if proc.is_running():  # same pid, same process (create time matches)
+                        continue
+                except psutil.Error:
+                    pass
+            try:
+                proc = psutil.Process(pid)
+                proc.cpu_percent(None)  # primes; the first value is meaningless
+            except psutil.Error:
+                self._procs.pop(pid, None)
+                continue
+            self._procs[pid] = proc
+            self._primed_at = time.monotonic()
+
+    def prime(self) -> None:
+        with self._lock:
+            self._refresh()
+
+    def snapshot(self) -> List[JsonObject]:
+        with self._lock:
+            self._refresh()
+            wait = self.min_interval_s - (time.monotonic() - self._primed_at)
+            if wait > 0:
+                time.sleep(wait)
+            rows = []
+            for pid, proc in list(self._procs.items()):
+                row = _row(pid, proc)
+                if row is None:
+                    self._procs.pop(pid, None)
+                else:
+                    rows.append(row)
+            return rows
+
+
+def _field(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except psutil.NoSuchProcess:
+        raise
+    except (psutil.AccessDenied, psutil.ZombieProcess, OSError, NotImplementedError):
+        return None
+
+
+def _row(pid: int, proc: psutil.Process) -> Optional[JsonObject]:
+    try:
+        with proc.oneshot():
+            mem = _field(proc.memory_info)
+            cpu = _field(lambda: proc.cpu_percent(None))
+            return {
+                "pid": pid,
+                "ppid": _field(proc.ppid),
+                "name": _field(proc.name),
+                "username": _field(proc.username),
+                "status": _field(proc.status),
+                "cpu_percent": round(cpu, 1) if cpu is not None else None,
+                "rss": mem.rss if mem is not None else None,
+                "create_time": _field(proc.create_time),
+                "num_threads": _field(proc.num_threads),
+            }
+    except psutil.NoSuchProcess:
+        return None
+
+
+TABLE = ProcessTable()
+
+
+def parse_params(params: JsonObject) -> Tuple[int, str]:
+    check_params(params, ("limit", "sort_by"))
+    limit = params.get("limit", DEFAULT_LIMIT)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
+        raise BadParams(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {str(limit)[:40]!r}")
+    sort_by = params.get("sort_by", DEFAULT_SORT)
+    if sort_by not in SORTS:
+        raise BadParams(f"sort_by must be one of {', '.join(SORTS)}, not {str(sort_by)[:40]!r}")
+    return limit, sort_by
+
+
+def sort_rows(rows: List[JsonObject], sort_by: str) -> List[JsonObject]:
+    """Sort by `sort_by` (numbers high first, except pid; names A-Z), missing values last."""
+    descending = SORTS[sort_by]
+    present = [r for r in rows if r.get(sort_by) is not None]
+    missing = [r for r in rows if r.get(sort_by) is None]
+    if sort_by == "name":
+        present.sort(key=lambda r: (str(r["name"]).lower(), r["pid"]))
+    else:
+        present.sort(key=lambda r: (-r[sort_by] if descending else r[sort_by], r["pid"]))
+    return present + sorted(missing, key=lambda r: r["pid"])
+
+
+@register("processes", prime=TABLE.prime)
+def collect(params: JsonObject) -> JsonObject:
+    limit, sort_by = parse_params(params)
+    rows = TABLE.snapshot()
+    return {"processes": sort_rows(rows, sort_by)[:limit], "total": len(rows), "sort_by": sort_by, "limit": limit}

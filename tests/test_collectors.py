@@ -1,0 +1,171 @@
+"""The agent's built-in collectors: contract shapes, JSON safety, params, and real CPU percentages."""
+
+from __future__ import annotations
+
+import collections
+import enum
+import json
+import os
+import subprocess
+import sys
+import threading
+from typing import Any, Iterator, Set
+
+import psutil
+import pytest
+
+from fleet_agent.collectors import BUILTIN, REGISTRY, BadParams, jsonable
+from fleet_agent.collectors.cpu import CpuSampler
+from fleet_agent.collectors.processes import ProcessTable
+from fleet_common.config import BUILTIN_TYPES
+from fleet_common.messages import check_document
+
+# type -> keys the design table promises in its data
+SHAPES = {
+    "os_info": {"hostname", "os", "release", "version", "arch", "boot_time", "uptime_s", "cpu_count", "users"},
+    "cpu": {"percent", "per_cpu", "times_percent", "load_avg", "freq_mhz", "ctx_switches"},
+    "memory": {"virtual", "swap"},
+    "disk": {"partitions", "io"},
+    "network": {"interfaces"},
+    "processes": {"processes"},
+    "ping": set(),
+}
+
+
+def _dict_keys(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _dict_keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _dict_keys(item)
+
+
+def _host_names() -> Set[str]:
+    """Names that come from this host: mount points, devices, NICs, process names."""
+    names = {p.mountpoint for p in psutil.disk_partitions()} | {p.device for p in psutil.disk_partitions()}
+    names |= set(psutil.net_if_addrs()) | set(psutil.net_io_counters(pernic=True))
+    names |= set(psutil.disk_io_counters(perdisk=True) or {})
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"]:
+            names.add(proc.info["name"])
+    return names
+
+
+def test_registry_holds_the_builtin_types() -> None:
+    """Every type the design lists is registered, under the names the shared config knows."""
+    assert set(BUILTIN) == set(BUILTIN_TYPES) <= set(REGISTRY)
+
+
+@pytest.mark.parametrize("type_", sorted(SHAPES))
+def test_collector_returns_contract_shape_as_plain_json(type_: str) -> None:
+    """Each collector gives the design's keys, strict JSON (no NaN) that a document store accepts."""
+    data = REGISTRY[type_]({})
+    assert isinstance(data, dict)
+    assert SHAPES[type_] <= set(data), f"{type_} lacks {SHAPES[type_] - set(data)}"
+    assert json.loads(json.dumps(data, allow_nan=False)) == data  # nothing but plain JSON types
+    check_document(data)  # no '$x' or 'a.b' keys, depth bounded
+
+
+def test_collections_are_lists_not_maps_keyed_by_host_names() -> None:
+    """No output uses a mount point, device, NIC or process name as an object key."""
+    host = _host_names()
+    for type_ in BUILTIN:
+        keys = set(_dict_keys(REGISTRY[type_]({})))
+        assert not keys & host, f"{type_} keys data by host names: {sorted(keys & host)[:5]}"
+    disk, net = REGISTRY["disk"]({}), REGISTRY["network"]({})
+    assert isinstance(disk["partitions"], list) and all("mountpoint" in p for p in disk["partitions"])
+    assert isinstance(net["interfaces"], list) and net["interfaces"]
+    assert all({"name", "bytes_sent", "bytes_recv", "errin", "dropout"} <= set(n) for n in net["interfaces"])
+
+
+@pytest.mark.parametrize("type_", [t for t in BUILTIN if t != "processes"])
+def test_collectors_reject_unknown_params(type_: str) -> None:
+    """A param a collector does not know is a bad request, not silently ignored."""
+    with pytest.raises(BadParams):
+        REGISTRY[type_]({"bogus": 1})
+
+
+def test_processes_limit_and_sort_by() -> None:
+    """limit caps the list; sort_by orders by rss (high first), pid (low first) and name (A-Z)."""
+    collect = REGISTRY["processes"]
+    data = collect({"limit": 3, "sort_by": "rss"})
+    rows = data["processes"]
+    assert len(rows) == 3 and data["total"] >= 3
+    assert {"pid", "ppid", "name", "username", "status", "cpu_percent", "rss", "create_time"} <= set(rows[0])
+    rss = [r["rss"] for r in rows]
+    assert rss == sorted(rss, reverse=True)
+    by_pid = [r["pid"] for r in collect({"limit": 20, "sort_by": "pid"})["processes"]]
+    assert by_pid == sorted(by_pid)
+    names = [r["name"].lower() for r in collect({"limit": 20, "sort_by": "name"})["processes"] if r["name"]]
+    assert names == sorted(names)
+    cpu = [r["cpu_percent"] for r in collect({})["processes"] if r["cpu_percent"] is not None]
+    assert cpu == sorted(cpu, reverse=True)
+    assert any(r["pid"] == os.getpid() for r in collect({"limit": 10000, "sort_by": "pid"})["processes"])
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10001}, {"limit": "5"}, {"limit": True},
+                                    {"limit": 1.5}, {"sort_by": "memory"}, {"sort_by": None}, {"top": 5}])
+def test_processes_rejects_bad_params(params: dict) -> None:
+    """Out-of-range limits, unknown sort keys and unknown params raise BadParams."""
+    with pytest.raises(BadParams):
+        REGISTRY["processes"](params)
+
+
+def test_jsonable_makes_psutil_values_plain() -> None:
+    """Namedtuples become objects, NaN and infinity become null, enums their names, tuples lists."""
+    Pair = collections.namedtuple("Pair", "a b")
+
+    class Colour(enum.IntEnum):
+        RED = 1
+
+    assert jsonable({"p": Pair(1.0, float("nan")), "t": (1, float("inf")), "c": Colour.RED}) == \
+        {"p": {"a": 1.0, "b": None}, "t": [1, None], "c": "RED"}
+
+
+def test_cpu_first_sample_is_a_real_measurement() -> None:
+    """A sampler never primed still measures over >= 0.1 s: field percentages add up to 100, not the
+    all-zero 'first call' reading, and there is one per_cpu entry per logical CPU."""
+    sampler = CpuSampler()
+    data = sampler.sample()
+    assert data["interval_s"] >= sampler.min_interval_s * 0.99
+    fields = {k: v for k, v in data["times_percent"].items() if k not in ("guest", "guest_nice")}
+    assert 95.0 <= sum(fields.values()) <= 105.0, data["times_percent"]
+    assert len(data["per_cpu"]) == psutil.cpu_count()
+    assert 0.0 <= data["percent"] <= 100.0
+
+
+def test_cpu_sample_right_after_priming_waits_for_the_minimum_interval() -> None:
+    """Priming then sampling at once still covers the minimum interval and sees a busy thread's load."""
+    sampler = CpuSampler(min_interval_s=0.2)
+    done = threading.Event()
+
+    def spin() -> None:
+        while not done.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        sampler.prime()
+        data = sampler.sample()
+    finally:
+        done.set()
+        spinner.join()
+    assert data["interval_s"] >= 0.2 * 0.99
+    assert data["percent"] > 0.0, data  # one CPU was busy all along: a real reading cannot be 0
+
+
+def test_process_cpu_percent_is_measured_on_first_snapshot() -> None:
+    """A fresh process table primes each process and waits, so a busy process shows cpu_percent > 0
+    on the very first snapshot (psutil's first per-process reading is always 0.0)."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        rows = ProcessTable(min_interval_s=0.2).snapshot()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    busy = next(r for r in rows if r["pid"] == spinner.pid)
+    assert busy["cpu_percent"] is not None and busy["cpu_percent"] > 0.0, busy
+    assert busy["rss"] > 0 and busy["name"] and busy["ppid"] == os.getpid()
