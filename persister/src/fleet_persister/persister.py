@@ -1,0 +1,277 @@
+"""The persister service: validate every request, response and status, write them in
+batches, and acknowledge each message to the broker only after its batch is committed.
+
+Threads: paho's network thread only parses and queues (`on_message`); one named writer
+thread batches, writes, acknowledges, and runs the expiry sweep and purge between
+batches. The store is therefore used by one thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Union
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from fleet_common import (
+    Config,
+    ContractError,
+    Request,
+    Response,
+    Status,
+    Topics,
+    iso,
+    new_id,
+    parse_request,
+    parse_response,
+    parse_status,
+    sanitise_agent_id,
+)
+from fleet_common.link import Backoff, Link
+
+from .stores import Batch, Incoming, RejectedRecord, Store
+
+log = logging.getLogger("fleet.persister")
+
+MAX_REJECTED_PAYLOAD = 2048
+PURGE_EVERY_SWEEPS = 12
+SHUTDOWN_GRACE_S = 10.0
+
+Item = Union[Incoming[Request], Incoming[Response], Incoming[Status], RejectedRecord]
+
+
+@dataclass(frozen=True)
+class Received:
+    """One queued message: what to store, and what to acknowledge once it is stored.
+    `generation` is the connection it came on: after a reconnect the broker redelivers
+    unacknowledged messages, and a packet id from an old connection must not be acked."""
+
+    item: Item
+    mid: int
+    qos: int
+    generation: int
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    stored: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    write_failures: int = 0
+    expired: int = 0
+    purged: int = 0
+    last_commit_ms: Optional[float] = None
+    last_commit_at: Optional[str] = None
+
+
+def client_id(cfg: Config) -> str:
+    return cfg.persister.client_id or f"persister-{sanitise_agent_id()}"[:64]
+
+
+def rejected_record(topic: str, payload: bytes, reason: str) -> RejectedRecord:
+    """A dead letter; the raw payload is truncated to 2 KiB and decoded as UTF-8 with
+    errors='replace', so a non-UTF-8 payload shows U+FFFD where its bad bytes were."""
+    return RejectedRecord(id=new_id(), received_at=iso(time.time()), topic=topic[:512], reason=reason,
+                          payload=payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", errors="replace"))
+
+
+class Persister:
+    def __init__(self, cfg: Config, store: Store) -> None:
+        self.cfg, self.pcfg, self.store = cfg, cfg.persister, store
+        self.topics: Topics = cfg.mqtt.topics()
+        self.counters = Counters()
+        self.queue: queue.Queue[Received] = queue.Queue()
+        self.link = Link(cfg.mqtt, client_id(cfg), clean_start=False,
+                         session_expiry_s=self.pcfg.session_expiry_s,
+                         receive_maximum=self.pcfg.receive_maximum, manual_ack=True, logger=log)
+        self.link.on_connect_hooks.append(self._subscribe)
+        self.link.client.on_message = self._on_message
+        self._generation = 0
+        self._accepting = threading.Event()
+        self._accepting.set()
+        self._sweeps = 0
+        self._next_sweep = 0.0
+        self._sweep_failing = False
+
+    # network thread
+    def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
+        self._generation += 1
+        qos1 = SubscribeOptions(qos=1)
+        client.subscribe([(Topics.shared(self.topics.all_requests()), qos1),
+                          (Topics.shared(self.topics.all_responses()), qos1),
+                          # retained status is delivered only on a plain subscription
+                          (self.topics.all_status(), qos1)])
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting.is_set():
+            return  # not acknowledged: the broker keeps it in our session for the next start
+        self.counters.received += 1
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # brokers refuse such topics; still never crash on input
+            topic = "<topic is not UTF-8>"
+        self.queue.put(Received(self.parse(topic, bytes(msg.payload), bool(msg.retain)), msg.mid, msg.qos,
+                                self._generation))
+        log.debug("queued message %d on %s", msg.mid, topic)
+
+    def parse(self, topic: str, payload: bytes, retained: bool = False) -> Item:
+        """Validate one message; anything wrong with it becomes a RejectedRecord, never an exception."""
+        now = iso(time.time())
+        try:
+            where = self.topics.parse(topic)
+            if where.kind == "req":
+                return Incoming(parse_request(payload, where), where.agent_id, now)
+            if where.kind == "res":
+                return Incoming(parse_response(payload, where), where.agent_id, now)
+            return Incoming(parse_status(payload, where), where.agent_id, now, retained)
+        except ContractError as exc:
+            reason = exc.reason
+            log.debug("rejected message on %s: %s", topic, exc)
+        except Exception as exc:  # the persister never crashes on input
+            reason = f"invalid:{type(exc).__name__}"
+            log.debug("rejected message on %s", topic, exc_info=True)
+        if not self.counters.rejected[reason]:
+            log.warning("first rejected message with reason %r (on %s); see the rejected table", reason, topic)
+        self.counters.rejected[reason] += 1
+        return rejected_record(topic, payload, reason)
+
+    # writer thread
+    def run(self, stop: threading.Event) -> int:
+        """Connect, persist until `stop` is set, then drain, disconnect and return an exit code."""
+        log.info("persister %r starting: store %s, batches of up to %d messages or %.2f s",
+                 self.link.client_id, self.pcfg.store, self.pcfg.batch_size, self.pcfg.batch_wait_s)
+        self.link.start()
+        writer = threading.Thread(target=self._writer, args=(stop,), name="persister-writer", daemon=True)
+        writer.start()
+        stop.wait()
+        log.info("stopping: no longer taking messages; committing and acknowledging what is queued")
+        self._accepting.clear()
+        writer.join(SHUTDOWN_GRACE_S + self.pcfg.batch_wait_s + 5)
+        drained = not writer.is_alive() and self.queue.empty()
+        self.link.stop()
+        self.store.close()
+        c = self.counters
+        log.info("stopped: received %d, stored %d, rejected %d, batches %d%s", c.received, c.stored,
+                 sum(c.rejected.values()), c.batches,
+                 "" if drained else f"; {self.queue.qsize()} messages left unacknowledged for redelivery")
+        return 0 if drained else 1
+
+    def _writer(self, stop: threading.Event) -> None:
+        deadline: Optional[float] = None
+        while True:
+            if stop.is_set() and deadline is None:
+                deadline = time.monotonic() + SHUTDOWN_GRACE_S
+            batch = self._take(stop)
+            if batch:
+                if not self._commit(batch, deadline):
+                    return
+            elif stop.is_set():
+                return
+            self._sweep()
+
+    def _take(self, stop: threading.Event) -> List[Received]:
+        """Up to batch_size messages: wait for the first, then at most batch_wait_s for more."""
+        try:
+            first = self.queue.get(timeout=0 if stop.is_set() else min(self.pcfg.sweep_interval_s, 0.5))
+        except queue.Empty:
+            return []
+        taken = [first]
+        until = time.monotonic() + self.pcfg.batch_wait_s
+        while len(taken) < self.pcfg.batch_size:
+            try:
+                taken.append(self.queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            left = until - time.monotonic()
+            if left <= 0 or stop.is_set():
+                break
+            try:  # in short slices, so a stop request does not wait for a slow batch to fill
+                taken.append(self.queue.get(timeout=min(left, 0.1)))
+            except queue.Empty:
+                pass
+        return taken
+
+    def _commit(self, taken: List[Received], deadline: Optional[float]) -> bool:
+        """Write until it succeeds (nothing is acked before), then ack; False if shutdown gave up."""
+        batch = Batch()
+        for r in taken:
+            it = r.item
+            if isinstance(it, RejectedRecord):
+                batch.rejected.append(it)
+            elif isinstance(it.message, Request):
+                batch.requests.append(it)
+            elif isinstance(it.message, Response):
+                batch.responses.append(it)
+            else:
+                batch.statuses.append(it)
+        backoff, failures = Backoff(0.1, 5.0), 0
+        while True:
+            started = time.monotonic()
+            try:
+                self.store.write(batch)
+                break
+            except Exception as exc:
+                failures += 1
+                self.counters.write_failures += 1
+                if failures == 1:
+                    log.error("store write failed (%s: %s); retrying the same %d messages until it succeeds, "
+                              "acknowledging nothing meanwhile", type(exc).__name__, exc, len(taken))
+                if deadline is not None and time.monotonic() > deadline:
+                    log.error("giving up at shutdown; %d messages stay unacknowledged and will be redelivered",
+                              len(taken))
+                    return False
+                time.sleep(backoff.next())
+        if failures:
+            log.info("store write succeeded again after %d failed attempts", failures)
+        c = self.counters
+        c.last_commit_ms = round((time.monotonic() - started) * 1000, 3)
+        c.last_commit_at = iso(time.time())
+        c.batches += 1
+        c.stored += len(taken) - len(batch.rejected)
+        self._ack(taken)
+        log.debug("committed a batch of %d in %.1f ms", len(taken), c.last_commit_ms)
+        return True
+
+    def _ack(self, taken: List[Received]) -> None:
+        client = self.link.client
+        for r in taken:
+            # paho drops packets queued while disconnected, so acking then is harmless
+            if r.qos > 0 and r.generation == self._generation:
+                client.ack(r.mid, r.qos)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.pcfg.sweep_interval_s
+        self._sweeps += 1
+        try:
+            expired = self.store.expire_pending(time.time(), self.pcfg.expire_grace_s)
+            self.counters.expired += expired
+            if expired:
+                log.debug("marked %d pending requests expired", expired)
+            if self._sweeps % PURGE_EVERY_SWEEPS == 1:
+                purged = self.store.purge(time.time())
+                self.counters.purged += purged
+                if purged:
+                    log.debug("purged %d requests past retention", purged)
+        except Exception as exc:
+            if not self._sweep_failing:
+                log.warning("expiry sweep failed (%s: %s); trying again every %.1f s", type(exc).__name__, exc,
+                            self.pcfg.sweep_interval_s)
+            self._sweep_failing = True
+            return
+        if self._sweep_failing:
+            log.info("expiry sweep works again")
+        self._sweep_failing = False
+
+
+__all__ = ["Counters", "Persister", "client_id", "rejected_record"]

@@ -1,0 +1,210 @@
+"""MongoDB store: database `fleet`, collections requests (_id = request id), agents
+(_id = agent id) and rejected (_id = dead-letter id).
+
+A batch is one ordered bulk write per collection, not a multi-document transaction
+(those need a replica set). That is safe because every operation is an idempotent
+upsert: if a bulk write fails part-way, the persister has acknowledged nothing and
+re-applies the whole batch. Timestamps are RFC 3339 strings, as in the contract,
+except `expire_at`, a BSON date so the TTL index can delete expired requests.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Mapping, Optional
+
+from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
+from pymongo.errors import PyMongoError
+
+from fleet_common import iso, parse_iso
+
+from .base import (
+    DEFAULT_RETENTION_S,
+    EXPIRED_ERROR,
+    AgentRecord,
+    Batch,
+    RejectedRecord,
+    RequestRecord,
+    Stats,
+    StoreError,
+    latency_ms,
+    norm_ts,
+    response_state,
+    retention_until,
+    seen_at,
+    summarise,
+)
+
+Doc = Dict[str, Any]
+
+
+def to_date(text: str) -> datetime:
+    """A stored timestamp as the naive-UTC datetime pymongo reads back by default."""
+    return datetime.fromtimestamp(parse_iso(text), tz=timezone.utc).replace(tzinfo=None)
+
+
+def from_date(value: Optional[datetime]) -> Optional[str]:
+    if value is None:
+        return None
+    return iso((value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp())
+
+
+def redact(uri: str) -> str:
+    """The URI without its password, for messages."""
+    return re.sub(r"//([^:/@]+):[^@/]*@", r"//\1:***@", uri)
+
+
+class MongoStore:
+    """A Store in one MongoDB database; pass a MongoClient (or a mongomock one in tests)."""
+
+    def __init__(self, client: MongoClient[Doc], retention_s: Mapping[str, int] = DEFAULT_RETENTION_S,
+                 database: str = "fleet") -> None:
+        self.client, self.retention_s = client, dict(retention_s)
+        self.db = client[database]
+        self.requests, self.agents_c, self.rejected_c = self.db["requests"], self.db["agents"], self.db["rejected"]
+        self.requests.create_index([("agent_id", ASCENDING), ("type", ASCENDING), ("issued_at", DESCENDING)])
+        self.requests.create_index([("state", ASCENDING), ("expires_at", ASCENDING)])
+        self.requests.create_index([("issued_at", ASCENDING)])
+        self.requests.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
+        self.rejected_c.create_index([("received_at", DESCENDING)])
+
+    @classmethod
+    def from_uri(cls, uri: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S, database: str = "fleet",
+                 timeout_s: float = 5.0) -> MongoStore:
+        client: MongoClient[Doc] = MongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000),
+                                               connect=True)
+        try:
+            client.admin.command("ping")
+            return cls(client, retention_s, database)
+        except PyMongoError as exc:
+            client.close()
+            raise StoreError(f"cannot reach MongoDB at {redact(uri)} ({type(exc).__name__}: {str(exc)[:200]}); "
+                             "check persister.mongodb_uri and that mongod is running and reachable") from None
+
+    # write side
+    def write(self, batch: Batch) -> None:
+        requests: List[Any] = []
+        agents: List[Any] = []
+        ret = self.retention_s
+        for item in batch.requests:
+            r = item.message
+            issued = norm_ts(r.issued_at) or item.received_at
+            change: Doc = {"params": r.params}
+            if r.expires_at is not None:
+                change["expires_at"] = norm_ts(r.expires_at)
+            requests.append(UpdateOne({"_id": r.id}, {"$set": change, "$setOnInsert": {
+                "id": r.id, "agent_id": item.agent_id, "type": r.type, "issued_at": issued, "state": "pending",
+                "answered_at": None, "latency_ms": None, "data": None, "error": None,
+                "expire_at": to_date(retention_until(issued, r.type, ret))}}, upsert=True))
+            # a response stored first left issued_at empty: fill it, never overwrite it
+            requests.append(UpdateOne({"_id": r.id, "issued_at": None}, {"$set": {"issued_at": issued}}))
+        for res in batch.responses:
+            p = res.message
+            answered = norm_ts(p.collected_at) or res.received_at
+            requests.append(UpdateOne({"_id": p.id}, {"$set": {
+                "state": response_state(p), "answered_at": answered, "data": p.data, "error": p.error,
+                "expire_at": to_date(retention_until(answered, p.type, ret))}, "$setOnInsert": {
+                "id": p.id, "agent_id": p.agent_id, "type": p.type, "params": None, "issued_at": None,
+                "expires_at": None, "latency_ms": None}}, upsert=True))
+            agents.append(self._seen(p.agent_id, res.received_at))
+        for st in batch.statuses:
+            s = st.message
+            agents.append(self._seen(s.agent_id, seen_at(st)))
+            change = {"online": s.online, "status_at": st.received_at}
+            change.update({k: v for k, v in (("hostname", s.hostname), ("platform", s.platform),
+                                             ("agent_version", s.agent_version), ("types", s.types))
+                           if v is not None})
+            agents.append(UpdateOne({"_id": s.agent_id, "$or": [{"status_at": None},
+                                                                 {"status_at": {"$lte": st.received_at}}]},
+                                    {"$set": change}))
+        if requests:
+            self.requests.bulk_write(requests, ordered=True)
+        if agents:
+            self.agents_c.bulk_write(agents, ordered=True)
+        if batch.rejected:
+            self.rejected_c.bulk_write([UpdateOne({"_id": r.id}, {"$setOnInsert": {
+                "received_at": r.received_at, "topic": r.topic, "reason": r.reason, "payload": r.payload}},
+                upsert=True) for r in batch.rejected], ordered=True)
+        self._complete_pairs([i.message.id for i in batch.requests] + [i.message.id for i in batch.responses])
+
+    @staticmethod
+    def _seen(agent_id: str, at: str) -> Any:
+        return UpdateOne({"_id": agent_id}, {"$max": {"last_seen": at}, "$setOnInsert": {
+            "agent_id": agent_id, "first_seen": at, "online": None, "hostname": None, "platform": None,
+            "agent_version": None, "types": None, "status_at": None}}, upsert=True)
+
+    def _complete_pairs(self, ids: List[str]) -> None:
+        if not ids:
+            return
+        docs = self.requests.find({"_id": {"$in": sorted(set(ids))}, "issued_at": {"$ne": None},
+                                   "answered_at": {"$ne": None}}, {"issued_at": 1, "answered_at": 1})
+        ops = [UpdateOne({"_id": d["_id"]}, {"$set": {"latency_ms": latency_ms(d["issued_at"], d["answered_at"])}})
+               for d in docs]
+        if ops:
+            self.requests.bulk_write(ops, ordered=False)
+
+    def expire_pending(self, now_s: float, grace_s: float) -> int:
+        result = self.requests.update_many(
+            {"state": "pending", "expires_at": {"$lt": iso(now_s - grace_s)}},
+            {"$set": {"state": "expired", "error": dict(EXPIRED_ERROR)}})
+        return int(result.modified_count)
+
+    def purge(self, now_s: float) -> int:
+        n = self.requests.delete_many({"expire_at": {"$lt": to_date(iso(now_s))}}).deleted_count
+        self.rejected_c.delete_many({"received_at": {"$lt": iso(now_s - self.retention_s["default"])}})
+        return int(n)
+
+    # read side
+    def agents(self) -> List[AgentRecord]:
+        return [AgentRecord(agent_id=d["_id"], online=d.get("online"), first_seen=d["first_seen"],
+                            last_seen=d["last_seen"], hostname=d.get("hostname"), platform=d.get("platform"),
+                            agent_version=d.get("agent_version"), types=d.get("types"), status_at=d.get("status_at"))
+                for d in self.agents_c.find().sort("_id", ASCENDING)]
+
+    def agent_stats(self, since_s: float) -> Dict[str, Stats]:
+        since = iso(since_s)
+        docs = self.requests.find({"$or": [{"issued_at": {"$gte": since}},
+                                           {"issued_at": None, "answered_at": {"$gte": since}}]},
+                                  {"agent_id": 1, "state": 1, "latency_ms": 1})
+        return summarise([(d["agent_id"], d["state"], d.get("latency_ms")) for d in docs])
+
+    def history(self, agent_id: str, type_: str, limit: int = 100,
+                since_s: Optional[float] = None) -> List[RequestRecord]:
+        query: Doc = {"agent_id": agent_id, "type": type_}
+        if since_s is not None:
+            since = iso(since_s)
+            query["$or"] = [{"issued_at": {"$gte": since}}, {"issued_at": None, "answered_at": {"$gte": since}}]
+        cursor = self.requests.find(query).sort([("issued_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        return [self._request(d) for d in cursor]
+
+    def get_request(self, id_: str) -> Optional[RequestRecord]:
+        doc = self.requests.find_one({"_id": id_})
+        return self._request(doc) if doc else None
+
+    def rejected(self, limit: int = 100) -> List[RejectedRecord]:
+        cursor = self.rejected_c.find().sort([("received_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        return [RejectedRecord(id=d["_id"], received_at=d["received_at"], topic=d["topic"], reason=d["reason"],
+                               payload=d["payload"]) for d in cursor]
+
+    def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
+                       state: Optional[str] = None) -> int:
+        query = {k: v for k, v in (("agent_id", agent_id), ("type", type_), ("state", state)) if v is not None}
+        return int(self.requests.count_documents(query))
+
+    def type_counts(self) -> Dict[str, Dict[str, int]]:
+        out: Dict[str, Dict[str, int]] = {}
+        pipeline = [{"$group": {"_id": {"type": "$type", "state": "$state"}, "n": {"$sum": 1}}}]
+        for row in self.requests.aggregate(pipeline):
+            out.setdefault(row["_id"]["type"], {})[row["_id"]["state"]] = int(row["n"])
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+
+    @staticmethod
+    def _request(d: Doc) -> RequestRecord:
+        return RequestRecord(id=d["_id"], agent_id=d["agent_id"], type=d["type"], params=d.get("params"),
+                             issued_at=d.get("issued_at"), expires_at=d.get("expires_at"), state=d["state"],
+                             answered_at=d.get("answered_at"), latency_ms=d.get("latency_ms"), data=d.get("data"),
+                             error=d.get("error"), expire_at=from_date(d.get("expire_at")))

@@ -1,0 +1,259 @@
+"""SQLite store: the embedded default. One column per contract field (nested values as JSON
+text, timestamps as RFC 3339 text), WAL so readers (fleetctl, dashboards) never block the
+writer, and one transaction per batch."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from fleet_common import iso
+
+from .base import (
+    DEFAULT_RETENTION_S,
+    EXPIRED_ERROR,
+    AgentRecord,
+    Batch,
+    RejectedRecord,
+    RequestRecord,
+    Stats,
+    StoreError,
+    latency_ms,
+    norm_ts,
+    response_state,
+    retention_until,
+    seen_at,
+    summarise,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS requests (
+    id          TEXT PRIMARY KEY,
+    agent_id    TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    params      TEXT,
+    issued_at   TEXT,
+    expires_at  TEXT,
+    state       TEXT NOT NULL DEFAULT 'pending',
+    answered_at TEXT,
+    latency_ms  REAL,
+    data        TEXT,
+    error       TEXT,
+    expire_at   TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_history ON requests (agent_id, type, COALESCE(issued_at, answered_at));
+CREATE INDEX IF NOT EXISTS requests_time ON requests (COALESCE(issued_at, answered_at));
+CREATE INDEX IF NOT EXISTS requests_pending ON requests (expires_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS requests_expire_at ON requests (expire_at);
+CREATE TABLE IF NOT EXISTS agents (
+    agent_id      TEXT PRIMARY KEY,
+    online        INTEGER,
+    first_seen    TEXT NOT NULL,
+    last_seen     TEXT NOT NULL,
+    hostname      TEXT,
+    platform      TEXT,
+    agent_version TEXT,
+    types         TEXT,
+    status_at     TEXT
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    id          TEXT PRIMARY KEY,
+    received_at TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    payload     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rejected_received_at ON rejected (received_at);
+"""
+
+UPSERT_REQUEST = """
+INSERT INTO requests (id, agent_id, type, params, issued_at, expires_at, state, expire_at)
+VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
+ON CONFLICT (id) DO UPDATE SET
+    params = excluded.params,
+    issued_at = COALESCE(requests.issued_at, excluded.issued_at),
+    expires_at = COALESCE(excluded.expires_at, requests.expires_at),
+    expire_at = COALESCE(requests.expire_at, excluded.expire_at)
+"""
+
+UPSERT_RESPONSE = """
+INSERT INTO requests (id, agent_id, type, state, answered_at, data, error, expire_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    state = excluded.state, answered_at = excluded.answered_at, data = excluded.data,
+    error = excluded.error, expire_at = excluded.expire_at
+"""
+
+SEEN_AGENT = """
+INSERT INTO agents (agent_id, first_seen, last_seen) VALUES (?, ?, ?)
+ON CONFLICT (agent_id) DO UPDATE SET last_seen = MAX(agents.last_seen, excluded.last_seen)
+"""
+
+APPLY_STATUS = """
+UPDATE agents SET online = ?, hostname = COALESCE(?, hostname), platform = COALESCE(?, platform),
+    agent_version = COALESCE(?, agent_version), types = COALESCE(?, types), status_at = ?
+WHERE agent_id = ? AND (status_at IS NULL OR status_at <= ?)
+"""
+
+REQUEST_COLUMNS = ("id, agent_id, type, params, issued_at, expires_at, state, answered_at, latency_ms, "
+                   "data, error, expire_at")
+AGENT_COLUMNS = "agent_id, online, first_seen, last_seen, hostname, platform, agent_version, types, status_at"
+CHUNK = 500
+
+
+def _json(value: Any) -> Optional[str]:
+    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _unjson(text: Optional[str]) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), CHUNK):
+        yield items[i:i + CHUNK]
+
+
+class SqliteStore:
+    """A Store in one SQLite file; safe to share between threads (calls are serialised)."""
+
+    def __init__(self, path: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S,
+                 busy_timeout_ms: int = 5000) -> None:
+        self.path, self.retention_s = path, dict(retention_s)
+        self._lock = threading.Lock()
+        try:
+            if path != ":memory:":
+                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(Path(path).expanduser()) if path != ":memory:" else path,
+                                       isolation_level=None, check_same_thread=False,
+                                       timeout=busy_timeout_ms / 1000)
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the SQLite database {path!r} ({exc}); check that "
+                             "persister.sqlite_path names a file in a folder this user can write") from None
+
+    # write side
+    def write(self, batch: Batch) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._write(batch)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _write(self, batch: Batch) -> None:
+        db, ret = self._db, self.retention_s
+        for item in batch.requests:
+            r = item.message
+            issued = norm_ts(r.issued_at) or item.received_at
+            db.execute(UPSERT_REQUEST, (r.id, item.agent_id, r.type, _json(r.params), issued,
+                                        norm_ts(r.expires_at), retention_until(issued, r.type, ret)))
+        for res in batch.responses:
+            p = res.message
+            answered = norm_ts(p.collected_at) or res.received_at
+            db.execute(UPSERT_RESPONSE, (p.id, p.agent_id, p.type, response_state(p), answered, _json(p.data),
+                                         _json(p.error), retention_until(answered, p.type, ret)))
+            db.execute(SEEN_AGENT, (p.agent_id, res.received_at, res.received_at))
+        for st in batch.statuses:
+            s, seen = st.message, seen_at(st)
+            db.execute(SEEN_AGENT, (s.agent_id, seen, seen))
+            db.execute(APPLY_STATUS, (int(s.online), s.hostname, s.platform, s.agent_version, _json(s.types),
+                                      st.received_at, s.agent_id, st.received_at))
+        db.executemany("INSERT OR IGNORE INTO rejected (id, received_at, topic, reason, payload) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       [(r.id, r.received_at, r.topic, r.reason, r.payload) for r in batch.rejected])
+        self._complete_pairs([i.message.id for i in batch.requests] + [i.message.id for i in batch.responses])
+
+    def _complete_pairs(self, ids: List[str]) -> None:
+        """Latency of every request in the batch whose request and response are both stored now."""
+        for chunk in _chunks(sorted(set(ids))):
+            rows = self._db.execute(
+                f"SELECT id, issued_at, answered_at FROM requests WHERE id IN ({','.join('?' * len(chunk))}) "
+                "AND issued_at IS NOT NULL AND answered_at IS NOT NULL", chunk).fetchall()
+            self._db.executemany("UPDATE requests SET latency_ms = ? WHERE id = ?",
+                                 [(latency_ms(issued, answered), id_) for id_, issued, answered in rows])
+
+    def expire_pending(self, now_s: float, grace_s: float) -> int:
+        with self._lock:
+            cur = self._db.execute("UPDATE requests SET state = 'expired', error = ? "
+                                   "WHERE state = 'pending' AND expires_at < ?",
+                                   (_json(EXPIRED_ERROR), iso(now_s - grace_s)))
+            return cur.rowcount
+
+    def purge(self, now_s: float) -> int:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                n = self._db.execute("DELETE FROM requests WHERE expire_at < ?", (iso(now_s),)).rowcount
+                self._db.execute("DELETE FROM rejected WHERE received_at < ?",
+                                 (iso(now_s - self.retention_s["default"]),))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return n
+
+    # read side
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> List[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def agents(self) -> List[AgentRecord]:
+        return [AgentRecord(agent_id=a, online=None if on is None else bool(on), first_seen=first, last_seen=last,
+                            hostname=host, platform=plat, agent_version=ver, types=_unjson(types), status_at=st)
+                for a, on, first, last, host, plat, ver, types, st
+                in self._query(f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY agent_id")]
+
+    def agent_stats(self, since_s: float) -> Dict[str, Stats]:
+        return summarise(self._query("SELECT agent_id, state, latency_ms FROM requests "
+                                     "WHERE COALESCE(issued_at, answered_at) >= ?", (iso(since_s),)))
+
+    def history(self, agent_id: str, type_: str, limit: int = 100,
+                since_s: Optional[float] = None) -> List[RequestRecord]:
+        since = iso(since_s) if since_s is not None else ""
+        rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE agent_id = ? AND type = ? "
+                           "AND COALESCE(issued_at, answered_at) >= ? "
+                           "ORDER BY COALESCE(issued_at, answered_at) DESC, id DESC LIMIT ?",
+                           (agent_id, type_, since, limit))
+        return [self._request(row) for row in rows]
+
+    def get_request(self, id_: str) -> Optional[RequestRecord]:
+        rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?", (id_,))
+        return self._request(rows[0]) if rows else None
+
+    def rejected(self, limit: int = 100) -> List[RejectedRecord]:
+        return [RejectedRecord(*row) for row in self._query(
+            "SELECT id, received_at, topic, reason, payload FROM rejected "
+            "ORDER BY received_at DESC, id DESC LIMIT ?", (limit,))]
+
+    def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
+                       state: Optional[str] = None) -> int:
+        where = {"agent_id": agent_id, "type": type_, "state": state}
+        used = {k: v for k, v in where.items() if v is not None}
+        sql = "SELECT COUNT(*) FROM requests" + (" WHERE " + " AND ".join(f"{k} = ?" for k in used) if used else "")
+        return int(self._query(sql, list(used.values()))[0][0])
+
+    def type_counts(self) -> Dict[str, Dict[str, int]]:
+        out: Dict[str, Dict[str, int]] = {}
+        for type_, state, n in self._query("SELECT type, state, COUNT(*) FROM requests GROUP BY type, state", []):
+            out.setdefault(type_, {})[state] = int(n)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @staticmethod
+    def _request(row: Sequence[Any]) -> RequestRecord:
+        id_, agent_id, type_, params, issued, expires, state, answered, latency, data, error, expire_at = row
+        return RequestRecord(id=id_, agent_id=agent_id, type=type_, params=_unjson(params), issued_at=issued,
+                             expires_at=expires, state=state, answered_at=answered, latency_ms=latency,
+                             data=_unjson(data), error=_unjson(error), expire_at=expire_at)

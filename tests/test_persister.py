@@ -1,0 +1,213 @@
+"""The fleet-persister process against a real Mosquitto: what it stores, what it rejects,
+and how it stops. The SQLite file is read directly: its layout is part of the contract."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import paho.mqtt.client as mqtt
+import pytest
+from conftest import BIN, Procs, wait_for
+from helpers import loads, rows
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet_common import Request, Response, Status, Topics, iso, new_id
+from fleetctl.broker import EmbeddedBroker
+
+AGENT = "web-01"
+
+
+@pytest.fixture
+def publisher(broker: EmbeddedBroker) -> Iterator[Callable[..., None]]:
+    """publish(topic, payload, retain=False): QoS 1, returns once the broker has it."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}",
+                         protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+
+    def publish(topic: str, payload: bytes, retain: bool = False) -> None:
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+
+    yield publish
+    client.disconnect()
+    client.loop_stop()
+
+
+@pytest.fixture
+def topics(prefix: str) -> Topics:
+    return Topics(prefix)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "fleet.db"
+
+
+@pytest.fixture
+def start_persister(procs: Procs, write_config: Callable[..., Path], publisher: Callable[..., None],
+                    topics: Topics, db: Path) -> Callable[..., subprocess.Popen[bytes]]:
+    """Start fleet-persister and return once its subscriptions are active: a retained status
+    published beforehand arrives (logged at debug) only after the SUBSCRIBE that also holds
+    the shared filters."""
+
+    def start(**persister: Any) -> subprocess.Popen[bytes]:
+        probe = f"probe-{uuid.uuid4().hex[:6]}"
+        publisher(topics.status(probe), Status(agent_id=probe, online=True).payload(), retain=True)
+        proc = procs.start("persister", "fleet-persister", "--config", str(write_config(persister=persister)))
+        wait_for(lambda: f"on {topics.status(probe)}" in procs.log("persister"), what="persister subscribed")
+        return proc
+
+    return start
+
+
+def request(id_: str, issued_s: float, type_: str = "cpu", expires_in_s: float = 60) -> Request:
+    return Request(id=id_, type=type_, issued_at=iso(issued_s), expires_at=iso(issued_s + expires_in_s))
+
+
+def one(db: Path, id_: str) -> Optional[Dict[str, Any]]:
+    found = rows(db, "SELECT * FROM requests WHERE id = ?", id_)
+    return found[0] if found else None
+
+
+def test_requests_and_responses_are_stored(start_persister: Callable[..., Any], publisher: Callable[..., None],
+                                           topics: Topics, db: Path) -> None:
+    """Requests and their responses end as one row each with state, data and latency; unanswered ones expire."""
+    start_persister()
+    now = time.time()
+    ok, late, lost = new_id(), new_id(), new_id()
+    publisher(topics.request(AGENT, "cpu"), request(ok, now).payload())
+    publisher(topics.request(AGENT, "cpu"), request(late, now).payload())
+    publisher(topics.request(AGENT, "cpu"), request(lost, now - 30, expires_in_s=1).payload())
+    publisher(topics.response(AGENT, "cpu"), Response(
+        id=ok, agent_id=AGENT, type="cpu", status="ok", data={"percent": 12.5}, collected_at=iso(now + 0.25)).payload())
+    publisher(topics.response(AGENT, "cpu"), Response.fail(late, AGENT, "cpu", "expired", "too late").payload())
+
+    wait_for(lambda: (one(db, ok) or {}).get("state") == "ok", what="the answered request stored as ok")
+    row = one(db, ok)
+    assert row is not None
+    assert row["agent_id"] == AGENT and row["type"] == "cpu" and loads(row["params"]) == {}
+    assert loads(row["data"]) == {"percent": 12.5} and row["error"] is None
+    assert row["issued_at"] == iso(now) and row["answered_at"] == iso(now + 0.25)
+    assert row["latency_ms"] == pytest.approx(250.0, abs=1.0)
+    wait_for(lambda: (one(db, late) or {}).get("state") == "expired", what="error code expired stored as expired")
+    assert loads(one(db, late)["error"])["code"] == "expired"  # type: ignore[index]
+    wait_for(lambda: (one(db, lost) or {}).get("state") == "expired", what="the sweep to expire the lost request")
+    assert rows(db, "SELECT last_seen FROM agents WHERE agent_id = ?", AGENT), "a response makes its agent known"
+
+
+BAD_RESPONSES: List[tuple[str, Any]] = [
+    ("bad_json", b'{"id": "r1", '),
+    ("not_utf8", b'{"id": "\xff\xfe"}'),
+    ("empty_payload", b""),
+    ("agent_id_mismatch", {"agent_id": "db-01"}),
+    ("type_mismatch", {"type": "memory"}),
+    ("bad_key", {"data": {"$where": "1"}}),
+    ("not_object", b"[1, 2, 3]"),
+]
+
+
+def test_bad_payloads_are_rejected_and_persister_goes_on(start_persister: Callable[..., Any],
+                                                         publisher: Callable[..., None], topics: Topics,
+                                                         db: Path) -> None:
+    """Each kind of bad response ends in `rejected` with a precise reason; a good one after them is still stored."""
+    proc = start_persister()
+    good = Response.ok(new_id(), AGENT, "cpu", {"percent": 1.0}, 1.0).to_dict()
+    for _, bad in BAD_RESPONSES:
+        payload = bad if isinstance(bad, bytes) else json.dumps({**good, "id": new_id(), **bad}).encode()
+        publisher(topics.response(AGENT, "cpu"), payload)
+    publisher(topics.response(AGENT, "cpu"), json.dumps(good).encode())
+
+    wait_for(lambda: one(db, good["id"]), what="the good response after the bad ones")
+    dead = wait_for(lambda: (r := rows(db, "SELECT * FROM rejected")) and len(r) >= len(BAD_RESPONSES)
+                    and r, what="every bad response in rejected")
+    assert sorted(d["reason"] for d in dead) == sorted(reason for reason, _ in BAD_RESPONSES)
+    assert {d["topic"] for d in dead} == {topics.response(AGENT, "cpu")}
+    by_reason = {d["reason"]: d for d in dead}
+    assert by_reason["bad_json"]["payload"] == '{"id": "r1", '
+    assert by_reason["not_utf8"]["payload"] == '{"id": "\ufffd\ufffd"}'  # decoded with errors='replace'
+    assert by_reason["empty_payload"]["payload"] == ""
+    assert all(d["received_at"].endswith("Z") for d in dead)
+    assert proc.poll() is None, "the persister must keep running after bad input"
+
+
+def test_same_response_twice_leaves_one_record(start_persister: Callable[..., Any],
+                                               publisher: Callable[..., None], topics: Topics, db: Path) -> None:
+    """A response delivered twice (and its request after it) is one record, and nothing is rejected."""
+    start_persister()
+    now = time.time()
+    rid = new_id()
+    answer = Response(id=rid, agent_id=AGENT, type="ping", status="ok", data={}, collected_at=iso(now + 0.1))
+    publisher(topics.response(AGENT, "ping"), answer.payload())
+    publisher(topics.response(AGENT, "ping"), answer.payload())
+    publisher(topics.request(AGENT, "ping"), request(rid, now, type_="ping").payload())
+    marker = new_id()
+    publisher(topics.request(AGENT, "ping"), request(marker, now, type_="ping").payload())
+    wait_for(lambda: one(db, marker), what="the marker published after the duplicates")
+    assert rows(db, "SELECT state, latency_ms FROM requests WHERE id = ?", rid) == [{"state": "ok",
+                                                                                    "latency_ms": 100.0}]
+    assert rows(db, "SELECT * FROM rejected") == []
+
+
+def test_sigterm_commits_queued_messages_and_exits_0(start_persister: Callable[..., Any], procs: Procs,
+                                                     publisher: Callable[..., None], topics: Topics,
+                                                     db: Path) -> None:
+    """On SIGTERM the persister commits and acknowledges what it has queued, then exits 0."""
+    start_persister(batch_wait_s=30, batch_size=10000)  # queued messages wait for a batch that never fills
+    ids = [new_id() for _ in range(50)]
+    for id_ in ids:
+        publisher(topics.request(AGENT, "memory"), request(id_, time.time(), type_="memory").payload())
+    wait_for(lambda: procs.log("persister").count(f"on {topics.request(AGENT, 'memory')}") >= len(ids),
+             what="all requests queued by the persister")
+    assert rows(db, "SELECT COUNT(*) AS n FROM requests WHERE type = 'memory'") == [{"n": 0}]
+    assert procs.stop("persister", signal.SIGTERM) == 0
+    assert rows(db, "SELECT COUNT(*) AS n FROM requests WHERE type = 'memory'") == [{"n": len(ids)}]
+    assert "stopped: received" in procs.log("persister")
+    queued_before = procs.log("persister").count(f"on {topics.request(AGENT, 'memory')}")
+    start_persister()  # same client id and session: anything unacknowledged would be redelivered now
+    assert procs.log("persister").count(f"on {topics.request(AGENT, 'memory')}") == queued_before, \
+        "messages committed before the stop were acknowledged, so none comes back"
+
+
+def test_store_that_cannot_be_opened_is_one_line_exit_2(write_config: Callable[..., Path], tmp_path: Path) -> None:
+    """A SQLite path that cannot be created fails start-up with one plain line naming the key, exit 2."""
+    (tmp_path / "a-file").write_text("")
+    config = write_config(persister={"sqlite_path": str(tmp_path / "a-file" / "fleet.db")})
+    done = subprocess.run([str(BIN / "fleet-persister"), "--config", str(config)], capture_output=True, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "persister.sqlite_path" in lines[0], lines
+
+
+def test_bad_config_is_one_line_exit_2(write_config: Callable[..., Path]) -> None:
+    """An unknown persister config key fails start-up with one line naming the key, exit 2."""
+    config = write_config(persister={"batch_sise": 10})
+    done = subprocess.run([str(BIN / "fleet-persister"), "--config", str(config)], capture_output=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.decode().strip().splitlines() == [
+        done.stderr.decode().strip()] and "persister.batch_sise" in done.stderr.decode()
+
+
+@pytest.mark.slow
+def test_locked_database_loses_nothing(start_persister: Callable[..., Any], procs: Procs,
+                                       publisher: Callable[..., None], topics: Topics, db: Path) -> None:
+    """While the database is locked nothing is acknowledged or lost; the batch is stored once the lock goes."""
+    start_persister()
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    rid = new_id()
+    try:
+        publisher(topics.request(AGENT, "disk"), request(rid, time.time(), type_="disk").payload())
+        wait_for(lambda: "store write failed" in procs.log("persister"), what="the failed write to be logged")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    wait_for(lambda: one(db, rid), what="the request stored after the lock is released")
+    assert procs.log("persister").count("store write failed") == 1, "logged once, not per retry"
+    assert "store write succeeded again" in procs.log("persister")
