@@ -87,7 +87,8 @@ class Procs:
         self.tmp_path = tmp_path
         self.procs: Dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, command: str, *args: str, env: Optional[Dict[str, str]] = None) -> "subprocess.Popen[bytes]":
+    def start(self, name: str, command: str, *args: str,
+              env: Optional[Dict[str, str]] = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"{name}.log", "ab")
         proc = subprocess.Popen([str(BIN / command), *args], stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})

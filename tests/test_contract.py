@@ -37,7 +37,8 @@ def test_topics_build_and_parse_round_trip() -> None:
 
 
 @pytest.mark.parametrize("topic", ["fleet/.hidden/res/cpu", "fleet/web-01/res/CPU", "other/web-01/res/cpu",
-                                   "fleet/web-01/res/cpu/extra", "fleet/web 01/status", "fleet/" + "a" * 65 + "/status"])
+                                   "fleet/web-01/res/cpu/extra",
+                                   "fleet/web 01/status", "fleet/" + "a" * 65 + "/status"])
 def test_topics_reject_what_the_contract_forbids(topic: str) -> None:
     """Agent ids and types outside the allowed alphabet and length are refused."""
     with pytest.raises(ContractError):

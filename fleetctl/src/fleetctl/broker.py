@@ -64,7 +64,7 @@ class EmbeddedBroker:
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.conf_path = self.data_dir / "mosquitto.conf"
 
-    def start(self, timeout_s: float = 10.0) -> "EmbeddedBroker":
+    def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:
         exe = find_mosquitto()
         if exe is None:
             raise BrokerError(INSTALL_HINT)
@@ -95,7 +95,7 @@ class EmbeddedBroker:
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

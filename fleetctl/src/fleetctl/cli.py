@@ -1,0 +1,82 @@
+"""fleetctl: up, status, request, history, and provisioning of the production broker
+(make-certs, add-agent, remove-agent, add-user, remove-user, list-users)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import List, Optional
+
+from fleet_common.cli import base_parser, load, run_main, stop_event
+from fleet_common.errors import FleetError
+from fleet_persister.stores import open_store
+
+from . import request as req
+from . import up, views
+from .provision import add_provision_parsers, run_provision
+
+
+def parser() -> argparse.ArgumentParser:
+    p = base_parser("fleetctl", "Run and query the fleet telemetry system.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("up", help="run the whole stack on this machine (Ctrl-C stops it)")
+    s.add_argument("--broker-config", metavar="PATH", help="Mosquitto config to start (default broker_config/dev.conf)")
+    s.add_argument("--data-dir", default="data", help="where the embedded broker keeps its files (default: data)")
+
+    s = sub.add_parser("status", help="agents: online, last seen, answered/issued, median latency")
+    s.add_argument("--json", action="store_true", help="print JSON for scripts")
+    s.add_argument("--since", type=float, default=3600, metavar="SECONDS",
+                   help="count requests of this recent window (default 3600)")
+
+    s = sub.add_parser("request", help="ask an agent now, wait, print the response")
+    s.add_argument("agent")
+    s.add_argument("type")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter (repeatable)")
+    s.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+
+    s = sub.add_parser("history", help="stored results of one agent and type, newest first")
+    s.add_argument("agent")
+    s.add_argument("type")
+    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    add_provision_parsers(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = load(args, "fleetctl")
+    if args.command == "up":
+        extra = [f"--log-level={args.log_level}"] if args.log_level else []
+        extra += [f"--log-format={args.log_format}"] if args.log_format else []
+        return up.run_stack(cfg, args.config, stop_event(), broker_config=args.broker_config,
+                            data_dir=args.data_dir, extra_args=extra)
+    if args.command == "status":
+        print(views.render_status(views.status_rows(cfg, args.since), args.json))
+        return 0
+    if args.command == "request":
+        started = time.monotonic()
+        res = req.ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout)
+        print(json.dumps(res.to_dict(), indent=2))
+        print(f"answered in {(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr)
+        return 0 if res.status == "ok" else 1
+    if args.command == "history":
+        store = open_store(cfg.persister)
+        try:
+            records = store.history(args.agent, args.type, limit=args.limit)
+        finally:
+            store.close()
+        print(views.render_history(records, args.json))
+        return 0
+    done = run_provision(args, cfg)
+    if done is not None:
+        return done
+    raise FleetError(f"unknown command {args.command}")
+
+
+def entry() -> None:
+    sys.exit(run_main("fleetctl", main))

@@ -1,0 +1,118 @@
+"""What fleetctl prints: the fleet table, a history table, and the `up` summary line."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from fleet_common.config import Config
+from fleet_common.timefmt import parse_iso
+from fleet_persister.stores import open_store
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
+
+
+def ago(ts: Optional[str], now_s: Optional[float] = None) -> str:
+    if not ts:
+        return "never"
+    seconds = max(0.0, (now_s or time.time()) - parse_iso(ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def fmt_ms(ms: Optional[float]) -> str:
+    return "-" if ms is None else f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+
+
+def status_rows(cfg: Config, since_s: float) -> List[Dict[str, Any]]:
+    store = open_store(cfg.persister)
+    try:
+        stats = store.agent_stats(time.time() - since_s)
+        rows = []
+        for agent in store.agents():
+            s = stats.get(agent.agent_id)
+            rows.append({
+                "agent_id": agent.agent_id, "online": agent.online, "last_seen": agent.last_seen,
+                "hostname": agent.hostname, "platform": agent.platform, "agent_version": agent.agent_version,
+                "types": agent.types, "issued": s.issued if s else 0, "answered": s.answered if s else 0,
+                "expired": s.expired if s else 0, "errors": s.errors if s else 0,
+                "median_latency_ms": s.median_latency_ms if s else None,
+            })
+        return rows
+    finally:
+        store.close()
+
+
+def render_status(rows: List[Dict[str, Any]], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(rows, indent=2)
+    if not rows:
+        return "no agents known yet (is the persister running, and has an agent connected?)"
+    now = time.time()
+    body = [[r["agent_id"], "online" if r["online"] else "offline", ago(r["last_seen"], now),
+             f"{r['answered']}/{r['issued']}", fmt_ms(r["median_latency_ms"]), r["platform"]] for r in rows]
+    online = sum(1 for r in rows if r["online"])
+    return (table(["AGENT", "STATE", "LAST SEEN", "ANSWERED/ISSUED", "MEDIAN LATENCY", "PLATFORM"], body)
+            + f"\n\n{online} of {len(rows)} agents online")
+
+
+def summarise(type_: str, data: Optional[Dict[str, Any]]) -> str:
+    """One short human line for a stored answer."""
+    if not isinstance(data, dict):
+        return ""
+    try:
+        if type_ == "cpu":
+            return f"cpu {data.get('percent')}%, load {data.get('load_avg')}"
+        if type_ == "memory":
+            return f"memory {data['virtual']['percent']}% used, swap {data.get('swap', {}).get('percent')}%"
+        if type_ == "disk":
+            parts = data.get("partitions") or []
+            full = max(parts, key=lambda p: p.get("percent") or 0, default=None)
+            return f"{len(parts)} partitions" + (f", fullest {full['mountpoint']} {full['percent']}%" if full else "")
+        if type_ == "network":
+            nics = data.get("interfaces") or []
+            return f"{len(nics)} interfaces, {sum(n.get('bytes_recv') or 0 for n in nics)} bytes received"
+        if type_ == "processes":
+            procs = data.get("processes") or []
+            return f"{len(procs)} processes" + (f", top: {procs[0].get('name')}" if procs else "")
+        if type_ == "os_info":
+            return f"{data.get('os')} {data.get('release')}, up {data.get('uptime_s')} s"
+    except (KeyError, TypeError, ValueError):
+        pass
+    return json.dumps(data)[:80]
+
+
+def render_history(records: List[Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps([r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for r in records], indent=2)
+    if not records:
+        return "no stored results for this agent and type"
+    body = [[r.issued_at, r.state, fmt_ms(r.latency_ms),
+             (r.error or {}).get("code") if r.state in ("error", "expired") and r.error else summarise(r.type, r.data)]
+            for r in records]
+    return table(["ISSUED AT", "STATE", "LATENCY", "RESULT"], body)
+
+
+def summary_line(cfg: Config) -> str:
+    """'agents: 1 online of 1 | stored answers: cpu 3, ...' for `fleetctl up`; empty if nothing yet."""
+    try:
+        store = open_store(cfg.persister)
+    except Exception:
+        return ""
+    try:
+        agents = store.agents()
+        counts = store.type_counts()
+    except Exception:
+        return ""
+    finally:
+        store.close()
+    online = sum(1 for a in agents if a.online)
+    answered = ", ".join(f"{t} {c['ok']}" for t, c in sorted(counts.items()) if c.get("ok"))
+    return f"agents: {online} online of {len(agents)} | stored answers: {answered or 'none yet'}"
