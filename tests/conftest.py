@@ -67,8 +67,11 @@ def write_config(tmp_path: Path, broker: EmbeddedBroker, prefix: str) -> Callabl
             "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": prefix,
                      "reconnect_min_s": 0.2, "reconnect_max_s": 2},
             "persister": {"sqlite_path": str(tmp_path / "fleet.db"), "batch_wait_s": 0.05,
-                          "sweep_interval_s": 0.5, "expire_grace_s": 0.5},
-            "agent": {"outbox_path": str(tmp_path / f"{name}-outbox.db")},
+                          "sweep_interval_s": 0.5, "expire_grace_s": 0.5,
+                          "heartbeat_path": str(tmp_path / f"{name}-persister.heartbeat.json")},
+            "controller": {"heartbeat_path": str(tmp_path / f"{name}-controller.heartbeat.json")},
+            "agent": {"outbox_path": str(tmp_path / f"{name}-outbox.db"),
+                      "heartbeat_path": str(tmp_path / f"{name}-agent.heartbeat.json")},
             "log": {"level": "debug"},
         }
         for section, values in sections.items():

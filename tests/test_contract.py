@@ -164,3 +164,12 @@ def test_missing_explicit_config_file_is_an_error(tmp_path) -> None:
     """--config pointing nowhere is reported, not silently replaced by defaults."""
     with pytest.raises(ConfigError):
         load_config(str(tmp_path / "nope.yaml"), env={})
+
+
+def test_tls_files_must_exist(tmp_path) -> None:
+    """With TLS on, a CA file that is not there stops start-up naming the key, not a traceback later."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"mqtt:\n  tls: {{enabled: true, ca_file: {tmp_path / 'missing-ca.crt'}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), env={})
+    assert info.value.key == "mqtt.tls.ca_file"

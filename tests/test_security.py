@@ -404,10 +404,12 @@ def test_credentials_and_tls_come_from_config_and_environment(tmp_path) -> None:
     """FLEET_MQTT_USERNAME/PASSWORD/TLS_* override the config file, so secrets can stay out of it."""
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"mqtt": {"username": "from-file", "tls": {"enabled": False}}}))
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not checked here")
     cfg = load_config(str(path), env={"FLEET_MQTT_PASSWORD": "s3cret:123", "FLEET_MQTT_USERNAME": "host-a",
-                                      "FLEET_MQTT_TLS_ENABLED": "true", "FLEET_MQTT_TLS_CA_FILE": "/x/ca.crt"})
+                                      "FLEET_MQTT_TLS_ENABLED": "true", "FLEET_MQTT_TLS_CA_FILE": str(ca)})
     assert (cfg.mqtt.username, cfg.mqtt.password) == ("host-a", "s3cret:123")
-    assert cfg.mqtt.tls == TlsConfig(enabled=True, ca_file="/x/ca.crt")
+    assert cfg.mqtt.tls == TlsConfig(enabled=True, ca_file=str(ca))
 
 
 def test_rendered_prod_config_uses_our_ports_and_files(tmp_path) -> None:

@@ -216,9 +216,10 @@ def test_agent_stats(store: Store) -> None:
 
 def test_purge(store: Store) -> None:
     """purge() deletes requests past their retention (per type, else the default) and keeps the rest."""
-    store.write(Batch(requests=[req("proc", type_="processes"), req("cpu")]))
-    assert store.purge(T0 + 30) == 0
-    assert store.purge(T0 + 120) == 1
+    now = float(int(time.time()))  # not T0: a TTL index (mongomock's too) deletes past real time
+    store.write(Batch(requests=[req("proc", at=now, type_="processes"), req("cpu", at=now)]))
+    assert store.purge(now + 30) == 0
+    assert store.purge(now + 120) == 1
     assert store.get_request("proc") is None and store.get_request("cpu") is not None
     assert store.count_requests(type_="cpu", state="pending") == 1
 

@@ -53,8 +53,11 @@ class AgentConfig:
     id: Optional[str] = None
     session_expiry_s: int = 604800
     outbox_path: str = "~/.local/state/fleet-agent/outbox.db"
+    outbox_max_messages: int = 10000
     collector_timeout_s: float = 10.0
     workers: int = 2
+    heartbeat_path: str = "~/.local/state/fleet-agent/heartbeat.json"
+    heartbeat_interval_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,11 @@ class ControllerConfig:
     shard: str = "0/1"
     tick_s: float = 0.5
     client_id: Optional[str] = None
+    heartbeat_path: str = "data/fleet-controller.heartbeat.json"
+    heartbeat_interval_s: float = 5.0
+    metrics_enabled: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9811
 
     def shard_index(self) -> Tuple[int, int]:
         index, count = (int(x) for x in self.shard.split("/"))
@@ -84,6 +92,11 @@ class PersisterConfig:
     client_id: Optional[str] = None
     expire_grace_s: float = 5.0
     sweep_interval_s: float = 5.0
+    heartbeat_path: str = "data/fleet-persister.heartbeat.json"
+    heartbeat_interval_s: float = 5.0
+    metrics_enabled: bool = False
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9812
 
 
 @dataclass(frozen=True)
@@ -196,6 +209,12 @@ def _validate(cfg: Config) -> None:
     Topics(cfg.mqtt.topic_prefix)  # raises on a bad prefix
     if not 0 < cfg.mqtt.port < 65536:
         raise ConfigError("mqtt.port", f"{cfg.mqtt.port} is not a TCP port")
+    for name in ("ca_file", "cert_file", "key_file"):
+        value = getattr(cfg.mqtt.tls, name)
+        if cfg.mqtt.tls.enabled and value is not None and not Path(value).expanduser().is_file():
+            raise ConfigError(f"mqtt.tls.{name}", f"file {value!r} does not exist or is not readable")
+    if cfg.mqtt.tls.enabled and (cfg.mqtt.tls.cert_file is None) != (cfg.mqtt.tls.key_file is None):
+        raise ConfigError("mqtt.tls.key_file", "a client certificate needs both cert_file and key_file")
     if cfg.agent.id is not None:
         try:
             check_agent_id(cfg.agent.id)
@@ -215,6 +234,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("persister.retention_s.default", "is required")
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", f"{cfg.log.level!r} must be debug, info, warning or error")
+    for section in ("controller", "persister"):
+        if not 0 < getattr(cfg, section).metrics_port < 65536:
+            raise ConfigError(f"{section}.metrics_port", f"{getattr(cfg, section).metrics_port} is not a TCP port")
     if cfg.log.format not in ("text", "json"):
         raise ConfigError("log.format", f"{cfg.log.format!r} must be 'text' or 'json'")
 

@@ -1,4 +1,4 @@
-"""`fleet-controller`: run the scheduler until SIGTERM or SIGINT."""
+"""`fleet-controller`: run the scheduler until SIGTERM or SIGINT; `--check` reports its health."""
 
 from __future__ import annotations
 
@@ -7,23 +7,38 @@ import sys
 from typing import List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
+from fleet_common.health import Heartbeat, add_check_argument, run_check
+from fleet_common.metrics import serve_metrics
 
 from .controller import Controller
+from .metrics import registry_for, snapshot
 
 PROG = "fleet-controller"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = base_parser(PROG, "Ask every agent for each request type on a spread schedule.")
+    add_check_argument(parser)
     args = parser.parse_args(argv)
     cfg = load(args, PROG)
+    if args.check:
+        return run_check(cfg.controller.heartbeat_path, PROG)
     # APScheduler logs every run of the tick at info; a tick runs twice a second.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     stop = stop_event()
-    controller = Controller(cfg).start()
+    controller = Controller(cfg)
+    metrics = serve_metrics("controller", cfg.controller, registry_for(controller))
+    heartbeat = Heartbeat(cfg.controller.heartbeat_path, PROG, cfg.controller.heartbeat_interval_s,
+                          lambda: snapshot(controller),
+                          lambda: [] if controller.link.connected.is_set()
+                          else [f"not connected to the broker at {controller.link.where}"])
+    controller.start()
+    heartbeat.start()
     while not stop.wait(1.0):
         pass
+    heartbeat.stop()
     controller.stop()
+    metrics.stop()
     return 0
 
 

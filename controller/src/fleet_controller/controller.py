@@ -81,9 +81,9 @@ class Controller:
         self.stop()
 
     def stats(self) -> Dict[str, Any]:
-        with self._lock:
-            known, online = self.schedule.known, self.schedule.online
-        return {"agents_known": known, "agents_online": online, "issued": dict(self.issued),
+        with self._lock:  # the network thread may add a type to `issued` meanwhile
+            known, online, issued = self.schedule.known, self.schedule.online, dict(self.issued)
+        return {"agents_known": known, "agents_online": online, "issued": issued,
                 "skipped": self.skipped, "malformed_status": self.malformed,
                 "connected": self.link.connected.is_set()}
 

@@ -30,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
     s.add_argument("--since", type=float, default=3600, metavar="SECONDS",
                    help="count requests of this recent window (default 3600)")
+    s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
+                   help="refresh in place every SECONDS (default 2) until Ctrl-C; with --json, one JSON line each")
 
     s = sub.add_parser("request", help="ask an agent now, wait, print the response")
     s.add_argument("agent")
@@ -55,6 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra += [f"--log-format={args.log_format}"] if args.log_format else []
         return up.run_stack(cfg, args.config, stop_event(), broker_config=args.broker_config,
                             data_dir=args.data_dir, extra_args=extra)
+    if args.command == "status" and args.watch is not None:
+        views.watch(lambda: views.status_frame(cfg, args.since, args.json), max(args.watch, 0.1), stop_event())
+        return 0
     if args.command == "status":
         print(views.render_status(views.status_rows(cfg, args.since), args.json))
         return 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from fleet_common.config import Config
 from fleet_common.timefmt import parse_iso
@@ -61,6 +63,36 @@ def render_status(rows: List[Dict[str, Any]], as_json: bool) -> str:
     online = sum(1 for r in rows if r["online"])
     return (table(["AGENT", "STATE", "LAST SEEN", "ANSWERED/ISSUED", "MEDIAN LATENCY", "PLATFORM"], body)
             + f"\n\n{online} of {len(rows)} agents online")
+
+
+def status_frame(cfg: Config, since_s: float, as_json: bool) -> str:
+    """One refresh of `fleetctl status --watch`: the table, or one line of JSON per refresh for scripts."""
+    rows = status_rows(cfg, since_s)
+    if as_json:
+        return json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "agents": rows})
+    return render_status(rows, False)
+
+
+def watch(frame: Callable[[], str], interval_s: float, stop: threading.Event, out: Optional[TextIO] = None) -> None:
+    """Print frame() every interval_s until `stop` is set. On a terminal the frame is redrawn in
+    place (cursor home, each line cleared to its end, the rest of the screen cleared), so it
+    does not flicker or scroll; otherwise (a pipe, a file) frames follow one another."""
+    out = out or sys.stdout
+    tty = out.isatty()
+    while True:
+        try:
+            text = frame()
+        except Exception as exc:  # a busy or restarting store: say so and try again next time
+            text = f"cannot read the store ({type(exc).__name__}: {exc}); retrying every {interval_s:g} s"
+        if tty:
+            header = f"every {interval_s:g} s, Ctrl-C stops{time.strftime('%H:%M:%S'):>{40}}"
+            lines = [header, "", *text.splitlines()]
+            out.write("\x1b[H" + "".join(line + "\x1b[K\n" for line in lines) + "\x1b[J")
+        else:  # a blank line between tables; JSON stays one line per frame
+            out.write(text + ("\n\n" if "\n" in text else "\n"))
+        out.flush()
+        if stop.wait(interval_s):
+            return
 
 
 def summarise(type_: str, data: Optional[Dict[str, Any]]) -> str:

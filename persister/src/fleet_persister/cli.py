@@ -1,4 +1,4 @@
-"""`fleet-persister`: run the persister with the configured store."""
+"""`fleet-persister`: run the persister with the configured store; `--check` reports its health."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import sys
 from typing import List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
+from fleet_common.health import Heartbeat, add_check_argument, run_check
+from fleet_common.metrics import serve_metrics
 
+from .metrics import MeasuredStore, problems, register, snapshot
 from .persister import Persister
 from .stores import open_store
 
@@ -16,11 +19,21 @@ PROG = "fleet-persister"
 def main(argv: Optional[List[str]] = None) -> int:
     parser = base_parser(PROG, "Validate and store every request, response and status; "
                                "acknowledge each message only after it is committed.")
+    add_check_argument(parser)
     args = parser.parse_args(argv)
     cfg = load(args, PROG)
+    if args.check:
+        return run_check(cfg.persister.heartbeat_path, PROG)
     stop = stop_event()
-    store = open_store(cfg.persister)  # StoreError: one line saying what to check, exit 2
-    return Persister(cfg, store).run(stop)
+    store = MeasuredStore(open_store(cfg.persister))  # StoreError: one line saying what to check, exit 2
+    persister = Persister(cfg, store)
+    metrics = serve_metrics("persister", cfg.persister, register(persister, store))
+    try:
+        with Heartbeat(cfg.persister.heartbeat_path, PROG, cfg.persister.heartbeat_interval_s,
+                       lambda: snapshot(persister), lambda: problems(persister, store)):
+            return persister.run(stop)
+    finally:
+        metrics.stop()
 
 
 def entry() -> None:

@@ -1,0 +1,65 @@
+"""The Prometheus endpoint of the controller and the persister, switched on by
+`<section>.metrics_enabled`. "Off" is a null object, so the services never test a flag.
+
+prometheus_client is imported only when the endpoint is on: it is a dependency of the
+controller and the persister, not of fleet-common (the agent stays small and exposes none).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Optional, Protocol
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
+log = logging.getLogger("fleet.metrics")
+
+
+class MetricsServer(Protocol):
+    url: Optional[str]
+
+    def stop(self) -> None: ...
+
+
+class NoMetrics:
+    """metrics_enabled: false."""
+
+    url: Optional[str] = None
+
+    def stop(self) -> None:
+        pass
+
+
+class HttpMetrics:
+    """GET http://host:port/metrics serves `registry` on a daemon thread."""
+
+    def __init__(self, registry: Collector, host: str, port: int, section: str) -> None:
+        from prometheus_client import start_http_server
+
+        try:
+            self._server, self._thread = start_http_server(port, host, registry)
+        except OSError as exc:
+            raise ConfigError(f"{section}.metrics_port",
+                              f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
+                              f"choose a free port or set {section}.metrics_enabled: false") from None
+        shown = f"[{host}]" if ":" in host else host
+        self.url: Optional[str] = f"http://{shown}:{self._server.server_port}/metrics"
+        log.info("serving Prometheus metrics at %s", self.url)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5.0)
+
+
+def serve_metrics(section: str, section_cfg: Any, registry: Collector) -> MetricsServer:
+    """The endpoint `section_cfg` (a controller or persister config) asks for, or NoMetrics."""
+    if not section_cfg.metrics_enabled:
+        return NoMetrics()
+    return HttpMetrics(registry, section_cfg.metrics_host, section_cfg.metrics_port, section)
+
+
+__all__ = ["HttpMetrics", "MetricsServer", "NoMetrics", "serve_metrics"]
