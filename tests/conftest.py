@@ -93,8 +93,9 @@ class Procs:
     def start(self, name: str, command: str, *args: str,
               env: Optional[Dict[str, str]] = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"{name}.log", "ab")
+        # cwd: relative defaults (data/..., heartbeat files) land in the test's folder, not the checkout
         proc = subprocess.Popen([str(BIN / command), *args], stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **(env or {})}, cwd=self.tmp_path)
         self.procs[name] = proc
         return proc
 
