@@ -4,6 +4,12 @@ Threads: paho's network thread parses each request and hands it to a bounded poo
 of collector workers; a timer per request answers `timeout` if the collector takes
 longer than agent.collector_timeout_s. Whichever comes first (result or timeout)
 answers; the other is dropped. No request can stop the agent.
+
+Every answer goes to the durable outbox first and is published only while connected; a
+"courier" thread deletes it from the outbox on PUBACK and (re)sends what is waiting at
+start-up, on every (re)connect, and whenever entries are found that were never handed
+to paho. So an answer outlives a lost link and a killed agent; resending is safe
+because the persister's writes are idempotent.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import queue
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import paho.mqtt.client as mqtt
 
@@ -28,11 +35,16 @@ from fleet_common.topics import Topics, check_agent_id, sanitise_agent_id
 
 from . import __version__
 from .collectors import PRIMERS, REGISTRY, BadParams, Collector, jsonable
+from .outbox import Outbox
 
 log = logging.getLogger("fleet.agent")
 
 MAX_TOPIC_BYTES = 65535
 MAX_POOL_REPLACEMENTS = 3
+COURIER_CHECK_S = 2.0  # how often the courier looks for entries never handed to paho
+RESEND_CHUNK = 200
+_REPLAY = -1  # courier queue markers; PUBACK mids are positive
+_STOP = -2
 
 
 class _Job:
@@ -93,6 +105,16 @@ class Agent:
                          will=will, username=cfg.mqtt.username or self.id, logger=logging.getLogger("fleet.link"))
         self.link.on_connect_hooks.append(self._on_connect)
         self.link.client.on_message = self._on_message
+        self.link.client.on_publish = self._on_publish
+        self.outbox = Outbox(cfg.agent.outbox_path, cfg.agent.outbox_max_messages)
+        # _send_lock makes "stored in the outbox, handed to paho, mid recorded" one step, so a
+        # PUBACK (seen by the courier, never on the network thread) always finds its mid.
+        self._send_lock = threading.Lock()
+        self._inflight: Dict[int, int] = {}  # paho mid -> outbox seq
+        self._handed: Set[int] = set()  # outbox seqs paho holds (it resends them after a reconnect)
+        self._courier_q: queue.Queue[int] = queue.Queue()
+        self._courier: Optional[threading.Thread] = None
+        self._reported_drops = self.outbox.dropped
 
     # ----------------------------------------------------------------- lifecycle
     @property
@@ -109,6 +131,11 @@ class Agent:
                 except Exception as exc:  # priming is an optimisation
                     log.debug("priming %s failed: %s", name, exc)
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="collector")
+        self._courier = threading.Thread(target=self._courier_loop, name="outbox-courier", daemon=True)
+        self._courier.start()
+        if self.outbox.queued or self.outbox.dropped:
+            log.info("outbox %s: %d answers waiting from before, %d dropped so far", self.outbox.path,
+                     self.outbox.queued, self.outbox.dropped)
         log.info("agent %r starting: broker %s, topic prefix %r, %d types (%s)", self.id, self.link.where,
                  self.topics.prefix, len(self.types), ", ".join(self.types))
         self.link.start()
@@ -123,12 +150,19 @@ class Agent:
             return
         self._stopping.set()
         deadline = time.monotonic() + min(2.0, timeout_s / 2)
-        while self.busy and time.monotonic() < deadline:
+        while (self.busy or self._handed) and time.monotonic() < deadline:
             time.sleep(0.02)
         self.link.stop(before_disconnect=lambda: self._publish_status(self._offline(), wait_s=timeout_s / 2))
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        log.info("agent %r stopped (%s)", self.id, ", ".join(f"{k} {v}" for k, v in self.stats.items()))
+        if self._courier is not None:
+            self._courier_q.put(_STOP)
+            self._courier.join(5)
+        counts = self.outbox.counts()
+        log.info("agent %r stopped (%s; outbox: %d waiting for the next start, %d dropped)", self.id,
+                 ", ".join(f"{k} {v}" for k, v in self.stats.items()), counts["queued"], counts["dropped"])
+        with self._send_lock:
+            self.outbox.close()
 
     def run(self, stop_event: threading.Event) -> int:
         """Serve until stop_event is set (e.g. by SIGTERM), then stop cleanly; returns the exit code."""
@@ -158,7 +192,7 @@ class Agent:
 
     def _birth(self) -> Status:
         return Status(agent_id=self.id, online=True, hostname=socket.gethostname(), platform=platform.platform(),
-                      agent_version=__version__, types=self.types)
+                      agent_version=__version__, types=self.types, extra={"outbox": self.outbox.counts()})
 
     def _publish_status(self, status: Status, wait_s: float = 0.0) -> None:
         info = self.link.publish(self._status_topic, status.payload(), qos=1, retain=True)
@@ -171,6 +205,7 @@ class Agent:
     def _on_connect(self, client: mqtt.Client, session_present: bool) -> None:
         client.subscribe(self.topics.agent_requests(self.id), qos=1)
         self._publish_status(self._birth())
+        self._courier_q.put(_REPLAY)
         log.debug("subscribed to %s and published birth status", self.topics.agent_requests(self.id))
 
     # ----------------------------------------------------------------- requests
@@ -306,8 +341,10 @@ class Agent:
         if not job.claim():
             return False
         payload = response.payload()
-        props = publish_properties(correlation=job.correlation) if job.correlation is not None else None
-        self.link.publish(job.reply_to, payload, qos=1, properties=props)
+        with self._send_lock:
+            seq = self.outbox.put(job.reply_to, payload, job.correlation)
+            if self.link.connected.is_set():  # else it waits in the outbox, not in paho's memory
+                self._hand_over(seq, job.reply_to, payload, job.correlation)
         code = "ok" if response.status == "ok" else (response.error or {}).get("code", "error")
         with self._stats_lock:
             self.stats["answered"] += 1
@@ -318,6 +355,79 @@ class Agent:
         log.debug("answered %s request %s on %s: %s (%.1f ms)", response.type, response.id, job.reply_to,
                   code, response.duration_ms or 0.0)
         return True
+
+    # ----------------------------------------------------------------- outbox
+    def _hand_over(self, seq: int, topic: str, payload: bytes, correlation: Optional[bytes]) -> None:
+        """Publish one outbox entry (caller holds _send_lock). QoS 1: paho keeps it until
+        PUBACK and resends it after a reconnect, so it is not handed over twice."""
+        props = publish_properties(correlation=correlation) if correlation is not None else None
+        try:
+            info = self.link.publish(topic, payload, qos=1, properties=props)
+        except (ValueError, TypeError) as exc:  # cannot ever be sent (e.g. too large): do not retry forever
+            log.error("answer on %r cannot be published (%s); removed from the outbox", topic[:200], exc)
+            self.outbox.delete([seq])
+            return
+        self._inflight[info.mid] = seq
+        self._handed.add(seq)
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        # paho calls this holding its own lock, so only hand the mid to the courier here
+        self._courier_q.put(mid)
+
+    def _courier_loop(self) -> None:
+        next_check = time.monotonic() + COURIER_CHECK_S
+        while True:
+            marks: List[int] = []
+            try:
+                marks.append(self._courier_q.get(timeout=COURIER_CHECK_S))
+                while True:
+                    marks.append(self._courier_q.get_nowait())
+            except queue.Empty:
+                pass
+            periodic = time.monotonic() >= next_check
+            if periodic:
+                next_check = time.monotonic() + COURIER_CHECK_S
+            try:
+                self._acked([m for m in marks if m > 0])
+                if _STOP in marks:
+                    return
+                if _REPLAY in marks or (periodic and self.outbox.queued > len(self._handed)):
+                    self._resend()
+                if periodic:
+                    self._report_drops()
+            except Exception:  # the courier must outlive a failing disk; entries wait for the next round
+                log.exception("outbox courier failed; retrying in %.0f s", COURIER_CHECK_S)
+
+    def _acked(self, mids: List[int]) -> None:
+        if not mids:
+            return
+        with self._send_lock:
+            seqs = [self._inflight.pop(m) for m in mids if m in self._inflight]
+            self._handed.difference_update(seqs)
+            self.outbox.delete(seqs)
+
+    def _resend(self) -> None:
+        """Hand paho every outbox entry it does not hold yet, in order, while connected."""
+        after, sent = 0, 0
+        while self.link.wait_connected(5) and not self._stopping.is_set():
+            with self._send_lock:
+                entries = self.outbox.entries(after, RESEND_CHUNK)
+                for seq, topic, payload, correlation in entries:
+                    if seq not in self._handed:
+                        self._hand_over(seq, topic, payload, correlation)
+                        sent += 1
+            if len(entries) < RESEND_CHUNK:
+                break
+            after = entries[-1][0]
+        if sent:
+            log.info("sent %d answers from the outbox", sent)
+
+    def _report_drops(self) -> None:
+        """A changed drop count goes out in a fresh status message, not only in the log."""
+        dropped = self.outbox.dropped
+        if dropped != self._reported_drops and self.link.connected.is_set():
+            self._reported_drops = dropped
+            self._publish_status(self._birth())
 
     def _note_health(self, type_: str, code: str, response: Response) -> None:
         """Log when a type's collector starts or stops failing, not on every answer."""

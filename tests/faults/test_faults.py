@@ -1,0 +1,285 @@
+"""Nothing lost, nothing doubled: each numbered case of the reliability issue with real
+processes and real signals, under a background load of 200 request + response pairs per
+second. Every test counts what was produced against what was stored and asserts equality.
+Outages of 60 s in the issue are shortened here to a few seconds; the property is the same.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+from conftest import Procs, wait_for
+from faultlib import (
+    Load,
+    Proxy,
+    Requester,
+    answered_in_log,
+    assert_exactly_stored,
+    new_prefix,
+    start_broker,
+    stored_answered,
+    wait_persister_ready,
+    write_config,
+)
+from helpers import rows
+
+from fleet_controller.schedule import phase_ms
+from fleetctl.broker import EmbeddedBroker
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+
+@pytest.fixture
+def fbroker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
+    b = start_broker(tmp_path)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def loads(tmp_path: Path) -> Iterator[List[Load]]:
+    started: List[Load] = []
+    yield started
+    for load in started:
+        load.kill()
+
+
+def run_for(seconds: float) -> None:
+    time.sleep(seconds)  # the load runs meanwhile; nothing is asserted about speed
+
+
+def test_1_persister_sigkill_mid_batch_loses_and_doubles_nothing(tmp_path: Path, fbroker: EmbeddedBroker,
+                                                                 procs: Procs, loads: List[Load]) -> None:
+    """A persister killed with SIGKILL under load gets everything it had not committed redelivered."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    # batches of up to 0.5 s: a kill at any moment finds ~200 received, uncommitted messages
+    cfg = write_config(tmp_path, "persister", fbroker.port, prefix, persister={"batch_wait_s": 0.5})
+    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, fbroker.port, prefix))
+    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
+    for _ in range(4):
+        procs.stop("persister", signal.SIGKILL)
+        run_for(1)  # the broker queues for the dead persister's session meanwhile
+        procs.start("persister", "fleet-persister", "--config", str(cfg))
+        wait_persister_ready(procs, "persister")
+        run_for(1.5)
+    produced = loads[0].finish()
+    assert len(produced) > 1000
+    assert_exactly_stored(db, produced)
+
+
+def stored_pairs_now(db: Path) -> List[dict]:
+    return rows(db, "SELECT id FROM requests WHERE state = 'ok' AND id LIKE 'ld%'")
+
+
+def test_2_broker_sigkill_restart_from_persistence(tmp_path: Path, procs: Procs, loads: List[Load]) -> None:
+    """Mosquitto killed with SIGKILL and restarted from its persistence file, saving on every change:
+    every produced pair is stored once, and agent, controller and persister reconnect by themselves."""
+    broker = start_broker(tmp_path)  # the shipped dev.conf: saves on every change
+    try:
+        prefix, db = new_prefix(), tmp_path / "fleet.db"
+        cfg = write_config(tmp_path, "stack", broker.port, prefix, controller={"schedule": {"ping": 1}})
+        procs.start("persister", "fleet-persister", "--config", str(cfg))
+        wait_persister_ready(procs, "persister")
+        procs.start("controller", "fleet-controller", "--config", str(cfg))
+        agent_cfg = write_config(tmp_path, "agent", broker.port, prefix, agent={"id": "host-a"})
+        procs.start("agent", "fleet-agent", "--config", str(agent_cfg))
+        loads.append(Load(tmp_path, broker.port, prefix))
+        wait_for(lambda: len(stored_pairs_now(db)) > 300 and stored_answered(db, "%") - stored_load(db),
+                 30, what="the load and the agent's answers being stored")
+        broker.kill()
+        killed = time.time()
+        run_for(2)
+        broker.start()
+        restarted = time.time()
+        run_for(3)
+        produced = loads[0].finish()
+        assert_exactly_stored(db, produced)
+        wait_for(lambda: rows(db, "SELECT id FROM requests WHERE agent_id = 'host-a' AND state = 'ok' "
+                                  "AND answered_at > ?", iso_(restarted)),
+                 30, what="the agent answering the controller's requests after the restart")
+        for name in ("persister", "controller", "agent"):
+            assert procs.procs[name].poll() is None, f"{name} stopped"
+            assert procs.log(name).count("connected to broker") >= 2, f"{name} did not reconnect"
+        assert killed < restarted
+    finally:
+        broker.stop()
+
+
+def iso_(t: float) -> str:
+    from fleet_common import iso
+    return iso(t)
+
+
+def stored_load(db: Path) -> set:
+    return stored_answered(db, "ld%")
+
+
+def test_5_store_locked_persister_stops_acknowledging_and_loses_nothing(
+        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: List[Load]) -> None:
+    """With the SQLite file locked by another writer for 8 s, the persister acknowledges nothing,
+    the broker queues, and everything is stored once the lock goes."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    cfg = write_config(tmp_path, "persister", fbroker.port, prefix)
+    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, fbroker.port, prefix))
+    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
+    locker = sqlite3.connect(str(db), timeout=30, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    locked_at = len(stored_pairs_now(db))
+    run_for(8)
+    assert len(stored_pairs_now(db)) == locked_at, "something was written while the store was locked"
+    locker.execute("ROLLBACK")
+    locker.close()
+    run_for(2)
+    produced = loads[0].finish()
+    assert_exactly_stored(db, produced)
+    assert "store write failed" in procs.log("persister")
+    assert procs.procs["persister"].poll() is None
+
+
+def test_7_duplicates_two_persisters_and_redelivery_leave_one_record(
+        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: List[Load]) -> None:
+    """Every message published twice, two persisters on the shared subscription, one of them
+    killed with SIGKILL (QoS 1 redelivery): one record per produced pair."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    for name in ("p1", "p2"):
+        cfg = write_config(tmp_path, name, fbroker.port, prefix, persister={"client_id": f"persister-{name}"})
+        procs.start(name, "fleet-persister", "--config", str(cfg))
+        wait_persister_ready(procs, name)
+    loads.append(Load(tmp_path, fbroker.port, prefix, twice=True))
+    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
+    procs.stop("p1", signal.SIGKILL)
+    run_for(1)
+    procs.start("p1", "fleet-persister", "--config", str(tmp_path / "p1.yaml"))
+    run_for(2)
+    produced = loads[0].finish()
+    assert_exactly_stored(db, produced)
+    for name in ("p1", "p2"):
+        assert "committed a batch" in procs.log(name), f"{name} stored nothing: the share was not split"
+
+
+def outbox_count(path: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            return int(con.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def start_agent_behind_proxy(tmp_path: Path, procs: Procs, broker: EmbeddedBroker, prefix: str,
+                             db: Path) -> tuple:
+    proxy = Proxy(broker.port)
+    cfg = write_config(tmp_path, "agent", proxy.port, prefix, agent={"id": "host-c"})
+    procs.start("agent", "fleet-agent", "--config", str(cfg))
+    # the birth status follows the agent's SUBSCRIBE: from then on no request is missed
+    wait_for(lambda: rows(db, "SELECT online FROM agents WHERE agent_id = 'host-c' AND online = 1"), 30,
+             what="the agent's birth status")
+    requester = Requester(broker.port, prefix, "host-c")
+    wait_for(lambda: len(stored_answered(db, "rq%")) > 20, 30, what="the agent's answers being stored")
+    return proxy, cfg, requester
+
+
+def test_3_agent_link_cut_answers_wait_in_outbox(tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs,
+                                                 loads: List[Load]) -> None:
+    """The agent's answers are lost on the wire for 5 s, then its link is down for 3 s: what it
+    answered meanwhile waits in its outbox and is stored once the link returns."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    procs.start("persister", "fleet-persister", "--config", str(write_config(tmp_path, "p", fbroker.port, prefix)))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, fbroker.port, prefix))
+    proxy, _, requester = start_agent_behind_proxy(tmp_path, procs, fbroker, prefix, db)
+    outbox = tmp_path / "agent-outbox.db"
+    proxy.set_mode("drop_publish")
+    peak, until = 0, time.monotonic() + 5
+    while time.monotonic() < until:
+        peak = max(peak, outbox_count(outbox))
+        time.sleep(0.2)
+    proxy.set_mode("refuse")
+    run_for(3)
+    peak = max(peak, outbox_count(outbox))
+    proxy.set_mode("pass")
+    run_for(2)
+    sent = requester.stop()
+    wait_for(lambda: stored_answered(db, "rq%") >= sent, 60, what="every request to the agent answered and stored")
+    assert stored_answered(db, "rq%") == sent
+    assert proxy.dropped > 20 and peak > 20, (proxy.dropped, peak)
+    wait_for(lambda: outbox_count(outbox) == 0, 30, what="the outbox emptied by PUBACKs")
+    assert_exactly_stored(db, loads[0].finish())
+    proxy.close()
+
+
+def test_4_agent_sigkill_answers_survive_in_outbox(tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs,
+                                                   loads: List[Load]) -> None:
+    """Answers the agent produced but the broker never acknowledged survive SIGKILL in the
+    outbox and are stored after the restart."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    procs.start("persister", "fleet-persister", "--config", str(write_config(tmp_path, "p", fbroker.port, prefix)))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, fbroker.port, prefix))
+    proxy, cfg, requester = start_agent_behind_proxy(tmp_path, procs, fbroker, prefix, db)
+    proxy.set_mode("drop_publish")  # requests still arrive and are acknowledged; answers vanish
+    wait_for(lambda: proxy.dropped > 40, 30, what="answers lost on the wire")
+    procs.stop("agent", signal.SIGKILL)
+    waiting = outbox_count(tmp_path / "agent-outbox.db")
+    proxy.set_mode("pass")
+    procs.start("agent2", "fleet-agent", "--config", str(cfg))
+    run_for(2)
+    sent = requester.stop()
+    produced = answered_in_log(procs.log("agent") + procs.log("agent2"))
+    wait_for(lambda: stored_answered(db, "rq%") >= produced, 60, what="every produced answer stored")
+    stored = stored_answered(db, "rq%")
+    assert stored <= sent
+    # an answer committed to the outbox in the instant before SIGKILL is not yet in the log
+    assert len(stored - produced) <= 2, sorted(stored - produced)
+    assert waiting > 20, f"only {waiting} answers were waiting in the outbox at the kill"
+    assert_exactly_stored(db, loads[0].finish())
+    proxy.close()
+
+
+def test_6_controller_restart_keeps_phases_without_burst(tmp_path: Path, fbroker: EmbeddedBroker,
+                                                         procs: Procs, loads: List[Load]) -> None:
+    """A controller killed and restarted asks each agent at the same per-type phase as before,
+    and never twice in one interval: no catch-up burst."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    schedule = {"ping": 2, "cpu": 3}
+    cfg = write_config(tmp_path, "stack", fbroker.port, prefix, controller={"schedule": schedule})
+    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, fbroker.port, prefix))
+    agent_cfg = write_config(tmp_path, "agent", fbroker.port, prefix, agent={"id": "host-s"})
+    procs.start("agent", "fleet-agent", "--config", str(agent_cfg))
+    wait_for(lambda: rows(db, "SELECT online FROM agents WHERE agent_id = 'host-s' AND online = 1"), 30,
+             what="the agent's retained birth status")
+    procs.start("controller", "fleet-controller", "--config", str(cfg))
+    run_for(7)
+    procs.stop("controller", signal.SIGKILL)
+    restarted = time.time()
+    procs.start("controller2", "fleet-controller", "--config", str(cfg))
+    run_for(8)
+    procs.stop("controller2")
+    for type_, interval in schedule.items():
+        phase = phase_ms("host-s", type_, interval) / 1000
+        issued = sorted(parse(r["issued_at"]) for r in rows(
+            db, "SELECT issued_at FROM requests WHERE agent_id = 'host-s' AND type = ?", type_))
+        assert any(t < restarted for t in issued) and any(t > restarted for t in issued), (type_, issued)
+        slots = [int((t - phase) // interval) for t in issued]
+        late = [(t - phase) % interval for t in issued]
+        assert len(slots) == len(set(slots)), f"{type_}: two requests in one interval: {issued}"
+        assert all(x < 1.5 for x in late), f"{type_}: requests off their phase by {late}"
+    assert_exactly_stored(db, loads[0].finish())
+
+
+def parse(ts: str) -> float:
+    from fleet_common import parse_iso
+    return parse_iso(ts)
