@@ -47,6 +47,7 @@ sys.exit(0 if rows and rows[0]['online'] and rows[0]['answered'] >= 7 else 1)"
 
 wait_until 60 "fleet-persister --check" "$BIN/fleet-persister" --check
 wait_until 60 "fleet-controller --check" "$BIN/fleet-controller" --check
+wait_until 60 "fleet-agent --check" "$BIN/fleet-agent" --check
 wait_until 90 "all seven answers of $agent_id to be stored" answers_stored
 "$BIN/fleetctl" status
 stop_all

@@ -136,8 +136,7 @@ def test_compose_and_dockerfile_environment_uses_real_config_keys() -> None:
 
 
 @pytest.mark.parametrize("service", [
-    "controller", "persister",
-    pytest.param("agent", marks=pytest.mark.xfail(reason="fleet-agent --check is not wired into agent/ yet")),
+    "controller", "persister", "agent",
 ])
 def test_health_check_commands_exist(service: str) -> None:
     """The compose and Dockerfile health checks of a fleet service run `<its command> --check`, an
@@ -191,7 +190,7 @@ def test_ci_workflow_runs_real_services_and_the_agent_elsewhere() -> None:
 
 def test_systemd_unit_is_hardened() -> None:
     """The agent's systemd unit runs as a dedicated user with ProtectSystem=strict and NoNewPrivileges."""
-    unit = (ROOT / "docs" / "fleet-agent.service").read_text()
+    unit = (ROOT / "agent" / "fleet-agent.service").read_text()
     for line in ("User=fleet-agent", "ProtectSystem=strict", "NoNewPrivileges=yes", "Restart=on-failure"):
         assert re.search(rf"^{re.escape(line)}$", unit, re.M), line
     assert re.search(r"^ExecStart=\S*fleet-agent --config \S+$", unit, re.M)
@@ -239,6 +238,41 @@ def test_service_check_follows_its_heartbeat(procs: Procs, write_config: Callabl
     procs.stop("controller", signal.SIGKILL)
     assert (tmp_path / "c.json").exists()
     wait_for(lambda: checks("fleet-controller") == 1, what="the killed controller's heartbeat to go stale")
+
+
+def test_agent_check_and_its_counters_in_status(procs: Procs, write_config: Callable[..., Path], tmp_path: Path,
+                                                broker: Any, prefix: str) -> None:
+    """fleet-agent --check follows its heartbeat, and the agent reports its own counters (outbox,
+    answers, errors) in its retained status message, since it serves no metrics."""
+    cfg = write_config(agent={"id": "hb-agent", "heartbeat_path": str(tmp_path / "a.json"),
+                              "heartbeat_interval_s": 0.2})
+
+    def check_agent() -> int:
+        return subprocess.run([str(BIN / "fleet-agent"), "--config", str(cfg), "--check"], capture_output=True,
+                              timeout=60).returncode
+
+    assert check_agent() == 1
+    procs.start("agent", "fleet-agent", "--config", str(cfg))
+    wait_for(lambda: check_agent() == 0, what="fleet-agent --check to pass")
+    beat = json.loads((tmp_path / "a.json").read_text())
+    assert beat["counters"]["connected"] is True and beat["counters"]["outbox"]["dropped"] == 0
+
+    got: List[Dict[str, Any]] = []
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    sub.on_message = lambda c, u, m: got.append(json.loads(m.payload))
+    sub.connect("127.0.0.1", broker.port)
+    sub.subscribe(Topics(prefix).status("hb-agent"), qos=1)
+    sub.loop_start()
+    try:
+        status = wait_for(lambda: got[-1] if got else None, what="the agent's retained status")
+    finally:
+        sub.loop_stop()
+        sub.disconnect()
+    assert status["online"] is True
+    assert set(status["outbox"]) >= {"queued", "dropped"}
+    assert set(status["counters"]) >= {"received", "answered", "errors", "timeouts"}
+    assert procs.stop("agent") == 0
+    assert check_agent() == 1
 
 
 # ------------------------------------------------------------------ metrics

@@ -192,7 +192,13 @@ class Agent:
 
     def _birth(self) -> Status:
         return Status(agent_id=self.id, online=True, hostname=socket.gethostname(), platform=platform.platform(),
-                      agent_version=__version__, types=self.types, extra={"outbox": self.outbox.counts()})
+                      agent_version=__version__, types=self.types, extra=self.health())
+
+    def health(self) -> Dict[str, Any]:
+        """The agent's own counters: in its status message (it serves no metrics) and its heartbeat."""
+        with self._stats_lock:
+            counters = dict(self.stats)
+        return {"outbox": self.outbox.counts(), "counters": counters}
 
     def _publish_status(self, status: Status, wait_s: float = 0.0) -> None:
         info = self.link.publish(self._status_topic, status.payload(), qos=1, retain=True)

@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.errors import ConfigError, ContractError
+from fleet_common.health import Heartbeat, add_check_argument, run_check
 from fleet_common.topics import check_agent_id
 
 from . import __version__
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"print one reading as JSON and exit; TYPE is one of {', '.join(sorted(REGISTRY))}")
     parser.add_argument("--params", metavar="JSON", default=None, help="params for --once, e.g. '{\"limit\": 5}'")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_check_argument(parser)
     return parser
 
 
@@ -58,6 +60,8 @@ def once(type_: str, params_text: Optional[str]) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load(args, PROG)
+    if args.check:
+        return run_check(cfg.agent.heartbeat_path, PROG)
     if args.once:
         return once(args.once, args.params)
     if args.id is not None:
@@ -70,7 +74,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     stop = stop_event()
     agent = Agent(cfg, agent_id=args.id)
-    code = agent.run(stop)
+
+    def problems() -> List[str]:
+        return [] if agent.link.connected.is_set() else [f"not connected to the broker at {agent.link.where}"]
+
+    with Heartbeat(cfg.agent.heartbeat_path, PROG, cfg.agent.heartbeat_interval_s,
+                   lambda: {**agent.health(), "connected": agent.link.connected.is_set()}, problems):
+        code = agent.run(stop)
     if agent.busy:
         # A hung collector thread would block interpreter exit (concurrent.futures joins its
         # workers at exit); the goodbye is already published, so leave now.
