@@ -12,6 +12,7 @@ import yaml
 from conftest import ROOT
 
 from fleet_common import BUILTIN_TYPES, ContractError, Request, Response, Status, Topics
+from fleet_common.config import load_config
 from fleet_common.messages import ERROR_CODES, STATUSES, VERSION, parse_request, parse_response, parse_status
 from fleet_common.timefmt import _ID_RE
 from fleet_common.topics import AGENT_ID_RE, TYPE_RE, ParsedTopic
@@ -92,14 +93,31 @@ def test_enums_and_version_match_the_contract() -> None:
     assert SCHEMAS["Version"]["const"] == VERSION
 
 
+AGENT_STATUS_EXTRAS = {"outbox", "counters"}
+
+
 @pytest.mark.parametrize("schema,fields", [
     ("Request", set(Request(id="x", type="cpu").to_dict())),
     ("Response", set(Response.ok("x", "web-01", "cpu", {}, 1.0).to_dict())),
     ("Status", set(Status(agent_id="web-01", online=True).to_dict())),
 ])
 def test_properties_are_the_fields_the_contract_writes(schema: str, fields: set) -> None:
-    """Every field fleet_common writes into a payload is described, and nothing else is."""
-    assert set(SCHEMAS[schema]["properties"]) == fields
+    """Every field fleet_common writes into a payload is described, and nothing else is
+    (the agent's own additions to its status are checked below)."""
+    described = set(SCHEMAS[schema]["properties"]) - (AGENT_STATUS_EXTRAS if schema == "Status" else set())
+    assert described == fields
+
+
+def test_status_describes_what_the_agent_adds(tmp_path) -> None:
+    """The fields fleet-agent adds to its birth message (outbox, counters) are the ones described."""
+    from fleet_agent.agent import Agent
+    cfg = load_config(None, env={"FLEET_AGENT_OUTBOX_PATH": str(tmp_path / "outbox.db")})
+    agent = Agent(cfg, agent_id="web-01")
+    try:
+        birth = agent._birth().to_dict()
+    finally:
+        agent.outbox.close()
+    assert set(birth) - set(Status(agent_id="web-01", online=True).to_dict()) == AGENT_STATUS_EXTRAS
 
 
 @pytest.mark.parametrize("schema", ["Request", "Response", "Status"])
