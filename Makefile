@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DISTS  := common agent controller persister fleetctl
+DISTS  := common agent controller persister fleetctl sim
 
 .PHONY: run test lint typecheck unit bench clean deps mosquitto
 
@@ -34,6 +34,11 @@ $(STAMP): $(foreach d,$(DISTS),$(d)/pyproject.toml) requirements-dev.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(foreach d,$(DISTS),-e ./$(d)) -r requirements-dev.txt
 	touch $@
+
+# The transport's ceiling and the system against it, one broker, one run (about 10 minutes):
+# a table on stdout and bench/results.json. `make bench BENCH_ARGS=--tiny` proves it works in a minute.
+bench: deps
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,150 @@
+"""`make bench`: the transport's ceiling and what the system does against it, in one run on
+one broker; prints a table and writes bench/results.json.
+
+    .venv/bin/python bench/run.py                 # every stage, full size (about 10 minutes)
+    .venv/bin/python bench/run.py --tiny          # every stage at toy sizes (proves the bench works)
+    .venv/bin/python bench/run.py --only raw,ingest --out /tmp/r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import stages
+from harness import ROOT, Bench, machine
+from stages import TINY, Sizes
+
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent")
+
+
+def run_stage(name: str, b: Bench, sizes: Sizes, results: Dict[str, Any], profile: bool) -> Dict[str, Any]:
+    raw = results.get("raw") if isinstance(results.get("raw"), dict) and "error" not in results["raw"] else None
+    calls: Dict[str, Callable[[], Dict[str, Any]]] = {
+        "raw": lambda: stages.raw(b, sizes),
+        "ingest": lambda: stages.ingest(b, sizes, raw),
+        "e2e": lambda: stages.end_to_end(b, sizes, raw),
+        "fleet": lambda: stages.fleet(b, sizes, profile),
+        "controller": lambda: stages.controller(b, sizes),
+        "agent": lambda: stages.agent(b, sizes),
+    }
+    return calls[name]()
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.2f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(results: Dict[str, Any]) -> List[str]:
+    rows: List[tuple[str, Any, str]] = []
+    raw = results.get("raw") or {}
+    ceiling = raw.get("subscriber_msgs_per_s")
+
+    def ratio(v: Optional[float]) -> str:
+        return f"{v / ceiling:.2f}x raw" if v and ceiling else ""
+
+    if "subscriber_msgs_per_s" in raw:
+        rows += [("raw: paho sub msgs/s (live pub->sub, QoS 1)", ceiling, "1.00x raw"),
+                 ("raw: paho pub msgs/s", raw["publisher_msgs_per_s"], ratio(raw["publisher_msgs_per_s"])),
+                 ("raw: paho sub draining a backlog msgs/s", raw["backlog_drain_msgs_per_s"],
+                  ratio(raw["backlog_drain_msgs_per_s"])),
+                 ("raw: mean payload bytes", raw["mean_payload_bytes"], "")]
+    ing = results.get("ingest") or {}
+    for key, fig in ing.items():
+        if isinstance(fig, dict) and "msgs_per_s" in fig:
+            rows.append((f"ingest: {key.replace('_', ' ')} msgs/s", fig["msgs_per_s"], ratio(fig["msgs_per_s"])))
+        elif isinstance(fig, str):
+            rows.append((f"ingest: {key}", fig, ""))
+    e2e = results.get("e2e") or {}
+    if "steps" in e2e:
+        for s in e2e["steps"]:
+            rows.append((f"e2e: offered {s['offered_per_s']:.0f}/s -> stored/s, p50/p99 ms",
+                         f"{s['stored_per_s']:.0f}  {_fmt(s['latency_ms_p50'])}/{_fmt(s['latency_ms_p99'])}"
+                         f"{'' if s['keeps_up'] else '  (falls behind)'}", ratio(s["stored_per_s"])))
+        rows.append(("e2e: highest sustained stored answers/s", e2e["max_sustained_stored_per_s"],
+                     ratio(e2e["max_sustained_stored_per_s"])))
+    fl = results.get("fleet") or {}
+    if "requests" in fl:
+        rows += [(f"fleet {fl['agents']:,}: requests in {fl['intervals']} x {fl['interval_s']} s", fl["requests"], ""),
+                 ("fleet: answered and stored in time", f"{100 * (fl['in_time_share'] or 0):.3f} %", ""),
+                 ("fleet: latency p50 / p99 ms", f"{_fmt(fl['latency_ms_p50'])} / {_fmt(fl['latency_ms_p99'])}", ""),
+                 ("fleet: peak dispatched/s vs even share", f"{fl['peak_dispatch_per_s']} vs {fl['even_share_per_s']}",
+                  f"{fl['peak_over_even']}x even"),
+                 ("fleet: CPU % of a core sim/persister/controller/broker",
+                  " / ".join(_fmt(fl["cpu"][k]["cpu_pct_of_core"]) for k in
+                             ("simulator", "persister", "controller", "mosquitto")), "")]
+    ctl = results.get("controller") or {}
+    if "agents" in ctl:
+        rows += [(f"controller {ctl['agents']:,} agents: CPU s per 60 s", ctl["cpu_s_per_60s_interval"],
+                  f"{ctl['requests_per_s']:,} req/s"),
+                 ("controller: RSS MB", ctl["peak_rss_mb"], f"{ctl['agents_asked_in_window']:,} agents asked")]
+    ag = results.get("agent") or {}
+    if "rss_mb_max" in ag:
+        rows += [("agent: RSS MB (max)", ag["rss_mb_max"], "aim < 30"),
+                 ("agent: CPU % of one core", ag["cpu_pct_of_core"], "aim < 2")]
+        for t, d in ag["collection_ms"].items():
+            rows.append((f"agent: {t} collection ms p50/p99", f"{_fmt(d['p50'])} / {_fmt(d['p99'])}", ""))
+    for name in STAGES:
+        r = results.get(name)
+        if isinstance(r, dict) and "error" in r:
+            rows.append((f"{name}: FAILED", r["error"].splitlines()[-1][:60], ""))
+    width = max((len(r[0]) for r in rows), default=10)
+    return [f"{label:<{width}}  {_fmt(value):>24}  {note}" for label, value, note in rows]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="toy sizes: proves every stage works in seconds")
+    p.add_argument("--only", default=",".join(STAGES), help=f"comma-separated stages of {', '.join(STAGES)}")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    p.add_argument("--profile", action="store_true", help="py-spy the fleet stage's processes")
+    p.add_argument("--broker-persistence", action="store_true",
+                   help="keep dev.conf's `persistence true` (slow on Mosquitto 2.0.11; see docs/sizing.md)")
+    p.add_argument("--run-dir", default=None, help="logs, configs and databases (default data/bench/<time>)")
+    args = p.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    unknown = set(only) - set(STAGES)
+    if unknown:
+        p.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
+    sizes = TINY if args.tiny else Sizes()
+    run_dir = Path(args.run_dir or ROOT / "data" / "bench" / time.strftime("%Y%m%d-%H%M%S"))
+    results: Dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "run_dir": str(run_dir),
+                               "broker_persistence": args.broker_persistence}
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), flush=True)
+    b = Bench(run_dir).start(persistence=args.broker_persistence)
+    failed = False
+    try:
+        for name in STAGES:
+            if name not in only:
+                continue
+            started = time.monotonic()
+            print(f"stage {name} ...", flush=True)
+            try:
+                results[name] = run_stage(name, b, sizes, results, args.profile)
+            except Exception:
+                failed = True
+                results[name] = {"error": traceback.format_exc()}
+                print(results[name]["error"], file=sys.stderr)
+            results.setdefault("stage_seconds", {})[name] = round(time.monotonic() - started, 1)
+            print(f"stage {name} done in {results['stage_seconds'][name]:.0f} s", flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))
+    finally:
+        b.stop()
+    print("\n".join(table(results)))
+    print(f"results: {args.out}; logs: {run_dir}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

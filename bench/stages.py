@@ -1,0 +1,512 @@
+"""The bench stages. Each takes the Bench (one broker for all) and the sizes, and returns
+a dict of figures; `run.py` prints them and writes bench/results.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+from fleet_sim.synthetic import TYPES, Host
+from harness import (
+    BIN,
+    Bench,
+    CpuWindow,
+    Observer,
+    Proc,
+    client,
+    connect,
+    median,
+    pct,
+    read_commits,
+    sim_stats,
+    wait_until,
+)
+
+from fleet_common.messages import Status
+from fleet_common.timefmt import iso, new_id
+
+
+@dataclass(frozen=True)
+class Sizes:
+    repeats: int = 3
+    raw_messages: int = 20000
+    ingest_backlog: int = 20000
+    e2e_agents: int = 1000
+    e2e_intervals: Tuple[int, ...] = (16, 8, 4, 2, 1)
+    e2e_min_window_s: float = 12.0
+    fleet_agents: int = 10000
+    fleet_interval_s: int = 60
+    fleet_intervals: int = 2
+    controller_agents: int = 100000
+    controller_settle_s: float = 15.0
+    controller_window_s: float = 60.0
+    agent_seconds: float = 60.0
+    profile_s: float = 30.0
+
+
+TINY = Sizes(repeats=1, raw_messages=300, ingest_backlog=200, e2e_agents=5, e2e_intervals=(2, 1),
+             e2e_min_window_s=2.0, fleet_agents=20, fleet_interval_s=2, fleet_intervals=2, controller_agents=300,
+             controller_settle_s=1.0, controller_window_s=2.0, agent_seconds=3.0, profile_s=0)
+
+
+def response_payload(host: Host, agent_id: str, type_: str, req_id: str) -> bytes:
+    data = host.reading(type_, {})
+    return b"".join((b'{"v":1,"id":"', req_id.encode(), b'","agent_id":"', agent_id.encode(), b'","type":"',
+                     type_.encode(), b'","status":"ok","data":', data, b',"error":null,"collected_at":"',
+                     iso(time.time()).encode(), b'","duration_ms":0.5}'))
+
+
+def _last_json(proc: Proc) -> Dict[str, Any]:
+    for line in reversed(proc.text().splitlines()):
+        if line.startswith("{"):
+            return dict(json.loads(line))
+    raise RuntimeError(f"{proc.name} printed no result; see {proc.log_path}")
+
+
+def _wait_exit(proc: Proc, timeout_s: float) -> None:
+    try:
+        proc.popen.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.stop()
+        raise RuntimeError(f"{proc.name} did not finish within {timeout_s:.0f} s; see {proc.log_path}") from None
+
+
+# 1. raw ceiling ---------------------------------------------------------------------------
+def raw(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+    host = Host("raw-host")
+    payloads = [response_payload(host, "a0", t, new_id()).decode() for t in TYPES]
+    spec = b.run_dir / "raw-payloads.json"
+    spec.write_text(json.dumps({"payloads": payloads, "types": TYPES}))
+    n = sizes.raw_messages
+    live, pub, drain = [], [], []
+    for r in range(sizes.repeats):
+        ready = b.run_dir / f"raw-{r}.ready"
+        sub = b.python(f"raw-sub-{r}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter", f"raw{r}/+/res/+",
+                       "--count", str(n), "--ready-file", str(ready))
+        wait_until(ready.exists, 20)
+        p = b.python(f"raw-pub-{r}", "rawmqtt.py", "pub", "--port", str(b.port), "--topic-base", f"raw{r}",
+                     "--count", str(n), "--payloads", str(spec))
+        _wait_exit(p, 300)
+        _wait_exit(sub, 300)
+        s, q = _last_json(sub), _last_json(p)
+        live.append(s["received"] / max(s["last"] - s["first"], 1e-9))
+        pub.append(q["acked"] / max(q["last"] - q["first"], 1e-9))
+        # the same backlog, drained by a plain subscriber: the persister's ingest is the same shape
+        cid = f"raw-drain-{r}"
+        first = b.python(f"raw-drain-sub0-{r}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter",
+                         f"rawd{r}/+/res/+", "--count", "0", "--client-id", cid, "--session")
+        _wait_exit(first, 30)
+        p = b.python(f"raw-drain-pub-{r}", "rawmqtt.py", "pub", "--port", str(b.port), "--topic-base", f"rawd{r}",
+                     "--count", str(n), "--payloads", str(spec))
+        _wait_exit(p, 300)
+        d = b.python(f"raw-drain-sub-{r}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter",
+                     f"rawd{r}/+/res/+", "--count", str(n), "--client-id", cid, "--session")
+        _wait_exit(d, 300)
+        s = _last_json(d)
+        drain.append(s["received"] / max(s["last"] - s["first"], 1e-9))
+    sizes_b = [len(p.encode()) for p in payloads]
+    return {"messages_per_repeat": n, "repeats": sizes.repeats,
+            "payload_bytes": dict(zip(TYPES, sizes_b)), "mean_payload_bytes": round(sum(sizes_b) / len(sizes_b)),
+            "subscriber_msgs_per_s": round(median(live) or 0), "subscriber_runs": [round(x) for x in live],
+            "publisher_msgs_per_s": round(median(pub) or 0),
+            "backlog_drain_msgs_per_s": round(median(drain) or 0), "backlog_drain_runs": [round(x) for x in drain]}
+
+
+# 2. persister ingest ----------------------------------------------------------------------
+def publish_backlog(b: Bench, prefix: str, n: int) -> None:
+    c = client()
+    connect(c, b.port)
+    acked = [0]
+    c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
+    c.loop_start()
+    hosts = [Host(f"h{i}") for i in range(50)]
+    for i in range(n):
+        t = TYPES[i % len(TYPES)]
+        agent = f"h{i % 50}"
+        while i - acked[0] >= 1000:
+            time.sleep(0.0005)
+        c.publish(f"{prefix}/{agent}/res/{t}", response_payload(hosts[i % 50], agent, t, new_id()), qos=1)
+    wait_until(lambda: acked[0] >= n, 120, 0.05)
+    c.disconnect()
+    c.loop_stop()
+
+
+def ingest_once(b: Bench, name: str, n: int, persisters: int, store: Dict[str, Any]) -> Dict[str, Any]:
+    prefix = name.replace("_", "-")
+    commit_files = [b.run_dir / f"{name}-p{i}.commits" for i in range(persisters)]
+    configs = [b.config(f"{name}-p{i}", prefix, persister={**store, "client_id": f"{prefix}-p{i}"})
+               for i in range(persisters)]
+
+    def start() -> List[Proc]:
+        return [b.python(f"{name}-p{i}", "probe_persister.py", "--config", str(configs[i]),
+                         "--commits", str(commit_files[i])) for i in range(persisters)]
+
+    procs = start()  # once, to create the sessions that will hold the backlog
+    for f in commit_files:
+        wait_until(lambda f=f: bool(read_commits(f)[1]), 30)
+    time.sleep(0.5)  # the subscriptions follow the CONNACK
+    for p in procs:
+        p.stop()
+    for f in commit_files:
+        f.unlink()
+    publish_backlog(b, prefix, n)
+    procs = start()
+    window = CpuWindow({p.name: p for p in procs}).start()
+
+    def committed() -> int:
+        return sum(len(read_commits(f)[0]) for f in commit_files)
+
+    done = wait_until(lambda: committed() >= n, 600, 0.2)
+    cpu = window.stop()
+    for p in procs:
+        p.stop()
+    per = [read_commits(f) for f in commit_files]
+    connected = min(c[1][-1] for c in per if c[1])
+    last = max(max(c[0].values()) for c in per if c[0])
+    ids: Counter[str] = Counter()
+    for c in per:
+        ids.update(c[0].keys())
+    return {"complete": done, "messages": n, "seconds": round(last - connected, 2),
+            "msgs_per_s": round(n / max(last - connected, 1e-9)), "per_persister": [len(c[0]) for c in per],
+            "stored_twice": sum(1 for v in ids.values() if v > 1), "cpu": cpu}
+
+
+def ingest(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    stores: List[Tuple[str, Dict[str, Any]]] = [("sqlite", {"store": "sqlite"})]
+    mongo = os.environ.get("FLEET_BENCH_MONGODB_URI")
+    if mongo:
+        stores.append(("mongodb", {"store": "mongodb", "mongodb_uri": mongo, "mongodb_database": "fleet_bench"}))
+    else:
+        out["mongodb"] = "not measured: set FLEET_BENCH_MONGODB_URI to a real MongoDB (mongomock is no measure)"
+    for label, store in stores:
+        for persisters in (1, 2):
+            runs = []
+            for r in range(sizes.repeats):
+                if label == "sqlite":
+                    store = {**store, "sqlite_path": str(b.run_dir / f"ingest-{label}-{persisters}-{r}.db")}
+                runs.append(ingest_once(b, f"ingest_{label}_{persisters}p_{r}", sizes.ingest_backlog, persisters,
+                                        store))
+            rate = median(r["msgs_per_s"] for r in runs) or 0
+            fig: Dict[str, Any] = {"msgs_per_s": round(rate), "runs": runs}
+            if raw_result:
+                fig["ratio_to_raw_subscriber"] = round(rate / raw_result["subscriber_msgs_per_s"], 2)
+                fig["ratio_to_raw_backlog_drain"] = round(rate / raw_result["backlog_drain_msgs_per_s"], 2)
+            out[f"{label}_{persisters}_persister{'s' if persisters > 1 else ''}"] = fig
+    return out
+
+
+# 3 and 4: the whole system ------------------------------------------------------------------
+class Stack:
+    """Simulator + probe persister + request observer on one prefix; controllers come and go."""
+
+    def __init__(self, b: Bench, name: str, agents: int) -> None:
+        self.b, self.name, self.agents = b, name, agents
+        self.cfg = b.config(f"{name}-sim", name)
+        self.stats_file = b.run_dir / f"{name}-sim.json"
+        self.commits = b.run_dir / f"{name}.commits"
+        self.sim = b.service(f"{name}-sim", "fleet-sim", self.cfg, "--agents", str(agents), "--id-prefix", name,
+                             "--stats-file", str(self.stats_file), "--stats-every-s", "5")
+        if not wait_until(lambda: sim_stats(self.stats_file).get("all_connected_after_s") is not None, 120):
+            raise RuntimeError(f"the simulator did not connect {agents} agents; see {self.sim.log_path}")
+        self.connect_s = sim_stats(self.stats_file)["all_connected_after_s"]
+        self.persister = b.python(f"{name}-persister", "probe_persister.py", "--config", str(self.cfg),
+                                  "--commits", str(self.commits))
+        wait_until(lambda: bool(read_commits(self.commits)[1]), 30)
+        self.observer = Observer(b.port, f"{name}/+/req/+")
+
+    def controller(self, label: str, interval_s: int) -> Proc:
+        cfg = self.b.config(f"{self.name}-ctl-{label}", self.name,
+                            controller={"schedule": {t: interval_s for t in TYPES}, "tick_s": 0.1})
+        return self.b.service(f"{self.name}-controller-{label}", "fleet-controller", cfg)
+
+    def first_request_after(self, t: float, timeout_s: float = 30) -> float:
+        def first() -> Optional[float]:
+            for arrived, _ in self.observer.messages[-1:]:
+                if arrived >= t:
+                    return arrived
+            return None
+        wait_until(lambda: first() is not None, timeout_s, 0.05)
+        return first() or time.time()
+
+    def settle(self, quiet_s: float = 2.0, timeout_s: float = 60) -> None:
+        """Wait until nothing new has been committed for quiet_s."""
+        last = [0, time.monotonic()]
+
+        def quiet() -> bool:
+            n = os.path.getsize(self.commits) if self.commits.exists() else 0
+            if n != last[0]:
+                last[0], last[1] = n, time.monotonic()
+            return time.monotonic() - last[1] >= quiet_s
+        wait_until(quiet, timeout_s, 0.2)
+
+    def measure(self, t0: float, t1: float, interval_s: int) -> Dict[str, Any]:
+        commits, _ = read_commits(self.commits)
+        reqs = [r for r in self.observer.requests() if t0 <= r[1] < t1]
+        lat, in_time, stored = [], 0, 0
+        for id_, issued, expires, _ in reqs:
+            at = commits.get(id_)
+            if at is None:
+                continue
+            stored += 1
+            lat.append((at - issued) * 1000.0)
+            in_time += at <= expires
+        n = len(reqs)
+        per_s = Counter(int(r[1]) for r in reqs)
+        full = [per_s.get(s, 0) for s in range(int(t0) + 1, int(t1))]
+        thirds = []
+        span = (t1 - t0) / 3
+        req_ids = {r[0] for r in reqs}
+        stamps = sorted(commits[i] for i in req_ids if i in commits)
+        for k in range(3):
+            lo = t0 + k * span + (median([x / 1000 for x in lat]) or 0)
+            thirds.append(sum(1 for s in stamps if lo <= s < lo + span) / span)
+        return {"requests": n, "offered_per_s": round(n / (t1 - t0), 1), "stored": stored,
+                "stored_in_time": in_time, "stored_share": round(stored / n, 5) if n else None,
+                "in_time_share": round(in_time / n, 5) if n else None,
+                "stored_per_s": round(median(thirds) or 0, 1), "latency_ms_p50": _r(pct(lat, 50)),
+                "latency_ms_p99": _r(pct(lat, 99)), "latency_ms_max": _r(max(lat) if lat else None),
+                "peak_dispatch_per_s": max(full) if full else None,
+                "even_share_per_s": round(self.agents * len(TYPES) / interval_s, 1)}
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.sim.stop(30)
+        self.persister.stop(30)
+
+
+def _r(x: Optional[float]) -> Optional[float]:
+    return None if x is None else round(x, 1)
+
+
+def end_to_end(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    stack = Stack(b, "e2e", sizes.e2e_agents)
+    steps = []
+    try:
+        for interval in sizes.e2e_intervals:
+            window_s = max(float(interval), sizes.e2e_min_window_s)
+            ctl = stack.controller(f"{interval}s", interval)
+            t0 = stack.first_request_after(time.time()) + 0.5
+            time.sleep(max(0.0, t0 + window_s - time.time()))
+            ctl.stop()
+            stack.settle()
+            step = stack.measure(t0, t0 + window_s, interval)
+            step["interval_s"] = interval
+            # keeping up: (nearly) every answer stored, and no queue building up behind them
+            step["keeps_up"] = bool(step["stored_share"] and step["stored_share"] >= 0.99
+                                    and (step["latency_ms_p99"] or 1e9) <= 2000)
+            steps.append(step)
+            if not step["keeps_up"]:
+                break
+    finally:
+        stack.stop()
+    ok = [s for s in steps if s["keeps_up"]]
+    best = max(ok, key=lambda s: s["stored_per_s"]) if ok else None
+    half = None
+    if best is not None:
+        target = best["offered_per_s"] / 2
+        half = min((s for s in steps if s is not best), key=lambda s: abs(s["offered_per_s"] - target), default=None)
+    out: Dict[str, Any] = {"agents": sizes.e2e_agents, "steps": steps,
+                           "max_sustained_stored_per_s": best["stored_per_s"] if best else None,
+                           "at_max": _pick(best), "at_half": _pick(half),
+                           "criterion": ">= 99% of answers stored and p99 request-to-stored <= 2 s"}
+    if best and raw_result:
+        out["ratio_to_raw_subscriber"] = round(2 * best["stored_per_s"] / raw_result["subscriber_msgs_per_s"], 2)
+        out["ratio_note"] = "2 messages (request + answer) reach the persister per stored answer"
+    return out
+
+
+def _pick(step: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    if step is None:
+        return None
+    return {k: step[k] for k in ("offered_per_s", "stored_per_s", "latency_ms_p50", "latency_ms_p99", "interval_s")}
+
+
+def fleet(b: Bench, sizes: Sizes, profile: bool) -> Dict[str, Any]:
+    stack = Stack(b, "fleet", sizes.fleet_agents)
+    interval = sizes.fleet_interval_s
+    profiles: Dict[str, Any] = {}
+    try:
+        ctl = stack.controller("main", interval)
+        t0 = stack.first_request_after(time.time()) + 0.5
+        broker = _BrokerProc(b)
+        window = CpuWindow({"simulator": stack.sim, "persister": stack.persister, "controller": ctl,
+                            "mosquitto": broker}).start()  # type: ignore[dict-item]
+        t1 = t0 + interval * sizes.fleet_intervals
+        if profile and sizes.profile_s > 0:
+            profiles = _profile(b, {"simulator": stack.sim, "persister": stack.persister, "controller": ctl},
+                                min(sizes.profile_s, t1 - time.time() - 5))
+        time.sleep(max(0.0, t1 - time.time()))
+        cpu = window.stop()
+        ctl.stop()
+        stack.settle(quiet_s=3.0)
+        total = stack.measure(t0, t1, interval)
+        per_interval = [stack.measure(t0 + k * interval, t0 + (k + 1) * interval, interval)
+                        for k in range(sizes.fleet_intervals)]
+    finally:
+        stack.stop()
+    even = total["even_share_per_s"]
+    return {"agents": sizes.fleet_agents, "types": len(TYPES), "interval_s": interval,
+            "intervals": sizes.fleet_intervals, "sim_connect_s": stack.connect_s, **total,
+            "in_time_share_per_interval": [p["in_time_share"] for p in per_interval],
+            "peak_over_even": round(total["peak_dispatch_per_s"] / even, 2) if total["peak_dispatch_per_s"] else None,
+            "cpu": cpu, "profile": profiles}
+
+
+class _BrokerProc:
+    def __init__(self, b: Bench) -> None:
+        self.b = b
+
+    def cpu_s(self) -> float:
+        return self.b.broker_cpu_s()
+
+    def rss(self) -> int:
+        return int(self.b.broker_rss_mb() * 2**20)
+
+
+def _profile(b: Bench, procs: Dict[str, Proc], seconds: float) -> Dict[str, Any]:
+    """py-spy (sampling, from outside) on each process at once; the top functions by own time."""
+    spy = shutil.which("py-spy") or str(BIN / "py-spy")
+    if not os.path.exists(spy) or seconds < 5:
+        return {"skipped": "py-spy is not installed" if seconds >= 5 else "window too short"}
+    runs = {}
+    for name, p in procs.items():
+        out = b.run_dir / f"profile-{name}.txt"
+        runs[name] = (out, subprocess.Popen([spy, "record", "--format", "raw", "--rate", "50", "--nonblocking",
+                                             "-d", str(int(seconds)), "-o", str(out), "-p", str(p.popen.pid)],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    result = {}
+    for name, (out, proc) in runs.items():
+        proc.wait(seconds + 30)
+        result[name] = top_frames(out)
+    return result
+
+
+def top_frames(path: Path, n: int = 12) -> Dict[str, Any]:
+    """Own-time share of the hottest functions in a py-spy raw (collapsed stacks) file."""
+    own: Counter[str] = Counter()
+    total = 0
+    if not path.exists():
+        return {"file": str(path), "samples": 0}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.split(";")[-1]
+        own[leaf] += int(count)
+        total += int(count)
+    return {"file": str(path), "samples": total,
+            "top_own_pct": [(f, round(100 * c / total, 1)) for f, c in own.most_common(n)] if total else []}
+
+
+# 5. controller at 100,000 agents --------------------------------------------------------------
+def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+    prefix = "ctl100k"
+    n = sizes.controller_agents
+    c = client()
+    connect(c, b.port)
+    acked = [0]
+    c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
+    c.loop_start()
+    started = time.monotonic()
+    for i in range(n):
+        agent = f"syn-{i:06d}"
+        status = Status(agent_id=agent, online=True, hostname=agent, platform="Linux", agent_version="0.1.0",
+                        types=list(TYPES))
+        while i - acked[0] >= 1000:
+            time.sleep(0.0005)
+        c.publish(f"{prefix}/{agent}/status", status.payload(), qos=1, retain=True)
+    wait_until(lambda: acked[0] >= n, 120, 0.05)
+    c.disconnect()
+    c.loop_stop()
+    publish_s = time.monotonic() - started
+
+    seen: set[str] = set()
+    count = [0]
+    lock = threading.Lock()
+    obs = client()
+
+    def on_message(cl: Any, ud: Any, msg: Any) -> None:
+        with lock:
+            count[0] += 1
+            seen.add(msg.topic.split("/", 2)[1])
+
+    obs.on_message = on_message
+    obs.on_connect = lambda cl, *a: cl.subscribe(f"{prefix}/+/req/+", qos=0)
+    connect(obs, b.port)
+    obs.loop_start()
+    cfg = b.config("ctl100k", prefix, log={"level": "info"})
+    ctl = b.service("ctl100k-controller", "fleet-controller", cfg)
+    try:
+        time.sleep(sizes.controller_settle_s)  # it learns the fleet from the retained statuses
+        rss_learned = ctl.rss()
+        window = CpuWindow({"controller": ctl}).start()
+        with lock:
+            count[0] = 0
+            seen.clear()
+        time.sleep(sizes.controller_window_s)
+        cpu = window.stop()["controller"]
+        with lock:
+            requests, asked = count[0], len(seen)
+    finally:
+        ctl.stop()
+        obs.disconnect()
+        obs.loop_stop()
+    per_interval = cpu["cpu_s"] * 60.0 / sizes.controller_window_s
+    return {"agents": n, "schedule": "default (cpu, memory, network, ping 60 s; disk, processes 300 s; os_info 3600 s)",
+            "status_publish_s": round(publish_s, 1), "window_s": sizes.controller_window_s,
+            "agents_asked_in_window": asked, "requests_in_window": requests,
+            "requests_per_s": round(requests / sizes.controller_window_s),
+            "cpu_s_per_60s_interval": round(per_interval, 2), "cpu_pct_of_core": cpu["cpu_pct_of_core"],
+            "cpu_us_per_request": round(1e6 * cpu["cpu_s"] / requests, 1) if requests else None,
+            "rss_mb_after_learning": round(rss_learned / 2**20, 1), "peak_rss_mb": cpu["peak_rss_mb"]}
+
+
+# 6. agent footprint ---------------------------------------------------------------------------
+def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+    prefix = "agentfp"
+    cfg = b.config("agentfp", prefix, agent={"id": "bench-agent", "outbox_path": str(b.run_dir / "outbox.db")},
+                   controller={"schedule": {t: 1 for t in TYPES}, "tick_s": 0.1})
+    ag = b.service("agentfp-agent", "fleet-agent", cfg)
+    obs = Observer(b.port, f"{prefix}/+/res/+")
+    try:
+        wait_until(lambda: ag.text().count("connected to broker") > 0, 20)
+        ctl = b.service("agentfp-controller", "fleet-controller", cfg)
+        wait_until(lambda: len(obs.messages) >= len(TYPES), 20, 0.05)
+        time.sleep(2)  # the first answers prime psutil's counters
+        t0 = time.time()
+        windows = []
+        rss = []
+        full = CpuWindow({"agent": ag}).start()
+        step = min(10.0, sizes.agent_seconds)
+        while time.time() - t0 < sizes.agent_seconds - 0.01:
+            w = CpuWindow({"agent": ag}).start()
+            for _ in range(int(step)):
+                time.sleep(1)
+                rss.append(ag.rss())
+            windows.append(w.stop()["agent"]["cpu_pct_of_core"])
+        t1 = time.time()
+        total = full.stop()["agent"]
+        ctl.stop()
+    finally:
+        obs.stop()
+        ag.stop()
+    durations: Dict[str, List[float]] = {t: [] for t in TYPES}
+    for arrived, payload in obs.messages:
+        if t0 <= arrived < t1:
+            obj = json.loads(payload)
+            if obj.get("status") == "ok" and obj.get("duration_ms") is not None:
+                durations[obj["type"]].append(float(obj["duration_ms"]))
+    return {"seconds": round(t1 - t0, 1), "rss_mb_max": round(max(rss) / 2**20, 1) if rss else None,
+            "rss_mb_median": round((median(rss) or 0) / 2**20, 1), "cpu_pct_of_core": total["cpu_pct_of_core"],
+            "cpu_pct_of_core_per_10s": windows, "cpu_pct_median_10s": median(windows),
+            "collection_ms": {t: {"n": len(v), "p50": _r(pct(v, 50)), "p99": _r(pct(v, 99))}
+                              for t, v in durations.items()}}

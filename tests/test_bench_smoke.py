@@ -1,0 +1,36 @@
+"""`make bench` works: every stage runs at toy sizes and reports its figures (timings are
+benchmarks, not assertions; none is checked here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS = {
+    "raw": ("subscriber_msgs_per_s", "publisher_msgs_per_s", "backlog_drain_msgs_per_s"),
+    "ingest": ("sqlite_1_persister", "sqlite_2_persisters"),
+    "e2e": ("steps", "max_sustained_stored_per_s", "at_max", "at_half"),
+    "fleet": ("in_time_share", "latency_ms_p50", "latency_ms_p99", "peak_dispatch_per_s", "even_share_per_s"),
+    "controller": ("cpu_s_per_60s_interval", "peak_rss_mb", "agents_asked_in_window"),
+    "agent": ("rss_mb_max", "cpu_pct_of_core", "collection_ms"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(KEYS))
+def test_bench_stage_runs_at_toy_size_and_reports_its_figures(stage: str, tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--tiny", "--only", stage,
+                           "--out", str(out), "--run-dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {"cores", "python", "mosquitto"} <= set(results["machine"])
+    for key in KEYS[stage]:
+        assert key in results[stage], f"{stage} lacks {key}: {results[stage]}"
+    assert "results:" in done.stdout
