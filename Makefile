@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DISTS  := common agent controller persister fleetctl sim
+DISTS  := common agent controller persister fleetctl sim dashboard
 
-.PHONY: run test lint typecheck unit bench clean deps mosquitto
+.PHONY: run test lint typecheck unit bench clean deps mosquitto chromium
 
 run: deps
 	$(BIN)/fleetctl up
@@ -20,13 +20,17 @@ lint: deps
 typecheck: deps
 	$(BIN)/mypy
 
-unit: deps
+# The dashboard's browser tests drive Debian's Chromium: installed when we may, else they skip saying why.
+unit: deps chromium
 	$(BIN)/pytest
 
 deps: $(STAMP) mosquitto
 
 mosquitto:
 	@bash scripts/ensure-mosquitto.sh
+
+chromium:
+	@bash scripts/ensure-chromium.sh
 
 $(STAMP): $(foreach d,$(DISTS),$(d)/pyproject.toml) requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed for the services (the agent alone runs on 3.9); set PYTHON=python3.11")'

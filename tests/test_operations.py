@@ -31,7 +31,8 @@ from fleetctl.broker import free_port
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
-FLEET_SERVICES = {"controller": "fleet-controller", "persister": "fleet-persister", "agent": "fleet-agent"}
+FLEET_SERVICES = {"controller": "fleet-controller", "persister": "fleet-persister", "agent": "fleet-agent",
+                  "dashboard": "fleet-dashboard"}
 
 
 def compose() -> Dict[str, Any]:
@@ -89,7 +90,7 @@ def test_compose_has_the_stack_with_health_checks_and_restart_policies() -> None
     MongoDB and one agent, each with a health check and a restart policy."""
     doc = compose()
     services = doc["services"]
-    assert set(services) == {"mosquitto", "mongo", "controller", "persister", "agent"}
+    assert set(services) == {"mosquitto", "mongo", "controller", "persister", "agent", "dashboard"}
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert any(v.endswith(":/data/db") and v.split(":")[0] in doc["volumes"] for v in services["mongo"]["volumes"])
     assert services["persister"]["environment"]["FLEET_PERSISTER_STORE"] == "mongodb"
@@ -136,7 +137,7 @@ def test_compose_and_dockerfile_environment_uses_real_config_keys() -> None:
 
 
 @pytest.mark.parametrize("service", [
-    "controller", "persister", "agent",
+    "controller", "persister", "agent", "dashboard",
 ])
 def test_health_check_commands_exist(service: str) -> None:
     """The compose and Dockerfile health checks of a fleet service run `<its command> --check`, an

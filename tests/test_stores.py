@@ -229,3 +229,34 @@ def test_type_counts(store: Store) -> None:
     store.write(Batch(requests=[req("c1"), req("c2"), req("m1", type_="memory")],
                       responses=[res("c1"), res("m1", type_="memory", code="collector_failed")]))
     assert store.type_counts() == {"cpu": {"ok": 1, "pending": 1}, "memory": {"error": 1}}
+
+
+def test_latest_answer_per_agent(store: Store) -> None:
+    """latest() gives each agent's newest ok answer of one type, skipping newer pending or failed
+    requests, other types, and answers issued before `since_s`."""
+    store.write(Batch(requests=[req("a1", at=T0), req("a2", at=T0 + 60), req("a3", at=T0 + 120),
+                                req("a4", at=T0 + 180), req("m1", at=T0 + 200, type_="memory"),
+                                req("b1", at=T0 + 10, agent="db-01"), req("c1", at=T0 - 500, agent="old-01")],
+                      responses=[res("a1", at=T0 + 0.1), res("a2", at=T0 + 60.1),
+                                 res("a3", at=T0 + 120.1, code="collector_failed"),
+                                 res("m1", at=T0 + 200.1, type_="memory"),
+                                 res("b1", at=T0 + 10.1, agent="db-01"), res("c1", at=T0 - 499.9, agent="old-01")]))
+    latest = store.latest("cpu", since_s=T0 - 60)
+    assert {a: r.id for a, r in latest.items()} == {AGENT: "a2", "db-01": "b1"}
+    assert latest[AGENT].data == {"percent": 12.5} and latest[AGENT].state == "ok"
+    assert set(store.latest("cpu")) == {AGENT, "db-01", "old-01"}
+    assert {a: r.id for a, r in store.latest("memory").items()} == {AGENT: "m1"}
+    assert store.latest("disk") == {}
+
+
+def test_recent_requests_across_types(store: Store) -> None:
+    """recent_requests() lists one agent's requests of every type, newest first, limited."""
+    store.write(Batch(requests=[req(f"c{i}", at=T0 + 10 * i) for i in range(3)]
+                      + [req("m0", at=T0 + 5, type_="memory"), req("p0", at=T0 + 25, type_="ping"),
+                         req("x0", at=T0 + 30, agent="db-01")],
+                      responses=[res("c2", at=T0 + 20.2)]))
+    recent = store.recent_requests(AGENT, limit=10)
+    assert [r.id for r in recent] == ["p0", "c2", "c1", "m0", "c0"]
+    assert recent[1].state == "ok" and recent[1].latency_ms == pytest.approx(200.0)
+    assert [r.id for r in store.recent_requests(AGENT, limit=2)] == ["p0", "c2"]
+    assert store.recent_requests("nobody") == []

@@ -100,6 +100,20 @@ class PersisterConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    refresh_s: float = 5.0
+    stats_window_s: int = 900
+    silent_after_s: int = 300
+    ask_enabled: bool = False
+    ask_timeout_s: float = 10.0
+    operator_token: Optional[str] = None
+    mqtt_username: Optional[str] = None
+    mqtt_password: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
     format: str = "text"
@@ -111,6 +125,7 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     persister: PersisterConfig = field(default_factory=PersisterConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Optional[str] = field(default=None, compare=False)
 
@@ -119,7 +134,7 @@ class Config:
 
 
 SECTIONS = {"mqtt": MqttConfig, "agent": AgentConfig, "controller": ControllerConfig,
-            "persister": PersisterConfig, "log": LogConfig}
+            "persister": PersisterConfig, "dashboard": DashboardConfig, "log": LogConfig}
 _NESTED = {"tls": TlsConfig}
 
 
@@ -184,7 +199,7 @@ def _env_overrides(env: Mapping[str, str]) -> Dict[str, Dict[str, Any]]:
         key = rest[len(section) + 1:]
         known = {f.name for f in dataclasses.fields(SECTIONS[section])}
         nested = next((n for n in _NESTED if key.startswith(n + "_") and n in known), None)
-        value = text if key.endswith(("password", "username", "_id", "id", "path", "uri", "file")) \
+        value = text if key.endswith(("password", "username", "_id", "id", "path", "uri", "file", "token")) \
             else yaml.safe_load(text) if text != "" else None
         if nested:
             out.setdefault(section, {}).setdefault(nested, {})[key[len(nested) + 1:]] = value
@@ -237,6 +252,11 @@ def _validate(cfg: Config) -> None:
     for section in ("controller", "persister"):
         if not 0 < getattr(cfg, section).metrics_port < 65536:
             raise ConfigError(f"{section}.metrics_port", f"{getattr(cfg, section).metrics_port} is not a TCP port")
+    if not 0 < cfg.dashboard.port < 65536:
+        raise ConfigError("dashboard.port", f"{cfg.dashboard.port} is not a TCP port")
+    if cfg.dashboard.ask_enabled and not cfg.dashboard.operator_token:
+        raise ConfigError("dashboard.operator_token", "is required when dashboard.ask_enabled is true "
+                          "(set FLEET_DASHBOARD_OPERATOR_TOKEN to a long random string)")
     if cfg.log.format not in ("text", "json"):
         raise ConfigError("log.format", f"{cfg.log.format!r} must be 'text' or 'json'")
 

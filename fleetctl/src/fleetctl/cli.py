@@ -1,4 +1,4 @@
-"""fleetctl: up, status, request, history, and provisioning of the production broker
+"""fleetctl: up, status, request, history, dashboard, and provisioning of the production broker
 (make-certs, add-agent, remove-agent, add-user, remove-user, list-users)."""
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=20)
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
 
+    s = sub.add_parser("dashboard", help="serve the read-only web dashboard (needs fleet-dashboard installed)")
+    s.add_argument("--host", default=None, help="address to listen on (default dashboard.host)")
+    s.add_argument("--port", type=int, default=None, help="port to listen on (default dashboard.port)")
+
     add_provision_parsers(sub)
     return p
 
@@ -77,6 +81,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             store.close()
         print(views.render_history(records, args.json))
         return 0
+    if args.command == "dashboard":
+        try:
+            from fleet_dashboard.cli import serve, with_overrides
+        except ImportError as exc:
+            raise FleetError(f"the dashboard is not installed ({exc.name} is missing); install it with "
+                             "'pip install ./dashboard' (or 'make run', which installs every part)") from None
+        return serve(with_overrides(cfg, args), stop_event())
     done = run_provision(args, cfg)
     if done is not None:
         return done

@@ -70,6 +70,12 @@ class MeasuredStore:
     def get_request(self, id_: str) -> Optional[RequestRecord]:
         return self.inner.get_request(id_)
 
+    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
+        return self.inner.latest(type_, since_s)
+
+    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
+        return self.inner.recent_requests(agent_id, limit)
+
     def rejected(self, limit: int = 100) -> List[RejectedRecord]:
         return self.inner.rejected(limit)
 

@@ -25,6 +25,11 @@ class StoreError(FleetError):
     """The store cannot be opened or used; the message says what to check."""
 
 
+class StoreUnreachable(StoreError):
+    """The store's server did not answer (down, still starting, network): worth retrying,
+    unlike a StoreError that names a configuration problem."""
+
+
 @dataclass(frozen=True)
 class Incoming(Generic[M]):
     """A validated message as the persister received it.
@@ -132,6 +137,13 @@ class Store(Protocol):
 
     def get_request(self, id_: str) -> Optional[RequestRecord]: ...
 
+    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
+        """The newest answered (state ok) request of `type_` per agent, issued since `since_s`:
+        one indexed read per agent, so a fleet page of thousands stays fast."""
+
+    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
+        """Requests of one agent across all types, newest issued first."""
+
     def rejected(self, limit: int = 100) -> List[RejectedRecord]:
         """Dead letters, newest first."""
 
@@ -174,18 +186,25 @@ def seen_at(item: Incoming[Status]) -> str:
     return item.received_at
 
 
-def summarise(rows: List[tuple[str, str, Optional[float]]]) -> Dict[str, Stats]:
-    """(agent_id, state, latency_ms) rows -> Stats per agent."""
-    counts: Dict[str, Dict[str, int]] = {}
-    latencies: Dict[str, List[float]] = {}
-    for agent_id, state, latency in rows:
-        c = counts.setdefault(agent_id, {s: 0 for s in STATES})
-        c[state] = c.get(state, 0) + 1
-        if state in ("ok", "error") and latency is not None:
-            latencies.setdefault(agent_id, []).append(latency)
+def summarise_counts(counts: List[tuple[str, str, int]], latencies: Dict[str, List[float]]) -> Dict[str, Stats]:
+    """(agent_id, state, n) rows and answered latencies per agent -> Stats per agent."""
+    by_agent: Dict[str, Dict[str, int]] = {}
+    for agent_id, state, n in counts:
+        by_agent.setdefault(agent_id, {s: 0 for s in STATES})[state] = int(n)
     out = {}
-    for agent_id, c in counts.items():
+    for agent_id, c in by_agent.items():
         lat = latencies.get(agent_id)
         out[agent_id] = Stats(issued=sum(c.values()), answered=c["ok"] + c["error"], expired=c["expired"],
                               errors=c["error"], median_latency_ms=statistics.median(lat) if lat else None)
     return out
+
+
+def summarise(rows: List[tuple[str, str, Optional[float]]]) -> Dict[str, Stats]:
+    """(agent_id, state, latency_ms) rows -> Stats per agent."""
+    counts: Dict[tuple[str, str], int] = {}
+    latencies: Dict[str, List[float]] = {}
+    for agent_id, state, latency in rows:
+        counts[agent_id, state] = counts.get((agent_id, state), 0) + 1
+        if state in ("ok", "error") and latency is not None:
+            latencies.setdefault(agent_id, []).append(latency)
+    return summarise_counts([(a, s, n) for (a, s), n in counts.items()], latencies)

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional
 
 from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 
 from fleet_common import iso, parse_iso
 
@@ -28,6 +28,7 @@ from .base import (
     RequestRecord,
     Stats,
     StoreError,
+    StoreUnreachable,
     latency_ms,
     norm_ts,
     response_state,
@@ -66,21 +67,32 @@ class MongoStore:
         self.requests.create_index([("agent_id", ASCENDING), ("type", ASCENDING), ("issued_at", DESCENDING)])
         self.requests.create_index([("state", ASCENDING), ("expires_at", ASCENDING)])
         self.requests.create_index([("issued_at", ASCENDING)])
+        # the dashboard's reads: newest answer of a type per agent, an agent's newest requests
+        self.requests.create_index([("type", ASCENDING), ("state", ASCENDING), ("agent_id", ASCENDING),
+                                    ("issued_at", DESCENDING)])
+        self.requests.create_index([("agent_id", ASCENDING), ("issued_at", DESCENDING)])
         self.requests.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
         self.rejected_c.create_index([("received_at", DESCENDING)])
 
     @classmethod
     def from_uri(cls, uri: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S, database: str = "fleet",
                  timeout_s: float = 5.0) -> MongoStore:
-        client: MongoClient[Doc] = MongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000),
-                                               connect=True)
+        """Connect and check the server answers. StoreUnreachable if it does not (worth retrying);
+        StoreError for anything else (a bad URI, failed authentication: fix the config)."""
+        try:
+            client: MongoClient[Doc] = MongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000),
+                                                   connect=True)
+        except PyMongoError as exc:
+            raise StoreError(f"persister.mongodb_uri {redact(uri)!r} is not usable ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})") from None
         try:
             client.admin.command("ping")
             return cls(client, retention_s, database)
         except PyMongoError as exc:
             client.close()
-            raise StoreError(f"cannot reach MongoDB at {redact(uri)} ({type(exc).__name__}: {str(exc)[:200]}); "
-                             "check persister.mongodb_uri and that mongod is running and reachable") from None
+            error = StoreUnreachable if isinstance(exc, ConnectionFailure) else StoreError
+            raise error(f"cannot reach MongoDB at {redact(uri)} ({type(exc).__name__}: {str(exc)[:200]}); "
+                        "check persister.mongodb_uri and that mongod is running and reachable") from None
 
     # write side
     def write(self, batch: Batch) -> None:
@@ -181,6 +193,20 @@ class MongoStore:
     def get_request(self, id_: str) -> Optional[RequestRecord]:
         doc = self.requests.find_one({"_id": id_})
         return self._request(doc) if doc else None
+
+    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
+        match: Doc = {"type": type_, "state": "ok"}
+        if since_s is not None:
+            since = iso(since_s)
+            match["$or"] = [{"issued_at": {"$gte": since}}, {"issued_at": None, "answered_at": {"$gte": since}}]
+        pipeline: List[Doc] = [{"$match": match}, {"$sort": {"agent_id": ASCENDING, "issued_at": DESCENDING}},
+                               {"$group": {"_id": "$agent_id", "doc": {"$first": "$$ROOT"}}}]
+        return {row["_id"]: self._request(row["doc"]) for row in self.requests.aggregate(pipeline)}
+
+    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
+        cursor = self.requests.find({"agent_id": agent_id}).sort(
+            [("issued_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        return [self._request(d) for d in cursor]
 
     def rejected(self, limit: int = 100) -> List[RejectedRecord]:
         cursor = self.rejected_c.find().sort([("received_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)

@@ -26,7 +26,7 @@ from .base import (
     response_state,
     retention_until,
     seen_at,
-    summarise,
+    summarise_counts,
 )
 
 SCHEMA = """
@@ -213,8 +213,16 @@ class SqliteStore:
                 in self._query(f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY agent_id")]
 
     def agent_stats(self, since_s: float) -> Dict[str, Stats]:
-        return summarise(self._query("SELECT agent_id, state, latency_ms FROM requests "
-                                     "WHERE COALESCE(issued_at, answered_at) >= ?", (iso(since_s),)))
+        # Counts are grouped in SQLite; only answered latencies come back, for the medians.
+        since = iso(since_s)
+        counts = self._query("SELECT agent_id, state, COUNT(*) FROM requests "
+                             "WHERE COALESCE(issued_at, answered_at) >= ? GROUP BY agent_id, state", (since,))
+        latencies: Dict[str, List[float]] = {}
+        for agent_id, latency in self._query("SELECT agent_id, latency_ms FROM requests WHERE "
+                                             "COALESCE(issued_at, answered_at) >= ? AND state IN ('ok', 'error') "
+                                             "AND latency_ms IS NOT NULL", (since,)):
+            latencies.setdefault(agent_id, []).append(latency)
+        return summarise_counts(counts, latencies)
 
     def history(self, agent_id: str, type_: str, limit: int = 100,
                 since_s: Optional[float] = None) -> List[RequestRecord]:
@@ -228,6 +236,26 @@ class SqliteStore:
     def get_request(self, id_: str) -> Optional[RequestRecord]:
         rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?", (id_,))
         return self._request(rows[0]) if rows else None
+
+    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
+        # One seek per agent down the history index, newest first, to its first ok row.
+        since = iso(since_s) if since_s is not None else ""
+        rows = self._query(
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id IN (SELECT (SELECT r.id FROM requests r "
+            "WHERE r.agent_id = a.agent_id AND r.type = ?1 AND COALESCE(r.issued_at, r.answered_at) >= ?2 "
+            "AND r.state = 'ok' ORDER BY COALESCE(r.issued_at, r.answered_at) DESC LIMIT 1) FROM agents a)",
+            (type_, since))
+        return {rec.agent_id: rec for rec in map(self._request, rows)}
+
+    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
+        # The agent's types by a skip-scan of the history index, then its newest of each type.
+        types = [t for (t,) in self._query(
+            "WITH RECURSIVE t(type) AS (SELECT MIN(type) FROM requests WHERE agent_id = ?1 UNION ALL "
+            "SELECT (SELECT MIN(type) FROM requests WHERE agent_id = ?1 AND type > t.type) FROM t "
+            "WHERE t.type IS NOT NULL) SELECT type FROM t WHERE type IS NOT NULL", (agent_id,))]
+        found = [rec for type_ in types for rec in self.history(agent_id, type_, limit)]
+        found.sort(key=lambda r: (r.issued_at or r.answered_at or "", r.id), reverse=True)
+        return found[:limit]
 
     def rejected(self, limit: int = 100) -> List[RejectedRecord]:
         return [RejectedRecord(*row) for row in self._query(

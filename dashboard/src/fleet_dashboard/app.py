@@ -1,0 +1,183 @@
+"""The dashboard's web application: pages rendered on the server (Jinja, autoescaped), each
+with a `?partial=1` form that the page's script fetches to refresh itself in place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import secrets
+import time
+from typing import Any, Callable, Dict, Optional
+
+from flask import Flask, abort, jsonify, redirect, render_template, request, session, url_for
+from werkzeug.wrappers.response import Response as HttpResponse
+
+from fleet_common.config import Config
+from fleet_common.errors import FleetError
+from fleet_common.messages import Response
+from fleet_common.timefmt import parse_iso
+from fleet_common.topics import check_agent_id
+from fleet_persister.stores import Store
+from fleetctl.request import NoAnswer, ask
+
+from .data import RANGES_S, SORT_KEYS, Fleet, FleetQuery
+from .operators import operators
+
+Asker = Callable[[Config, str, str, float], Response]
+log = logging.getLogger("fleet.dashboard")
+NONE = "\u2013"  # an en dash for "no value"
+
+
+def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
+    """The `fleetctl request` path."""
+    return ask(cfg, agent_id, type_, {}, timeout_s)
+
+
+def as_operator(cfg: Config) -> Config:
+    """The config to ask with: the MQTT user configured for the dashboard's operators, if any."""
+    d = cfg.dashboard
+    return cfg if d.mqtt_username is None else cfg.replace("mqtt", username=d.mqtt_username,
+                                                           password=d.mqtt_password)
+
+
+def ago(ts: Optional[str]) -> str:
+    if not ts:
+        return "never"
+    seconds = max(0.0, time.time() - parse_iso(ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
+
+
+def pct(value: Optional[float]) -> str:
+    return NONE if value is None else f"{value:.0f}%" if value >= 10 else f"{value:.1f}%"
+
+
+def ms(value: Optional[float]) -> str:
+    return NONE if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def size(value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return NONE
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return str(value)
+
+
+def create_app(cfg: Config, store: Store, asker: Asker = ask_via_mqtt) -> Flask:
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY=secrets.token_bytes(32), SESSION_COOKIE_HTTPONLY=True,
+                      SESSION_COOKIE_SAMESITE="Strict")
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # series lines keep their order (fullest disk first)
+    fleet = Fleet(store, cfg)
+    ops = operators(cfg.dashboard)
+    ask_cfg = as_operator(cfg)
+    app.jinja_env.filters.update(ago=ago, pct=pct, ms=ms, size=size,
+                                 tojson_pretty=lambda v: json.dumps(v, indent=2, ensure_ascii=False))
+    app.extensions["fleet"] = fleet
+
+    @app.context_processor
+    def common() -> Dict[str, Any]:
+        return {"refresh_s": cfg.dashboard.refresh_s, "ops": ops, "is_operator": ops.is_operator(),
+                "csrf": ops.csrf(), "store_kind": cfg.persister.store}
+
+    def partial() -> bool:
+        return request.args.get("partial") == "1"
+
+    @app.get("/")
+    def fleet_page() -> str:
+        page = fleet.page(FleetQuery.from_args(request.args))
+        return render_template("_fleet.html" if partial() else "fleet.html", page=page, sort_keys=SORT_KEYS,
+                               args=request.args)
+
+    @app.get("/api/fleet")
+    def fleet_json() -> Any:
+        page = fleet.page(FleetQuery.from_args(request.args))
+        return jsonify(counts=page.snapshot.counts, matched=page.matched, page=page.query.page, pages=page.pages,
+                       agents=[dataclasses.asdict(r) for r in page.rows])
+
+    def known_agent(agent_id: str) -> Any:
+        agent = fleet.agent(agent_id)
+        if agent is None:
+            abort(404, f"no agent {agent_id!r} is known to the store")
+        return agent
+
+    @app.get("/agent/<agent_id>")
+    def agent_page(agent_id: str) -> str:
+        agent = known_agent(agent_id)
+        range_key = request.args.get("range", "1h")
+        range_key = range_key if range_key in RANGES_S else "1h"
+        context = {"agent": agent, "os_info": fleet.newest(agent_id, "os_info"),
+                   "processes": fleet.newest(agent_id, "processes"), "recent": fleet.recent(agent_id),
+                   "ranges": RANGES_S, "range_key": range_key, "ask_types": sorted(agent.types or ["ping"])}
+        return render_template("_agent.html" if partial() else "agent.html", **context)
+
+    @app.get("/api/agent/<agent_id>/series")
+    def agent_series(agent_id: str) -> Any:
+        known_agent(agent_id)
+        range_s = RANGES_S.get(request.args.get("range", "1h"), 3600)
+        return jsonify(fleet.series(agent_id, range_s))
+
+    @app.post("/api/agent/<agent_id>/ask")
+    def ask_now(agent_id: str) -> Any:
+        if not ops.enabled:
+            return jsonify(error="asking is disabled: set dashboard.ask_enabled (and an operator token)"), 403
+        if not ops.may_ask():
+            return jsonify(error="only a signed-in operator may ask agents"), 403
+        type_ = str((request.get_json(silent=True) or {}).get("type") or request.form.get("type") or "")
+        try:
+            check_agent_id(agent_id)
+            started = time.monotonic()
+            res = asker(ask_cfg, agent_id, type_, cfg.dashboard.ask_timeout_s)
+        except NoAnswer as exc:
+            return jsonify(error=str(exc)), 504
+        except FleetError as exc:  # a bad agent id or type
+            return jsonify(error=str(exc)), 400
+        took_ms = (time.monotonic() - started) * 1000
+        log.info("operator asked %s for %s: %s in %.0f ms", agent_id, type_, res.status, took_ms)
+        return jsonify(answer=res.to_dict(), took_ms=round(took_ms, 1))
+
+    @app.get("/rejected")
+    def rejected_page() -> str:
+        return render_template("_rejected.html" if partial() else "rejected.html", rejected=fleet.rejected())
+
+    @app.route("/signin", methods=["GET", "POST"])
+    def sign_in() -> Any:
+        if not ops.enabled:
+            abort(404)
+        failed = False
+        if request.method == "POST":
+            if ops.sign_in(request.form.get("token", "")):
+                target = request.args.get("next", "")
+                return redirect(target if target.startswith("/") and not target.startswith("//") else url_for(
+                    "fleet_page"))
+            failed = True
+        return render_template("signin.html", failed=failed), 401 if failed else 200
+
+    @app.post("/signout")
+    def sign_out() -> HttpResponse:
+        session.clear()
+        return redirect(url_for("fleet_page"))
+
+    @app.get("/healthz")
+    def health() -> Any:
+        try:
+            store.rejected(limit=1)
+        except Exception as exc:  # the store is down: say so, for the health check
+            return jsonify(ok=False, error=f"{type(exc).__name__}: {exc}"), 503
+        return jsonify(ok=True, store=cfg.persister.store)
+
+    @app.after_request
+    def headers(resp: HttpResponse) -> HttpResponse:
+        resp.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
+                                "style-src 'self' 'unsafe-inline'")
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        resp.headers.setdefault("Referrer-Policy", "same-origin")
+        return resp
+
+    return app

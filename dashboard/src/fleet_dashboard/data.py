@@ -1,0 +1,283 @@
+"""What the pages show, read from the store: the fleet table (one snapshot shared by every
+viewer for a moment), one agent's series and latest answers, and the dead letters."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from fleet_common.config import Config
+from fleet_common.timefmt import parse_iso
+from fleet_persister.stores import AgentRecord, RequestRecord, Stats, Store
+
+STATES = ("online", "silent", "offline")
+SORT_KEYS = ("agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory", "disk")
+RANGES_S = {"15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800}
+MAX_POINTS = 10000
+
+
+@dataclass(frozen=True)
+class FleetRow:
+    agent_id: str
+    state: str
+    last_seen: str
+    hostname: Optional[str]
+    platform: Optional[str]
+    issued: int
+    answered: int
+    median_latency_ms: Optional[float]
+    cpu: Optional[float]
+    memory: Optional[float]
+    disk: Optional[float]
+    disk_mount: Optional[str]
+
+    @property
+    def answered_ratio(self) -> Optional[float]:
+        return self.answered / self.issued if self.issued else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    rows: List[FleetRow]
+    agents: Dict[str, AgentRecord]
+    counts: Dict[str, int]
+    taken_at: float
+    took_ms: float
+
+
+@dataclass(frozen=True)
+class FleetQuery:
+    """What the fleet page asks for: filter text, state, sort key and direction, page."""
+
+    q: str = ""
+    state: str = ""
+    sort: str = "agent_id"
+    desc: bool = False
+    page: int = 1
+    per_page: int = 100
+
+    @classmethod
+    def from_args(cls, args: Any) -> FleetQuery:
+        sort = args.get("sort", "agent_id")
+        state = args.get("state", "")
+        return cls(q=args.get("q", "").strip()[:100], state=state if state in STATES else "",
+                   sort=sort if sort in SORT_KEYS else "agent_id", desc=args.get("dir") == "desc",
+                   page=max(1, _int(args.get("page"), 1)), per_page=min(1000, max(10, _int(args.get("per"), 100))))
+
+
+@dataclass(frozen=True)
+class FleetPage:
+    rows: List[FleetRow]
+    matched: int
+    pages: int
+    query: FleetQuery
+    snapshot: Snapshot
+
+
+@dataclass
+class Series:
+    """Aligned columns for one chart: times (epoch seconds) and one list of values per line."""
+
+    t: List[float] = field(default_factory=list)
+    lines: Dict[str, List[Optional[float]]] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"t": self.t, "lines": self.lines}
+
+
+def _int(text: Optional[str], default: int) -> int:
+    try:
+        return int(text) if text is not None else default
+    except ValueError:
+        return default
+
+
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def cpu_percent(data: Optional[Dict[str, Any]]) -> Optional[float]:
+    return _number((data or {}).get("percent"))
+
+
+def memory_percent(data: Optional[Dict[str, Any]]) -> Optional[float]:
+    virtual = (data or {}).get("virtual")
+    return _number(virtual.get("percent")) if isinstance(virtual, dict) else None
+
+
+def fullest_disk(data: Optional[Dict[str, Any]]) -> Tuple[Optional[float], Optional[str]]:
+    parts = [p for p in (data or {}).get("partitions") or [] if isinstance(p, dict) and _number(p.get("percent"))
+             is not None]
+    if not parts:
+        return None, None
+    full = max(parts, key=lambda p: float(p["percent"]))
+    return float(full["percent"]), str(full.get("mountpoint") or full.get("device") or "?")
+
+
+def agent_state(agent: AgentRecord, now_s: float, silent_after_s: float) -> str:
+    """offline: its last status said so (clean stop or Last Will); silent: said online (or never said)
+    but nothing heard from it for silent_after_s; online otherwise."""
+    if agent.online is False:
+        return "offline"
+    return "silent" if now_s - parse_iso(agent.last_seen) > silent_after_s else "online"
+
+
+class Fleet:
+    """The dashboard's reads. The fleet snapshot is shared by every viewer: the first page waits
+    for it; after that a page older than `max_age_s` is served as it is while one background
+    thread reads a new one, so a page never waits on the store's reads of a large fleet."""
+
+    def __init__(self, store: Store, cfg: Config, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.cfg, self.clock = store, cfg, clock
+        self.max_age_s = max(0.5, cfg.dashboard.refresh_s / 2)
+        self._lock = threading.Lock()
+        self._snapshot: Optional[Snapshot] = None
+        self._rebuilding = threading.Lock()
+
+    def _current_since(self, type_: str) -> float:
+        """Answers older than three intervals of their type's schedule are not 'current'."""
+        interval = self.cfg.controller.schedule.get(type_, 300)
+        return self.clock() - 3 * max(interval, self.cfg.dashboard.silent_after_s / 3)
+
+    def snapshot(self) -> Snapshot:
+        snap = self._snapshot
+        if snap is None:
+            with self._lock:  # the first viewers wait for one read
+                if self._snapshot is None:
+                    self._snapshot = self._build()
+                return self._snapshot
+        if self.clock() - snap.taken_at >= self.max_age_s and self._rebuilding.acquire(blocking=False):
+            threading.Thread(target=self._rebuild, name="dashboard-snapshot", daemon=True).start()
+        return snap
+
+    def _rebuild(self) -> None:
+        try:
+            self._snapshot = self._build()
+        except Exception:  # a busy or restarting store: keep serving the last snapshot, try next time
+            logging.getLogger("fleet.dashboard").exception("cannot read the fleet from the store")
+        finally:
+            self._rebuilding.release()
+
+    def _build(self) -> Snapshot:
+        started = time.perf_counter()
+        now = self.clock()
+        agents = self.store.agents()
+        stats = self.store.agent_stats(now - self.cfg.dashboard.stats_window_s)
+        cpu, memory, disk = (self.store.latest(t, self._current_since(t)) for t in ("cpu", "memory", "disk"))
+        rows = []
+        for a in agents:
+            s = stats.get(a.agent_id) or Stats()
+            c, m, d = cpu.get(a.agent_id), memory.get(a.agent_id), disk.get(a.agent_id)
+            disk_pct, mount = fullest_disk(d.data if d else None)
+            rows.append(FleetRow(agent_id=a.agent_id, state=agent_state(a, now, self.cfg.dashboard.silent_after_s),
+                                 last_seen=a.last_seen, hostname=a.hostname, platform=a.platform, issued=s.issued,
+                                 answered=s.answered, median_latency_ms=s.median_latency_ms,
+                                 cpu=cpu_percent(c.data) if c else None,
+                                 memory=memory_percent(m.data) if m else None, disk=disk_pct, disk_mount=mount))
+        counts = {state: 0 for state in STATES}
+        for row in rows:
+            counts[row.state] += 1
+        return Snapshot(rows=rows, agents={a.agent_id: a for a in agents}, counts=counts, taken_at=now,
+                        took_ms=(time.perf_counter() - started) * 1000)
+
+    def page(self, query: FleetQuery) -> FleetPage:
+        snap = self.snapshot()
+        needle = query.q.lower()
+        rows = [r for r in snap.rows if (not query.state or r.state == query.state)
+                and (not needle or needle in r.agent_id.lower() or needle in (r.hostname or "").lower()
+                     or needle in (r.platform or "").lower())]
+        rows = sort_rows(rows, query.sort, query.desc)
+        pages = max(1, -(-len(rows) // query.per_page))
+        page = min(query.page, pages)
+        start = (page - 1) * query.per_page
+        return FleetPage(rows=rows[start:start + query.per_page], matched=len(rows), pages=pages,
+                         query=FleetQuery(query.q, query.state, query.sort, query.desc, page, query.per_page),
+                         snapshot=snap)
+
+    # one agent
+    def agent(self, agent_id: str) -> Optional[AgentRecord]:
+        found = self.snapshot().agents.get(agent_id)  # else it is newer than the snapshot
+        return found or next((a for a in self.store.agents() if a.agent_id == agent_id), None)
+
+    def newest(self, agent_id: str, type_: str) -> Optional[RequestRecord]:
+        return next((r for r in self.store.history(agent_id, type_, limit=20) if r.state == "ok"), None)
+
+    def recent(self, agent_id: str, limit: int = 20) -> List[RequestRecord]:
+        return self.store.recent_requests(agent_id, limit)
+
+    def series(self, agent_id: str, range_s: float) -> Dict[str, Dict[str, Any]]:
+        since = self.clock() - range_s
+
+        def answers(type_: str) -> List[RequestRecord]:
+            found = [r for r in self.store.history(agent_id, type_, limit=MAX_POINTS, since_s=since)
+                     if r.state == "ok" and r.data is not None]
+            return sorted(found, key=answer_time)
+
+        return {"cpu": percent_series(answers("cpu"), "cpu %", cpu_percent).to_dict(),
+                "memory": percent_series(answers("memory"), "memory %", memory_percent).to_dict(),
+                "disk": disk_series(answers("disk")).to_dict(),
+                "network": network_series(answers("network")).to_dict()}
+
+    def rejected(self, limit: int = 200) -> List[Any]:
+        return self.store.rejected(limit)
+
+
+def sort_rows(rows: Sequence[FleetRow], key: str, desc: bool) -> List[FleetRow]:
+    """Sorted by `key`; rows without a value go last whichever the direction."""
+    getters: Dict[str, Callable[[FleetRow], Any]] = {
+        "agent_id": lambda r: r.agent_id, "state": lambda r: STATES.index(r.state), "last_seen": lambda r: r.last_seen,
+        "answered": lambda r: r.answered_ratio, "latency": lambda r: r.median_latency_ms, "cpu": lambda r: r.cpu,
+        "memory": lambda r: r.memory, "disk": lambda r: r.disk}
+    get = getters[key]
+    present = [r for r in rows if get(r) is not None]
+    missing = [r for r in rows if get(r) is None]
+    present.sort(key=lambda r: (get(r), r.agent_id), reverse=desc)
+    return present + missing
+
+
+def answer_time(rec: RequestRecord) -> float:
+    return parse_iso(rec.answered_at or rec.issued_at or "1970-01-01T00:00:00Z")
+
+
+def percent_series(records: Sequence[RequestRecord], name: str,
+                   pick: Callable[[Optional[Dict[str, Any]]], Optional[float]]) -> Series:
+    return Series(t=[answer_time(r) for r in records], lines={name: [pick(r.data) for r in records]})
+
+
+def disk_series(records: Sequence[RequestRecord], max_lines: int = 6) -> Series:
+    """Used % per mount point, the fullest `max_lines` of the newest answer."""
+    newest = (records[-1].data or {}).get("partitions") or [] if records else []
+    mounts = [str(p.get("mountpoint")) for p in sorted(newest, key=lambda p: -(_number(p.get("percent")) or 0))
+              if isinstance(p, dict)][:max_lines]
+    lines: Dict[str, List[Optional[float]]] = {m: [] for m in mounts}
+    for r in records:
+        by_mount = {str(p.get("mountpoint")): _number(p.get("percent"))
+                    for p in (r.data or {}).get("partitions") or [] if isinstance(p, dict)}
+        for m in mounts:
+            lines[m].append(by_mount.get(m))
+    return Series(t=[answer_time(r) for r in records], lines=lines)
+
+
+def network_series(records: Sequence[RequestRecord]) -> Series:
+    """Bytes per second received and sent, all interfaces but loopback, from the counters' deltas
+    between consecutive answers (a counter that went backwards, as after a reboot, leaves a gap)."""
+    def totals(rec: RequestRecord) -> Tuple[float, float]:
+        nics = [n for n in (rec.data or {}).get("interfaces") or [] if isinstance(n, dict) and n.get("name") != "lo"]
+        return (sum(_number(n.get("bytes_recv")) or 0 for n in nics), sum(_number(n.get("bytes_sent")) or 0
+                                                                           for n in nics))
+
+    out = Series(lines={"received B/s": [], "sent B/s": []})
+    prev: Optional[Tuple[float, Tuple[float, float]]] = None
+    for rec in records:
+        at, now = answer_time(rec), totals(rec)
+        if prev is not None and at > prev[0]:
+            dt = at - prev[0]
+            rates = [(b - a) / dt if b >= a else None for a, b in zip(prev[1], now)]
+            out.t.append(at)
+            out.lines["received B/s"].append(rates[0])
+            out.lines["sent B/s"].append(rates[1])
+        prev = (at, now)
+    return out

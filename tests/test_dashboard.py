@@ -1,0 +1,232 @@
+"""The dashboard over a real SQLite store, through Flask's test client: what each page shows,
+sorting and filtering, the series behind the charts, and who may press "ask now"."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+from conftest import BIN, wait_for
+
+from fleet_common import Request, Response, Status, iso
+from fleet_common.cli import run_main
+from fleet_common.config import Config, ConfigError, load_config
+from fleet_dashboard.app import create_app
+from fleet_dashboard.data import network_series
+from fleet_persister.stores import Batch, Incoming, RejectedRecord, RequestRecord
+from fleet_persister.stores.sqlite import SqliteStore
+from fleetctl import cli
+from fleetctl.broker import free_port
+
+NOW = time.time()
+
+
+def answer(store: SqliteStore, agent: str, type_: str, data: Dict[str, Any], at: float, n: int) -> None:
+    rid = f"{agent}-{type_}-{n}"
+    store.write(Batch(requests=[Incoming(Request(id=rid, type=type_, issued_at=iso(at), expires_at=iso(at + 60)),
+                                         agent, iso(at))],
+                      responses=[Incoming(Response(id=rid, agent_id=agent, type=type_, status="ok", data=data,
+                                                   collected_at=iso(at + 0.02 * (n + 1))), agent, iso(at + 0.05))]))
+
+
+def hello(store: SqliteStore, agent: str, online: bool, at: float) -> None:
+    extra: Dict[str, Any] = {"hostname": f"{agent}.example", "platform": "Linux-6.1-x86_64", "agent_version": "0.1.0",
+                             "types": ["cpu", "disk", "memory", "network", "os_info", "ping", "processes"]}
+    store.write(Batch(statuses=[Incoming(Status(agent_id=agent, online=online, ts=iso(at), **extra), agent,
+                                         iso(at))]))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    s = SqliteStore(str(tmp_path / "fleet.db"))
+    for i, (agent, cpu) in enumerate((("web-01", 12.5), ("web-02", 87.0), ("db-01", 55.0))):
+        hello(s, agent, True, NOW - 30)
+        for n in range(3):
+            at = NOW - 300 + 60 * n
+            answer(s, agent, "cpu", {"percent": cpu + n}, at, n)
+            answer(s, agent, "memory", {"virtual": {"percent": 40.0 + i}, "swap": {"percent": 0}}, at, n)
+            answer(s, agent, "network", {"interfaces": [
+                {"name": "lo", "bytes_recv": 10 ** 9 * n, "bytes_sent": 10 ** 9 * n},
+                {"name": "eth0", "bytes_recv": 6000 * n, "bytes_sent": 1200 * n}]}, at, n)
+        answer(s, agent, "disk", {"partitions": [
+            {"device": "/dev/sda1", "mountpoint": "/", "fstype": "ext4", "percent": 30.0 + i},
+            {"device": "/dev/sdb1", "mountpoint": "/var", "fstype": "ext4", "percent": 70.0 + 10 * i}]}, NOW - 100, 0)
+    answer(s, "web-01", "os_info", {"hostname": "web-01", "os": "Linux", "release": "6.1.0", "version": "#1 SMP",
+                                    "arch": "x86_64", "cpu_count": 4, "users": [{"name": "ops"}]}, NOW - 50, 0)
+    answer(s, "web-01", "processes", {"processes": [
+        {"pid": 1, "ppid": 0, "name": "systemd", "username": "root", "status": "sleeping", "cpu_percent": 0.1,
+         "rss": 12 * 2 ** 20},
+        {"pid": 4242, "ppid": 1, "name": "<b>nginx</b>", "username": "www-data", "status": "running",
+         "cpu_percent": 7.5, "rss": 80 * 2 ** 20}]}, NOW - 40, 0)
+    hello(s, "gone-01", False, NOW - 3600)
+    hello(s, "quiet-01", True, NOW - 3600)
+    s.write(Batch(rejected=[RejectedRecord(id="x1", received_at=iso(NOW - 5), topic="fleet/web-01/res/cpu",
+                                           reason="bad_json", payload="<script>alert(1)</script>")]))
+    yield s
+    s.close()
+
+
+def config(tmp_path: Path, **dashboard: Any) -> Config:
+    return load_config(None, env={"FLEET_PERSISTER_SQLITE_PATH": str(tmp_path / "fleet.db")}).replace(
+        "dashboard", **dashboard)
+
+
+class FakeAsker:
+    def __init__(self) -> None:
+        self.asked: List[tuple] = []
+
+    def __call__(self, cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
+        self.asked.append((agent_id, type_, cfg.mqtt.username))
+        return Response(id="fresh-1", agent_id=agent_id, type=type_, status="ok", data={"percent": 1.0},
+                        collected_at=iso(time.time()))
+
+
+def client(tmp_path: Path, store: SqliteStore, asker: Optional[FakeAsker] = None, **dashboard: Any) -> Any:
+    return create_app(config(tmp_path, **dashboard), store, asker or FakeAsker()).test_client()
+
+
+def agent_order(html: str) -> List[str]:
+    return re.findall(r'<tr class="agent-row" data-agent="([^"]+)"', html)
+
+
+def test_fleet_page_lists_agents_with_state_counts_and_readings(tmp_path, store) -> None:
+    """The fleet page lists every agent with its state, answered ratio, latency and its current CPU,
+    memory and fullest disk, and counts online, silent and offline agents."""
+    html = client(tmp_path, store).get("/").get_data(as_text=True)
+    assert sorted(agent_order(html)) == ["db-01", "gone-01", "quiet-01", "web-01", "web-02"]
+    assert re.search(r'id="count-online">3<', html) and re.search(r'id="count-silent">1<', html)
+    assert re.search(r'id="count-offline">1<', html)
+    row = re.search(r'data-agent="web-02">(.*?)</tr>', html, re.S).group(1)
+    assert "89%" in row and "41%" in row and "80%" in row and "/var" in row and "10/10" in row
+    assert 'class="pill silent"' in re.search(r'data-agent="quiet-01">(.*?)</tr>', html, re.S).group(1)
+
+
+def test_fleet_sorts_filters_and_pages_on_the_server(tmp_path, store) -> None:
+    """Sort by CPU (agents without a reading last), filter by text and by state, and page; the
+    partial form is the table alone, for the page's live refresh."""
+    c = client(tmp_path, store)
+    assert agent_order(c.get("/?sort=cpu&dir=desc").get_data(as_text=True))[:3] == ["web-02", "db-01", "web-01"]
+    assert agent_order(c.get("/?sort=cpu&dir=asc").get_data(as_text=True))[:3] == ["web-01", "db-01", "web-02"]
+    assert agent_order(c.get("/?q=WEB").get_data(as_text=True)) == ["web-01", "web-02"]
+    assert agent_order(c.get("/?state=offline").get_data(as_text=True)) == ["gone-01"]
+    paged = c.get("/api/fleet?per=10&state=online&sort=agent_id&page=2").get_json()
+    assert paged["counts"] == {"online": 3, "silent": 1, "offline": 1} and paged["matched"] == 3
+    assert paged["page"] == 1 and [a["agent_id"] for a in paged["agents"]] == ["db-01", "web-01", "web-02"]
+    part = c.get("/?partial=1&sort=agent_id").get_data(as_text=True)
+    assert "<html" not in part and agent_order(part)[0] == "db-01"
+
+
+def test_agent_page_shows_os_processes_recent_requests_and_escapes(tmp_path, store) -> None:
+    """The agent page shows OS info, the latest process list and recent requests with state and
+    latency; text from hosts is escaped."""
+    html = client(tmp_path, store).get("/agent/web-01").get_data(as_text=True)
+    assert "Linux 6.1.0" in html and "4 CPUs" in html and "ops" in html
+    assert "&lt;b&gt;nginx&lt;/b&gt;" in html and "<b>nginx</b>" not in html and "80.0 MiB" in html
+    recent = re.search(r'id="recent-requests">(.*?)</table>', html, re.S).group(1)
+    assert recent.count('class="pill ok"') >= 10 and " ms" in recent
+    assert 'id="chart-cpu"' in html and "uPlot.iife.min.js" in html
+    assert client(tmp_path, store).get("/agent/nobody").status_code == 404
+
+
+def test_series_feed_the_charts(tmp_path, store) -> None:
+    """The series endpoint gives time-ordered CPU and memory percentages, disk use per mount point
+    (fullest first) and network throughput from counter deltas, loopback excluded."""
+    doc = client(tmp_path, store).get("/api/agent/web-02/series?range=1h").get_json()
+    assert doc["cpu"]["lines"]["cpu %"] == [87.0, 88.0, 89.0] and doc["cpu"]["t"] == sorted(doc["cpu"]["t"])
+    assert doc["memory"]["lines"]["memory %"] == [41.0, 41.0, 41.0]
+    assert list(doc["disk"]["lines"]) == ["/var", "/"] and doc["disk"]["lines"]["/var"] == [80.0]
+    rates = doc["network"]["lines"]
+    assert len(doc["network"]["t"]) == 2 and rates["received B/s"][0] == pytest.approx(100, rel=0.01)
+    assert rates["sent B/s"][0] == pytest.approx(20, rel=0.01)
+    assert client(tmp_path, store).get("/api/agent/web-02/series?range=15m").get_json()["disk"]["t"]
+
+
+def test_network_counter_reset_leaves_a_gap() -> None:
+    """A counter that goes backwards (a reboot) gives no rate for that step rather than a negative one."""
+    def rec(at: float, recv: int) -> RequestRecord:
+        return RequestRecord(id=str(at), agent_id="a", type="network", params=None, issued_at=iso(at), expires_at=None,
+                             state="ok", answered_at=iso(at), latency_ms=1.0, error=None, expire_at=None,
+                             data={"interfaces": [{"name": "eth0", "bytes_recv": recv, "bytes_sent": 0}]})
+    s = network_series([rec(NOW, 1000), rec(NOW + 10, 2000), rec(NOW + 20, 500)])
+    assert s.lines["received B/s"] == [pytest.approx(100.0), None]
+
+
+def test_rejected_page_lists_dead_letters_escaped(tmp_path, store) -> None:
+    """The rejected page shows each dead letter's reason, topic and payload, escaped."""
+    html = client(tmp_path, store).get("/rejected").get_data(as_text=True)
+    assert "bad_json" in html and "fleet/web-01/res/cpu" in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script>alert" not in html
+
+
+def test_read_only_by_default(tmp_path, store) -> None:
+    """With ask_enabled false there is no ask button, no sign-in, and asking is refused."""
+    asker = FakeAsker()
+    c = client(tmp_path, store, asker)
+    assert 'id="ask"' not in c.get("/agent/web-01").get_data(as_text=True)
+    assert c.get("/signin").status_code == 404
+    assert c.post("/api/agent/web-01/ask", json={"type": "cpu"}).status_code == 403
+    assert asker.asked == []
+
+
+def test_only_signed_in_operators_may_ask(tmp_path, store) -> None:
+    """With asking enabled, the button shows only after signing in with the operator token; an ask
+    needs the session's CSRF token (or the bearer token) and goes out as the operator MQTT user."""
+    asker = FakeAsker()
+    c = client(tmp_path, store, asker, ask_enabled=True, operator_token="s3cret-token", mqtt_username="ops-1")
+    assert 'id="ask"' not in c.get("/agent/web-01").get_data(as_text=True)
+    assert c.post("/api/agent/web-01/ask", json={"type": "cpu"}).status_code == 403
+    assert c.post("/signin", data={"token": "wrong"}).status_code == 401
+    signed = c.post("/signin?next=/agent/web-01", data={"token": "s3cret-token"})
+    assert signed.status_code == 302 and signed.headers["Location"].endswith("/agent/web-01")
+    assert "SameSite=Strict" in signed.headers["Set-Cookie"] and "HttpOnly" in signed.headers["Set-Cookie"]
+    html = c.get("/agent/web-01").get_data(as_text=True)
+    assert 'id="ask-button"' in html
+    csrf = re.search(r'data-csrf="([^"]+)"', html).group(1)
+    assert c.post("/api/agent/web-01/ask", json={"type": "cpu"}).status_code == 403  # no CSRF token
+    done = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"X-CSRF-Token": csrf})
+    assert done.status_code == 200 and done.get_json()["answer"]["id"] == "fresh-1"
+    bearer = client(tmp_path, store, asker, ask_enabled=True, operator_token="s3cret-token").post(
+        "/api/agent/web-02/ask", json={"type": "memory"}, headers={"Authorization": "Bearer s3cret-token"})
+    assert bearer.status_code == 200
+    assert asker.asked == [("web-01", "cpu", "ops-1"), ("web-02", "memory", None)]
+
+
+def test_ask_enabled_needs_an_operator_token(tmp_path) -> None:
+    """Turning asking on without an operator token stops start-up, naming the key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"FLEET_DASHBOARD_ASK_ENABLED": "true"})
+    assert "dashboard.operator_token" in str(info.value)
+    cfg = load_config(None, env={"FLEET_DASHBOARD_ASK_ENABLED": "true", "FLEET_DASHBOARD_OPERATOR_TOKEN": "0123"})
+    assert cfg.dashboard.operator_token == "0123"
+
+
+def test_fleetctl_dashboard_without_the_package_says_how_to_install(tmp_path, monkeypatch, capsys) -> None:
+    """`fleetctl dashboard` where fleet-dashboard is not installed ends with one plain line saying how."""
+    monkeypatch.setitem(sys.modules, "fleet_dashboard.cli", None)  # what an absent package looks like
+    monkeypatch.chdir(tmp_path)
+    assert run_main("fleetctl", cli.main, ["dashboard"]) == 2
+    assert "pip install ./dashboard" in capsys.readouterr().err
+
+
+def test_fleet_dashboard_serves_and_its_check_follows_it(tmp_path, store, procs) -> None:
+    """fleet-dashboard serves the fleet page over HTTP, and --check exits 0 while it runs, 1 otherwise."""
+    port = free_port()
+    env = {"FLEET_PERSISTER_SQLITE_PATH": str(tmp_path / "fleet.db"), "FLEET_DASHBOARD_PORT": str(port)}
+
+    def check() -> int:
+        return subprocess.run([str(BIN / "fleet-dashboard"), "--check"], env={**env, "PATH": ""},
+                              capture_output=True, timeout=30).returncode
+
+    assert check() == 1
+    procs.start("dashboard", "fleetctl", "dashboard", "--port", str(port), env=env)
+    wait_for(lambda: check() == 0, 20, what="the dashboard to answer /healthz")
+    html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read().decode()
+    assert "web-01" in html and "gone-01" in html
+    assert procs.stop("dashboard") == 0
+    assert check() == 1
