@@ -109,8 +109,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", default=",".join(STAGES), help=f"comma-separated stages of {', '.join(STAGES)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     p.add_argument("--profile", action="store_true", help="py-spy the fleet stage's processes")
-    p.add_argument("--broker-persistence", action="store_true",
-                   help="keep dev.conf's `persistence true` (slow on Mosquitto 2.0.11; see docs/sizing.md)")
+    p.add_argument("--broker-save-every-change", action="store_true",
+                   help="run the broker as dev.conf ships (persistence saved after every change; slow at scale)")
     p.add_argument("--run-dir", default=None, help="logs, configs and databases (default data/bench/<time>)")
     args = p.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
@@ -120,9 +120,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     sizes = TINY if args.tiny else Sizes()
     run_dir = Path(args.run_dir or ROOT / "data" / "bench" / time.strftime("%Y%m%d-%H%M%S"))
     results: Dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "run_dir": str(run_dir),
-                               "broker_persistence": args.broker_persistence}
+                               "broker_save_every_change": args.broker_save_every_change}
     print("machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), flush=True)
-    b = Bench(run_dir).start(persistence=args.broker_persistence)
+    b = Bench(run_dir).start(save_every_change=args.broker_save_every_change)
     failed = False
     try:
         for name in STAGES:
