@@ -98,6 +98,8 @@ def test_response_round_trip() -> None:
     (b'{"id":"x","status":"error","error":{"code":"oops"}}', "bad_error"),
     (b'{"id":"bad id!","status":"ok","data":{}}', "bad_id"),
     (b'{"v":2,"id":"x","status":"ok","data":{}}', "bad_version"),
+    (b'{"id":"x","status":"ok","data":{"load":NaN}}', "bad_number"),
+    (b'{"id":"x","status":"ok","data":{"load":[1,-Infinity]}}', "bad_number"),
     (b'{"id":"x","status":"ok","data":' + b'[' * 40 + b']' * 40 + b'}', "too_deep"),
     (b'{"id":"x","status":"ok","data":' + b'[' * 100000 + b']' * 100000 + b'}', "too_deep"),
 ])

@@ -39,7 +39,7 @@ def decode_object(payload: bytes) -> JsonObject:
     except UnicodeDecodeError as exc:
         raise ContractError("not_utf8", str(exc)) from None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constants)
     except RecursionError:
         raise ContractError("too_deep", f"nesting deeper than {MAX_DEPTH}") from None
     except ValueError as exc:
@@ -51,19 +51,32 @@ def decode_object(payload: bytes) -> JsonObject:
 
 
 def check_document(value: Any, depth: int = 0) -> None:
-    """Reject nesting deeper than MAX_DEPTH and keys that break document stores ($x, a.b)."""
+    """Reject nesting deeper than MAX_DEPTH, NaN, and keys that break document stores ($x, a.b).
+
+    Only containers recurse; scalars are checked in the loop. This runs on every message the
+    persister takes, and a processes answer holds thousands of scalars."""
     if depth > MAX_DEPTH:
         raise ContractError("too_deep", f"nesting deeper than {MAX_DEPTH}")
     if isinstance(value, dict):
-        for key, item in value.items():
-            if key.startswith("$") or "." in key or "\x00" in key:
+        for key in value:
+            if key[:1] == "$" or "." in key or "\x00" in key:
                 raise ContractError("bad_key", f"key {key[:60]!r} starts with '$' or contains '.'")
-            check_document(item, depth + 1)
+        items: Any = value.values()
     elif isinstance(value, list):
-        for item in value:
+        items = value
+    else:
+        if isinstance(value, float) and value != value:
+            raise ContractError("bad_number", "NaN is not JSON")
+        return
+    for item in items:
+        if isinstance(item, (dict, list)):
             check_document(item, depth + 1)
-    elif isinstance(value, float) and value != value:
-        raise ContractError("bad_number", "NaN is not JSON")
+        elif item.__class__ is float and item != item:
+            raise ContractError("bad_number", "NaN is not JSON")
+
+
+def _no_constants(name: str) -> Any:
+    raise ContractError("bad_number", f"{name} is not JSON")
 
 
 def _version(obj: JsonObject) -> int:
