@@ -166,7 +166,7 @@ class Bench:
             # 2,000 msg/s here (README, "Sizing"); --broker-save-every-change measures that.
             template = self.run_dir / "bench.conf"
             text = re.sub(r"(?m)^autosave_on_changes\s+true\s*\n", "", DEV_CONF.read_text(encoding="utf-8"))
-            template.write_text(re.sub(r"(?m)^autosave_interval\s+\d+", "autosave_interval 60", text))
+            template.write_text(re.sub(r"(?m)^autosave_interval\s+\d+", "autosave_interval 10", text))
         self.broker = EmbeddedBroker(template, free_port(), self.run_dir / "broker",
                                      log=open(self.run_dir / "mosquitto.log", "ab"))
         self.broker.start()

@@ -19,7 +19,7 @@ from helpers import loads, rows
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_common import Request, Response, Status, Topics, iso, new_id
-from fleetctl.broker import EmbeddedBroker
+from fleetctl.broker import EmbeddedBroker, free_port
 
 AGENT = "web-01"
 
@@ -209,5 +209,32 @@ def test_locked_database_loses_nothing(start_persister: Callable[..., Any], proc
         blocker.execute("ROLLBACK")
         blocker.close()
     wait_for(lambda: one(db, rid), what="the request stored after the lock is released")
+    # the recovery line follows the commit, so the row can be visible a moment before it
+    wait_for(lambda: "store write succeeded again" in procs.log("persister"), what="the recovery logged")
     assert procs.log("persister").count("store write failed") == 1, "logged once, not per retry"
-    assert "store write succeeded again" in procs.log("persister")
+
+
+@pytest.mark.slow
+def test_unreachable_mongodb_at_start_is_retried_with_backoff(procs: Procs, write_config: Callable[..., Path]) -> None:
+    """MongoDB not answering at start-up (nothing on the port): the persister logs one line per attempt
+    naming the URI and the next delay, does not connect to the broker meanwhile, and SIGTERM ends it with
+    exit 0 and no traceback."""
+    port = free_port()  # nothing listens there
+    config = write_config(persister={"store": "mongodb", "mongodb_uri": f"mongodb://127.0.0.1:{port}/"})
+    procs.start("persister", "fleet-persister", "--config", str(config))
+    wait_for(lambda: "retrying in" in procs.log("persister"), 30, what="the first failed attempt logged")
+    assert procs.procs["persister"].poll() is None, "it must wait for the store, not exit"
+    assert procs.stop("persister", signal.SIGTERM, timeout_s=10) == 0
+    text = procs.log("persister")
+    assert f"cannot reach MongoDB at mongodb://127.0.0.1:{port}/" in text and "(attempt 1)" in text
+    assert "stopped before the store was reachable" in text
+    assert "Traceback" not in text and "connected to broker" not in text
+
+
+def test_bad_mongodb_uri_is_one_line_exit_2(write_config: Callable[..., Path]) -> None:
+    """A MongoDB URI that can never work is a configuration error: one line naming the key, exit 2."""
+    config = write_config(persister={"store": "mongodb", "mongodb_uri": "mongodb://user:pw@host:notaport/"})
+    done = subprocess.run([str(BIN / "fleet-persister"), "--config", str(config)], capture_output=True, timeout=30)
+    assert done.returncode == 2
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "persister.mongodb_uri" in lines[0] and "pw" not in lines[0], lines

@@ -158,12 +158,12 @@ class Requester:
 
 
 class Proxy:
-    """A TCP proxy in front of the broker for one client. Modes: `pass`; `drop_publish`
+    """A TCP proxy in front of the broker (or any TCP server: `host`) for one client. Modes: `pass`; `drop_publish`
     (the client's PUBLISH packets vanish, everything else flows: its answers are lost on
     the wire while it believes it is connected); `refuse` (no connection at all)."""
 
-    def __init__(self, broker_port: int) -> None:
-        self.broker_port, self.mode = broker_port, "pass"
+    def __init__(self, broker_port: int, host: str = "127.0.0.1") -> None:
+        self.host, self.broker_port, self.mode = host, broker_port, "pass"
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -200,7 +200,7 @@ class Proxy:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+                upstream = socket.create_connection((self.host, self.broker_port))
             except OSError:
                 client.close()
                 continue

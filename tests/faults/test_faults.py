@@ -6,6 +6,7 @@ Outages of 60 s in the issue are shortened here to a few seconds; the property i
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import time
@@ -72,6 +73,34 @@ def test_1_persister_sigkill_mid_batch_loses_and_doubles_nothing(tmp_path: Path,
     produced = loads[0].finish()
     assert len(produced) > 1000
     assert_exactly_stored(db, produced)
+
+
+def test_1b_persister_sigkill_with_a_received_uncommitted_batch_loses_nothing(
+        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: List[Load]) -> None:
+    """Deterministic case 1: with the SQLite file locked, the persister has received a batch it cannot
+    commit; SIGKILLed then, it had acknowledged none of it, so the broker redelivers it all to the
+    restarted persister and every produced pair is stored exactly once."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    cfg = write_config(tmp_path, "persister", fbroker.port, prefix)
+    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, fbroker.port, prefix))
+    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
+    locker = sqlite3.connect(str(db), timeout=30, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        wait_for(lambda: "store write failed" in procs.log("persister"), 20, 0.05,
+                 what="the persister holding a batch it cannot commit")
+        procs.stop("persister", signal.SIGKILL)
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    # received (logged as queued) after the last commit: held, unacknowledged, when it died
+    held = procs.log("persister").rsplit("committed a batch", 1)[1].count("queued message")
+    assert held > 100, f"only {held} messages were received and uncommitted at the kill"
+    procs.start("persister2", "fleet-persister", "--config", str(cfg))
+    run_for(2)
+    assert_exactly_stored(db, loads[0].finish())
 
 
 def stored_pairs_now(db: Path) -> List[dict]:
@@ -143,6 +172,54 @@ def test_5_store_locked_persister_stops_acknowledging_and_loses_nothing(
     assert_exactly_stored(db, produced)
     assert "store write failed" in procs.log("persister")
     assert procs.procs["persister"].poll() is None
+
+
+MONGODB_URI = os.environ.get("FLEET_TEST_MONGODB_URI")
+
+
+def test_5_mongodb_unreachable_through_proxy_loses_nothing(tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs,
+                                                          loads: List[Load]) -> None:
+    """With the persister's link to MongoDB cut for 8 s (TCP proxy) under load, it acknowledges
+    nothing, the broker queues, and once the link is back every produced pair is stored once."""
+    if not MONGODB_URI:
+        pytest.skip("no MongoDB server: set FLEET_TEST_MONGODB_URI (e.g. mongodb://localhost:27017) to run this")
+    from pymongo import MongoClient, uri_parser
+
+    host, port = uri_parser.parse_uri(MONGODB_URI)["nodelist"][0]
+    prefix = new_prefix()
+    database = f"fleettest_{prefix}"
+    proxy = Proxy(port, host)
+    direct: MongoClient = MongoClient(MONGODB_URI, serverSelectionTimeoutMS=5000)
+    requests = direct[database]["requests"]
+
+    def pairs() -> set:
+        return {d["_id"] for d in requests.find({"_id": {"$regex": "^ld"}, "state": "ok",
+                                                 "issued_at": {"$ne": None}}, {"_id": 1})}
+
+    try:
+        # directConnection: a replica-set member must not send the client around the proxy
+        uri = f"mongodb://127.0.0.1:{proxy.port}/?directConnection=true"
+        cfg = write_config(tmp_path, "persister", fbroker.port, prefix,
+                           persister={"store": "mongodb", "mongodb_uri": uri, "mongodb_database": database})
+        procs.start("persister", "fleet-persister", "--config", str(cfg))
+        wait_persister_ready(procs, "persister")
+        loads.append(Load(tmp_path, fbroker.port, prefix))
+        wait_for(lambda: len(pairs()) > 300, 30, what="the load being stored in MongoDB")
+        proxy.set_mode("refuse")
+        run_for(8)
+        proxy.set_mode("pass")
+        run_for(2)
+        produced = loads[0].finish()
+        wait_for(lambda: pairs() >= produced, 90, 0.5, what="every produced pair stored in MongoDB")
+        assert pairs() == produced
+        assert requests.count_documents({"_id": {"$regex": "^ld"}}) == len(produced)
+        assert direct[database]["rejected"].count_documents({}) == 0
+        assert "store write failed" in procs.log("persister")
+        assert procs.procs["persister"].poll() is None
+    finally:
+        proxy.close()
+        direct.drop_database(database)
+        direct.close()
 
 
 def test_7_duplicates_two_persisters_and_redelivery_leave_one_record(

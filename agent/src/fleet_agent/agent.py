@@ -29,7 +29,15 @@ import paho.mqtt.client as mqtt
 from fleet_common.config import Config
 from fleet_common.errors import ContractError
 from fleet_common.link import Link, publish_properties
-from fleet_common.messages import Request, Response, Status, check_document, dumps, parse_request
+from fleet_common.messages import (
+    MAX_PAYLOAD_BYTES,
+    Request,
+    Response,
+    Status,
+    check_document,
+    dumps,
+    parse_request,
+)
 from fleet_common.timefmt import is_valid_id
 from fleet_common.topics import Topics, check_agent_id, sanitise_agent_id
 
@@ -347,6 +355,13 @@ class Agent:
         if not job.claim():
             return False
         payload = response.payload()
+        if len(payload) > MAX_PAYLOAD_BYTES:
+            # the broker disconnects a client that publishes more than its message_size_limit, and
+            # the outbox would resend it after every reconnect: answer with the reason instead
+            response = Response.fail(response.id, self.id, response.type, "collector_failed",
+                                     f"answer of {len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES}-byte "
+                                     "message limit", duration_ms=response.duration_ms)
+            payload = response.payload()
         with self._send_lock:
             seq = self.outbox.put(job.reply_to, payload, job.correlation)
             if self.link.connected.is_set():  # else it waits in the outbox, not in paho's memory

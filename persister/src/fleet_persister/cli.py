@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import List, Optional
 
@@ -11,7 +12,7 @@ from fleet_common.metrics import serve_metrics
 
 from .metrics import MeasuredStore, problems, register, snapshot
 from .persister import Persister
-from .stores import open_store
+from .stores import open_store_waiting
 
 PROG = "fleet-persister"
 
@@ -25,7 +26,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.check:
         return run_check(cfg.persister.heartbeat_path, PROG)
     stop = stop_event()
-    store = MeasuredStore(open_store(cfg.persister))  # StoreError: one line saying what to check, exit 2
+    # unreachable server: retried with backoff; StoreError (bad path, URI, credentials): one line, exit 2
+    opened = open_store_waiting(cfg.persister, stop)
+    if opened is None:
+        logging.getLogger("fleet.persister").info("stopped before the store was reachable")
+        return 0
+    store = MeasuredStore(opened)
     persister = Persister(cfg, store)
     metrics = serve_metrics("persister", cfg.persister, register(persister, store))
     try:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+import logging
+import threading
+from typing import Callable, Dict, Optional
 
 from fleet_common.config import PersisterConfig
+from fleet_common.link import Backoff
 
 from .base import (
     AgentRecord,
@@ -15,7 +18,10 @@ from .base import (
     Stats,
     Store,
     StoreError,
+    StoreUnreachable,
 )
+
+log = logging.getLogger("fleet.persister")
 
 
 def _sqlite(cfg: PersisterConfig) -> Store:
@@ -42,5 +48,28 @@ def open_store(cfg: PersisterConfig) -> Store:
     return factory(cfg)
 
 
+def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
+                       backoff: Optional[Backoff] = None) -> Optional[Store]:
+    """open_store, retrying with backoff (1 s doubling to 30 s) while the store's server is
+    unreachable, as the link does for the broker; None if `stop` is set first. A store that
+    can never work (bad path, bad URI, failed authentication) raises StoreError at once."""
+    backoff = backoff or Backoff(1.0, 30.0)
+    attempts = 0
+    while True:
+        try:
+            store = open_store(cfg)
+        except StoreUnreachable as exc:
+            attempts += 1
+            delay = backoff.next()
+            log.error("%s; retrying in %.1f s (attempt %d), not connecting to the broker meanwhile",
+                      exc, delay, attempts)
+            if stop.wait(delay):
+                return None
+            continue
+        if attempts:
+            log.info("store %s reachable after %d failed attempts", cfg.store, attempts)
+        return store
+
+
 __all__ = ["STORES", "AgentRecord", "Batch", "Incoming", "RejectedRecord", "RequestRecord", "Stats", "Store",
-           "StoreError", "open_store"]
+           "StoreError", "StoreUnreachable", "open_store", "open_store_waiting"]

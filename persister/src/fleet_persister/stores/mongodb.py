@@ -82,9 +82,9 @@ class MongoStore:
         try:
             client: MongoClient[Doc] = MongoClient(uri, serverSelectionTimeoutMS=int(timeout_s * 1000),
                                                    connect=True)
-        except PyMongoError as exc:
+        except (PyMongoError, ValueError, TypeError) as exc:  # pymongo raises ValueError for some bad URIs
             raise StoreError(f"persister.mongodb_uri {redact(uri)!r} is not usable ({type(exc).__name__}: "
-                             f"{str(exc)[:200]})") from None
+                             f"{redact(str(exc))[:200]})") from None
         try:
             client.admin.command("ping")
             return cls(client, retention_s, database)
