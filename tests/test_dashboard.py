@@ -44,6 +44,10 @@ def hello(store: SqliteStore, agent: str, online: bool, at: float) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    # "now" per test: readings count as current only for a few intervals, and a long suite
+    # would otherwise age a clock read at import past that
+    global NOW
+    NOW = time.time()
     s = SqliteStore(str(tmp_path / "fleet.db"))
     for i, (agent, cpu) in enumerate((("web-01", 12.5), ("web-02", 87.0), ("db-01", 55.0))):
         hello(s, agent, True, NOW - 30)

@@ -88,6 +88,7 @@ class PersisterConfig:
     batch_size: int = 500
     batch_wait_s: float = 0.2
     receive_maximum: int = 1000
+    shared_subscription: bool = True
     session_expiry_s: int = 604800
     client_id: Optional[str] = None
     expire_grace_s: float = 5.0

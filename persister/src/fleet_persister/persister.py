@@ -104,8 +104,12 @@ class Persister:
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
         self._generation += 1
         qos1 = SubscribeOptions(qos=1)
-        client.subscribe([(Topics.shared(self.topics.all_requests()), qos1),
-                          (Topics.shared(self.topics.all_responses()), qos1),
+        # Shared, so several persisters split the load; plain when configured, because
+        # Mosquitto 2.0 does not restore shared subscriptions from its persistence file
+        # (see README, "Reliability").
+        share = Topics.shared if self.pcfg.shared_subscription else (lambda topic_filter: topic_filter)
+        client.subscribe([(share(self.topics.all_requests()), qos1),
+                          (share(self.topics.all_responses()), qos1),
                           # retained status is delivered only on a plain subscription
                           (self.topics.all_status(), qos1)])
 
