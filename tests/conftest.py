@@ -58,27 +58,32 @@ def prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
+def config_file(tmp_path: Path, name: str, port: int, prefix: str, **sections: Dict[str, Any]) -> Path:
+    """A config file for a test broker on `port`: every path under tmp_path, quick timings, debug logs."""
+    data: Dict[str, Any] = {
+        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix,
+                 "reconnect_min_s": 0.2, "reconnect_max_s": 2},
+        "persister": {"sqlite_path": str(tmp_path / "fleet.db"), "batch_wait_s": 0.05,
+                      "sweep_interval_s": 0.5, "expire_grace_s": 0.5,
+                      "heartbeat_path": str(tmp_path / f"{name}-persister.heartbeat.json")},
+        "controller": {"heartbeat_path": str(tmp_path / f"{name}-controller.heartbeat.json")},
+        "agent": {"outbox_path": str(tmp_path / f"{name}-outbox.db"),
+                  "heartbeat_path": str(tmp_path / f"{name}-agent.heartbeat.json")},
+        "log": {"level": "debug"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
 def write_config(tmp_path: Path, broker: EmbeddedBroker, prefix: str) -> Callable[..., Path]:
     """write_config(name, agent={...}, ...) -> path of a config file for this test's broker."""
 
     def write(name: str = "config", **sections: Dict[str, Any]) -> Path:
-        data: Dict[str, Any] = {
-            "mqtt": {"host": "127.0.0.1", "port": broker.port, "topic_prefix": prefix,
-                     "reconnect_min_s": 0.2, "reconnect_max_s": 2},
-            "persister": {"sqlite_path": str(tmp_path / "fleet.db"), "batch_wait_s": 0.05,
-                          "sweep_interval_s": 0.5, "expire_grace_s": 0.5,
-                          "heartbeat_path": str(tmp_path / f"{name}-persister.heartbeat.json")},
-            "controller": {"heartbeat_path": str(tmp_path / f"{name}-controller.heartbeat.json")},
-            "agent": {"outbox_path": str(tmp_path / f"{name}-outbox.db"),
-                      "heartbeat_path": str(tmp_path / f"{name}-agent.heartbeat.json")},
-            "log": {"level": "debug"},
-        }
-        for section, values in sections.items():
-            data.setdefault(section, {}).update(values)
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        return path
+        return config_file(tmp_path, name, broker.port, prefix, **sections)
 
     return write
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set
 
 import paho.mqtt.client as mqtt
-import yaml
-from conftest import DEV_CONF, Procs
+from conftest import DEV_CONF, Procs, config_file
 from helpers import rows
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -35,19 +34,7 @@ def start_broker(tmp_path: Path, extra_conf: str = "", port: Optional[int] = Non
 
 
 def write_config(tmp_path: Path, name: str, port: int, prefix: str, **sections: Dict[str, Any]) -> Path:
-    data: Dict[str, Any] = {
-        "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix,
-                 "reconnect_min_s": 0.2, "reconnect_max_s": 2},
-        "persister": {"sqlite_path": str(tmp_path / "fleet.db"), "batch_wait_s": 0.05,
-                      "sweep_interval_s": 0.5, "expire_grace_s": 0.5},
-        "agent": {"outbox_path": str(tmp_path / f"{name}-outbox.db")},
-        "log": {"level": "debug"},
-    }
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return config_file(tmp_path, name, port, prefix, **sections)
 
 
 def new_prefix() -> str:
