@@ -140,13 +140,19 @@ def test_agent_back_online_is_not_forgotten() -> None:
     assert schedule.known == 2 and schedule.online == 2
 
 
-def test_first_sight_of_a_live_birth_asks_everything_once() -> None:
-    """A live birth from an unseen agent asks all its types; retained or known agents do not."""
+def test_a_live_birth_of_an_agent_not_online_asks_everything_once() -> None:
+    """A live birth from an agent that was not online (unseen, or last seen offline, e.g. from a
+    retained status of an earlier run) asks all its types; retained statuses and reconnects of
+    agents already online do not."""
     schedule = fleet(1)
     assert schedule.observe(birth("new", ["ping", "cpu", "disk"]), T0, live=True) == ["cpu", "ping"]
-    assert schedule.observe(birth("new"), T0 + 1, live=True) == []  # a reconnect
-    assert schedule.observe(birth("host-0"), T0 + 1, live=True) == []  # known from retained
+    assert schedule.observe(birth("new"), T0 + 1, live=True) == []  # a reconnect, no Last Will between
+    assert schedule.observe(birth("host-0"), T0 + 1, live=True) == []  # online from retained
     assert schedule.observe(birth("old"), T0 + 1, live=False) == []  # retained, at start-up
+    schedule.observe(Status(agent_id="back", online=False), T0 + 1, live=False)  # retained offline
+    assert schedule.observe(birth("back"), T0 + 2, live=True) == ["cpu", "ping"]  # it starts again
+    schedule.observe(Status(agent_id="new", online=False), T0 + 3, live=True)  # its Last Will
+    assert schedule.observe(birth("new"), T0 + 4, live=True) == ["cpu", "ping"]
 
 
 def test_hundred_thousand_agents() -> None:

@@ -172,6 +172,6 @@ class Controller:
         with self._lock:
             first_round = self.schedule.observe(status, now, live=not msg.retain)
         if first_round and self.link.connected.is_set():
-            log.info("new agent %s: asking for %s now", status.agent_id, ", ".join(first_round))
+            log.info("agent %s came online: asking for %s now", status.agent_id, ", ".join(first_round))
             for type_ in first_round:
                 self.send(status.agent_id, type_, now)

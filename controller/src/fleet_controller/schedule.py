@@ -120,8 +120,11 @@ class Schedule:
         return len(self.agents)
 
     def observe(self, status: Status, now_s: float, live: bool) -> List[str]:
-        """Take in an agent's status; return the types to ask it right away (all of them when
-        a live birth comes from an agent never seen, so a new host shows data at once)."""
+        """Take in an agent's status; return the types to ask it right away: all of them when a
+        live birth comes from an agent that was not online (never seen, or last seen offline),
+        so a new or restarted host shows data at once. Retained statuses at start-up and
+        reconnects of agents already online (a broker restart sends no Last Will) ask nothing,
+        so restarts of the controller or the broker cause no burst."""
         agent_id = status.agent_id
         if not self.shard.owns(agent_id):
             return []
@@ -135,14 +138,14 @@ class Schedule:
                 self.online -= 1
                 self._start_forgetting(agent_id, state, now_s)
             return []
-        first_sight = state is None and live
+        comes_online = live and (state is None or not state.online)
         if state is None:
             state = self.agents[agent_id] = AgentState(online=False)
         if not state.online:
             state.online = True
             self.online += 1
         self._retype(agent_id, state, frozenset(status.types or ()) & self.wheels.keys())
-        return sorted(state.types) if first_sight else []
+        return sorted(state.types) if comes_online else []
 
     def _start_forgetting(self, agent_id: str, state: AgentState, now_s: float) -> None:
         # An offline agent keeps its schedule (its persistent session queues the requests)
