@@ -205,11 +205,7 @@ class Proxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.close()
-            except OSError:
-                pass
+        _close(src, dst)
 
     def _up(self, src: socket.socket, dst: socket.socket) -> None:
         """Client to broker, packet by packet, so whole PUBLISH packets can be dropped."""
@@ -231,11 +227,7 @@ class Proxy:
                     dst.sendall(packet)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.close()
-            except OSError:
-                pass
+        _close(src, dst)
 
 
 def _packet_size(buf: bytes) -> Optional[int]:
@@ -247,3 +239,11 @@ def _packet_size(buf: bytes) -> Optional[int]:
             return 1 + i + value
         shift += 7
     return None
+
+
+def _close(*socks: socket.socket) -> None:
+    for sock in socks:
+        try:
+            sock.close()
+        except OSError:
+            pass

@@ -11,7 +11,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import pytest
 from conftest import Procs, wait_for
@@ -80,14 +80,7 @@ def test_1b_persister_sigkill_with_a_received_uncommitted_batch_loses_nothing(
     """Deterministic case 1: with the SQLite file locked, the persister has received a batch it cannot
     commit; SIGKILLed then, it had acknowledged none of it, so the broker redelivers it all to the
     restarted persister and every produced pair is stored exactly once."""
-    prefix, db = new_prefix(), tmp_path / "fleet.db"
-    cfg = write_config(tmp_path, "persister", fbroker.port, prefix)
-    procs.start("persister", "fleet-persister", "--config", str(cfg))
-    wait_persister_ready(procs, "persister")
-    loads.append(Load(tmp_path, fbroker.port, prefix))
-    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
-    locker = sqlite3.connect(str(db), timeout=30, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
+    db, cfg, locker = lock_store_under_load(tmp_path, fbroker, procs, loads)
     try:
         wait_for(lambda: "store write failed" in procs.log("persister"), 20, 0.05,
                  what="the persister holding a batch it cannot commit")
@@ -145,6 +138,20 @@ def test_2_broker_sigkill_restart_from_persistence(tmp_path: Path, procs: Procs,
         broker.stop()
 
 
+def lock_store_under_load(tmp_path: Path, broker: EmbeddedBroker, procs: Procs,
+                          loads: List[Load]) -> Tuple[Path, Path, sqlite3.Connection]:
+    """A persister storing the background load, then its SQLite file locked by another writer."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    cfg = write_config(tmp_path, "persister", broker.port, prefix)
+    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, broker.port, prefix))
+    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
+    locker = sqlite3.connect(str(db), timeout=30, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    return db, cfg, locker
+
+
 def iso_(t: float) -> str:
     from fleet_common import iso
     return iso(t)
@@ -158,14 +165,7 @@ def test_5_store_locked_persister_stops_acknowledging_and_loses_nothing(
         tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: List[Load]) -> None:
     """With the SQLite file locked by another writer for 8 s, the persister acknowledges nothing,
     the broker queues, and everything is stored once the lock goes."""
-    prefix, db = new_prefix(), tmp_path / "fleet.db"
-    cfg = write_config(tmp_path, "persister", fbroker.port, prefix)
-    procs.start("persister", "fleet-persister", "--config", str(cfg))
-    wait_persister_ready(procs, "persister")
-    loads.append(Load(tmp_path, fbroker.port, prefix))
-    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
-    locker = sqlite3.connect(str(db), timeout=30, isolation_level=None)
-    locker.execute("BEGIN EXCLUSIVE")
+    db, _, locker = lock_store_under_load(tmp_path, fbroker, procs, loads)
     locked_at = len(stored_pairs_now(db))
     run_for(8)
     assert len(stored_pairs_now(db)) == locked_at, "something was written while the store was locked"

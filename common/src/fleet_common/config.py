@@ -200,15 +200,22 @@ def _env_overrides(env: Mapping[str, str]) -> Dict[str, Dict[str, Any]]:
         key = rest[len(section) + 1:]
         known = {f.name for f in dataclasses.fields(SECTIONS[section])}
         nested = next((n for n in _NESTED if key.startswith(n + "_") and n in known), None)
-        value = text if key.endswith(("password", "username", "_id", "id", "path", "uri", "file", "token")) \
-            else yaml.safe_load(text) if text != "" else None
         if nested:
-            out.setdefault(section, {}).setdefault(nested, {})[key[len(nested) + 1:]] = value
+            inner = key[len(nested) + 1:]
+            out.setdefault(section, {}).setdefault(nested, {})[inner] = _env_value(_NESTED[nested], inner, text)
         elif key in known:
-            out.setdefault(section, {})[key] = value
+            out.setdefault(section, {})[key] = _env_value(SECTIONS[section], key, text)
         else:
             raise ConfigError(f"{section}.{key}", f"unknown key (from environment variable {name})")
     return out
+
+
+def _env_value(cls: Any, key: str, text: str) -> Any:
+    """Text for string keys (a password of digits stays a string), else YAML: 1884, true, null."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    if types.get(key) in ("str", "Optional[str]"):
+        return text
+    return yaml.safe_load(text) if text != "" else None
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
