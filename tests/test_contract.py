@@ -15,6 +15,7 @@ from fleet_common import (
     Status,
     Topics,
     iso,
+    messages,
     new_id,
     parse_iso,
     parse_request,
@@ -102,12 +103,58 @@ def test_response_round_trip() -> None:
     (b'{"id":"x","status":"ok","data":{"load":[1,-Infinity]}}', "bad_number"),
     (b'{"id":"x","status":"ok","data":' + b'[' * 40 + b']' * 40 + b'}', "too_deep"),
     (b'{"id":"x","status":"ok","data":' + b'[' * 100000 + b']' * 100000 + b'}', "too_deep"),
+    (b'{"id":"x","status":"ok","data":' + b'[' * 1000 + b']' * 1000 + b'}', "too_deep"),
+    # valid JSON that no store can hold: an infinite number, a string that is not UTF-8 text
+    (b'{"id":"x","status":"ok","data":{"load":1e400}}', "bad_number"),
+    (b'{"id":"x","status":"ok","data":{"load":-1e400}}', "bad_number"),
+    (b'{"id":"x","status":"ok","data":{"name":"\\ud800"}}', "not_utf8"),
+    (b'{"id":"x","status":"ok","data":{"rows":[{"ok":1},{"a.b":1}]}}', "bad_key"),
+    (b'{"id":"x","status":"ok","data":{"rows":[{"ok":[{"$x":1}]}]}}', "bad_key"),
+    (b'{"id":"x","status":"ok","data":{"k\\u0000":1}}', "bad_key"),
+    (b'{"id":"x","status":"ok","data":{"load":1}} trailing', "bad_json"),
+    (b'\xef\xbb\xbf{"id":"x","status":"ok","data":{}}', "bad_json"),
 ])
-def test_bad_responses_are_refused_with_a_precise_reason(payload: bytes, reason: str) -> None:
-    """Each kind of bad response payload gets its own stable reason code."""
+@pytest.mark.parametrize("parser", ["installed", "stdlib"])
+def test_bad_responses_are_refused_with_a_precise_reason(payload: bytes, reason: str, parser: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each kind of bad response payload gets its own stable reason code, the same from orjson (the
+    persister's parser) and from the standard library's (the agent's when orjson is absent)."""
+    if parser == "stdlib":
+        monkeypatch.setattr(messages, "_loads", messages._loads_stdlib)
     with pytest.raises(ContractError) as info:
         parse_response(payload, RES)
     assert info.value.reason == reason
+
+
+def test_the_persister_parses_with_orjson() -> None:
+    assert messages.JSON_PARSER == "orjson"
+
+
+@pytest.mark.parametrize("parser", ["installed", "stdlib"])
+def test_both_parsers_read_the_same_document(parser: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Numbers past 64 bits become floats in both (MongoDB cannot hold them as integers), escapes
+    and non-ASCII text decode alike, and a nested table is checked cell by cell."""
+    if parser == "stdlib":
+        monkeypatch.setattr(messages, "_loads", messages._loads_stdlib)
+    payload = ('{"id":"x","status":"ok","data":{"big":18446744073709551616,"max":18446744073709551615,'
+               '"min":-9223372036854775808,"low":-9223372036854775809,"text":"caf\\u00e9 \u00e9 \\ud83d\\ude00",'
+               '"rows":[{"a":1,"b":[{"c":null}]},{"a":2.5,"b":[]}]}}').encode()
+    data = parse_response(payload, RES).data
+    assert data == {"big": 1.8446744073709552e19, "max": 18446744073709551615, "min": -9223372036854775808,
+                    "low": -9.223372036854776e18, "text": "caf\u00e9 \u00e9 \U0001f600",
+                    "rows": [{"a": 1, "b": [{"c": None}]}, {"a": 2.5, "b": []}]}
+    assert type(data["big"]) is float and type(data["max"]) is int
+
+
+def test_check_document_still_finds_nan_in_what_an_agent_built() -> None:
+    """The agent checks what its collectors return before sending it."""
+    with pytest.raises(ContractError) as info:
+        messages.check_document({"rows": [{"a": 1.0}, {"a": float("nan")}]})
+    assert info.value.reason == "bad_number"
+    with pytest.raises(ContractError) as info:
+        messages.check_document({"x": [[[1]]]}, depth=messages.MAX_DEPTH - 1)
+    assert info.value.reason == "too_deep"
+    messages.check_document({"rows": [{"a": 1.0, "b": [1, 2]}], "n": None})
 
 
 def test_status_birth_and_will() -> None:

@@ -140,6 +140,9 @@ BAD_RESPONSES: List[Tuple[str, bytes, str]] = [
     ("key starting with $", response("r-dollar", data={"$where": "1"}), "bad_key"),
     ("key containing .", response("r-dot", data={"items": [{"a.b": 1}]}), "bad_key"),
     ("NaN", b'{"id": "r-nan", "status": "ok", "data": {"x": NaN}}', "bad_number"),
+    # valid JSON that SQLite and MongoDB cannot hold; accepted, it would fail every write of its batch
+    ("a number past float range", b'{"id": "r-inf", "status": "ok", "data": {"x": 1e400}}', "bad_number"),
+    ("an escaped lone surrogate", b'{"id": "r-sur", "status": "ok", "data": {"x": "\\ud800"}}', "not_utf8"),
     (f"nesting deeper than {MAX_DEPTH}", response("r-deep", data=nested(MAX_DEPTH + 5)), "too_deep"),
     ("nesting past the parser's limit", b'{"id": "r-deeper", "data": ' + brackets(100_000) + b"}", "too_deep"),
     ("status neither ok nor error", response("r-status", status="maybe"), "bad_status"),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from itertools import chain
+from typing import AbstractSet, Any, Dict, Iterable, List, Optional, Set
 
 from .errors import ContractError
 from .timefmt import is_valid_id, now_iso, parse_iso
@@ -28,51 +29,139 @@ def dumps(obj: JsonObject) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def decode_object(payload: bytes) -> JsonObject:
-    """UTF-8 JSON object of bounded size and depth, with keys a document store accepts."""
-    if len(payload) == 0:
-        raise ContractError("empty_payload")
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ContractError("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+INT_RANGE = (-(2 ** 63), 2 ** 64)  # what orjson reads as an int; beyond it, a float, in both parsers
+_INF = float("inf")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise ContractError("bad_number", f"{text[:40]} does not fit a 64-bit float")
+    return value
+
+
+def _int(text: str) -> Any:
+    value = int(text)
+    return value if INT_RANGE[0] <= value < INT_RANGE[1] else _finite(text)
+
+
+def _loads_stdlib(payload: bytes) -> Any:
+    """The reference parser: what a payload may be, and why it is refused when it is not."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ContractError("not_utf8", str(exc)) from None
     try:
-        obj = json.loads(text, parse_constant=_no_constants)
+        obj = json.loads(text, parse_constant=_no_constants, parse_float=_finite, parse_int=_int)
     except RecursionError:
         raise ContractError("too_deep", f"nesting deeper than {MAX_DEPTH}") from None
     except ValueError as exc:
         raise ContractError("bad_json", str(exc)) from None
-    if not isinstance(obj, dict):
-        raise ContractError("not_object", f"payload is a JSON {type(obj).__name__}, not an object")
-    check_document(obj)
+    if "\\u" in text:  # an escaped lone surrogate ("\ud800") is valid JSON but no UTF-8 text
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ContractError("not_utf8", f"a string holds a lone surrogate ({exc.reason})") from None
     return obj
 
 
-def check_document(value: Any, depth: int = 0) -> None:
-    """Reject nesting deeper than MAX_DEPTH, NaN, and keys that break document stores ($x, a.b).
+try:  # orjson where it is installed (the persister requires it); the agent stays on the stdlib
+    import orjson
 
-    Only containers recurse; scalars are checked in the loop. This runs on every message the
-    persister takes, and a processes answer holds thousands of scalars."""
+    def _loads(payload: bytes) -> Any:
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            # orjson refuses exactly what the reference parser refuses; that one says why
+            _loads_stdlib(payload)
+            raise ContractError("bad_json", str(exc)) from None
+
+    JSON_PARSER = "orjson"
+except ImportError:  # pragma: no cover - depends on what is installed
+    _loads = _loads_stdlib
+    JSON_PARSER = "json"
+
+
+def decode_object(payload: bytes) -> JsonObject:
+    """UTF-8 JSON object of bounded size and depth, with keys a document store accepts.
+
+    No NaN or infinity, no lone surrogate, integers within 64 bits (larger ones become floats):
+    everything that passes can be written to SQLite and MongoDB as it is."""
+    if len(payload) == 0:
+        raise ContractError("empty_payload")
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ContractError("too_large", f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}")
+    obj = _loads(payload)
+    if not isinstance(obj, dict):
+        raise ContractError("not_object", f"payload is a JSON {type(obj).__name__}, not an object")
+    _check(obj, 0, False)
+    return obj
+
+
+_GOOD_KEYS: Set[str] = set()  # keys already found acceptable: most documents repeat the same few
+_GOOD_KEYS_MAX = 4096
+
+
+def check_document(value: Any, depth: int = 0) -> None:
+    """Reject nesting deeper than MAX_DEPTH, NaN, and keys that break document stores ($x, a.b);
+    `depth` is how deep `value` already sits."""
+    _check(value, depth, True)
+
+
+def _check(value: Any, depth: int, floats: bool) -> None:
+    # This runs on every message the persister takes; a processes answer is a table of 250
+    # objects of a dozen scalars. Per container, the keys are one C-level subset test against keys
+    # already found good, the values one set of their types, and only containers recurse; a list
+    # of objects (a table) is done in bulk. `floats` is off for parsed payloads, whose parser
+    # has already refused NaN.
     if depth > MAX_DEPTH:
         raise ContractError("too_deep", f"nesting deeper than {MAX_DEPTH}")
     if isinstance(value, dict):
-        for key in value:
-            if key[:1] == "$" or "." in key or "\x00" in key:
-                raise ContractError("bad_key", f"key {key[:60]!r} starts with '$' or contains '.'")
+        _check_keys(value.keys())
         items: Any = value.values()
     elif isinstance(value, list):
         items = value
     else:
-        if isinstance(value, float) and value != value:
-            raise ContractError("bad_number", "NaN is not JSON")
+        _check_floats((value,), floats)
+        return
+    kinds = set(map(type, items))
+    if kinds <= _SCALARS:
+        _check_floats(items, floats)
+        return
+    if kinds == _DICT and depth < MAX_DEPTH:  # a table: its rows' keys and cells at once
+        _check_keys(set().union(*items))
+        cells = set(map(type, chain.from_iterable(map(dict.values, items))))
+        if floats and float in cells:
+            _check_floats(chain.from_iterable(map(dict.values, items)), floats)
+        if not cells <= _SCALARS:
+            for cell in chain.from_iterable(map(dict.values, items)):
+                if isinstance(cell, (dict, list)):
+                    _check(cell, depth + 2, floats)
         return
     for item in items:
         if isinstance(item, (dict, list)):
-            check_document(item, depth + 1)
-        elif item.__class__ is float and item != item:
+            _check(item, depth + 1, floats)
+        elif floats and type(item) is float and item != item:
             raise ContractError("bad_number", "NaN is not JSON")
+
+
+def _check_keys(keys: AbstractSet[str]) -> None:
+    if keys <= _GOOD_KEYS:
+        return
+    for key in keys:
+        if key[:1] == "$" or "." in key or "\x00" in key:
+            raise ContractError("bad_key", f"key {key[:60]!r} starts with '$' or contains '.'")
+    if len(_GOOD_KEYS) < _GOOD_KEYS_MAX:
+        _GOOD_KEYS.update(k for k in keys if len(k) <= 64)
+
+
+def _check_floats(values: Iterable[Any], floats: bool) -> None:
+    if floats and any(type(v) is float and v != v for v in values):
+        raise ContractError("bad_number", "NaN is not JSON")
+
+
+_SCALARS = {str, int, float, bool, type(None)}
+_DICT = {dict}
 
 
 def _no_constants(name: str) -> Any:

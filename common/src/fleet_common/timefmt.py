@@ -6,6 +6,7 @@ import os
 import re
 import time
 from datetime import datetime, timezone
+from typing import Dict
 
 from .errors import ContractError
 
@@ -13,11 +14,29 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 
 
+# Every message carries timestamps and the persister formats and parses several per message,
+# so both directions keep the whole-second part ("2026-11-26T04:30:00") in a small cache.
+_CANONICAL_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
+_HEADS: Dict[int, str] = {}
+_SECONDS: Dict[str, int] = {}
+_CACHE_MAX = 512
+
+
 def iso(epoch_s: float) -> str:
     """Format seconds since the epoch as `2026-11-26T04:30:00.123Z`."""
-    ms = round(epoch_s * 1000)
-    dt = datetime.fromtimestamp(ms // 1000, tz=timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+    second, ms = divmod(round(epoch_s * 1000), 1000)
+    head = _HEADS.get(second)
+    if head is None:
+        head = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        if len(_HEADS) >= _CACHE_MAX:
+            _HEADS.clear()
+        _HEADS[second] = head
+    return f"{head}.{ms:03d}Z"
+
+
+def is_canonical(text: str) -> bool:
+    """True if `text` is already what iso() writes (it may still name a date that does not exist)."""
+    return len(text) == 24 and _CANONICAL_RE.match(text) is not None
 
 
 def now_iso() -> str:
@@ -26,6 +45,18 @@ def now_iso() -> str:
 
 def parse_iso(text: str) -> float:
     """Parse an RFC 3339 timestamp to seconds since the epoch."""
+    if isinstance(text, str) and is_canonical(text):
+        head = text[:19]
+        second = _SECONDS.get(head)
+        if second is None:
+            try:
+                second = int(datetime.fromisoformat(head + "+00:00").timestamp())
+            except ValueError as exc:
+                raise ContractError("bad_timestamp", str(exc)) from None
+            if len(_SECONDS) >= _CACHE_MAX:
+                _SECONDS.clear()
+            _SECONDS[head] = second
+        return second + int(text[20:23]) / 1000
     if not isinstance(text, str) or not _TS_RE.match(text):
         raise ContractError("bad_timestamp", f"not an RFC 3339 timestamp: {str(text)[:40]!r}")
     head, _, rest = text.partition(".")

@@ -13,6 +13,7 @@ from typing import Any, Dict, Generic, List, Mapping, Optional, Protocol, TypeVa
 
 from fleet_common import FleetError, Request, Response, Status, iso, parse_iso
 from fleet_common.config import PersisterConfig
+from fleet_common.timefmt import is_canonical
 
 M = TypeVar("M", Request, Response, Status)
 
@@ -160,7 +161,9 @@ class Store(Protocol):
 
 def norm_ts(text: Optional[str]) -> Optional[str]:
     """Any RFC 3339 timestamp as UTC with milliseconds, so stored times compare as text."""
-    return None if text is None else iso(parse_iso(text))
+    if text is None or is_canonical(text):
+        return text
+    return iso(parse_iso(text))
 
 
 def retention_until(base: str, type_: str, retention_s: Mapping[str, int]) -> str:
