@@ -7,6 +7,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -212,6 +213,57 @@ def test_locked_database_loses_nothing(start_persister: Callable[..., Any], proc
     # the recovery line follows the commit, so the row can be visible a moment before it
     wait_for(lambda: "store write succeeded again" in procs.log("persister"), what="the recovery logged")
     assert procs.log("persister").count("store write failed") == 1, "logged once, not per retry"
+
+
+@pytest.mark.slow
+def test_a_backlog_is_taken_a_window_at_a_time(start_persister: Callable[..., Any], procs: Procs,
+                                               publisher: Callable[..., None], topics: Topics, db: Path,
+                                               tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    """Mosquitto 2.0.11 stops keeping to the Receive Maximum once acks flow, and would hand a
+    returning persister its whole backlog to hold in memory. The persister bounds what it holds
+    itself: received and not yet stored never exceeds its queue, one batch and the message in hand."""
+    heartbeat = tmp_path / "persister.heartbeat.json"
+    settings = dict(receive_maximum=100, batch_size=50, heartbeat_path=str(heartbeat), heartbeat_interval_s=0.05)
+    start_persister(**settings)  # creates the session that keeps the backlog
+    assert procs.stop("persister") == 0
+    ids = [new_id() for _ in range(1000)]
+    data = {"rows": [{"name": f"process-{i}", "pid": i, "rss": i * 4096, "cpu_percent": 0.5} for i in range(100)]}
+    for id_ in ids:
+        publisher(topics.response(AGENT, "processes"), Response.ok(id_, AGENT, "processes", data, 1.0).payload())
+    heartbeat.unlink(missing_ok=True)
+    procs.start("persister", "fleet-persister", "--config", str(write_config(persister=settings)))
+    held: List[int] = []
+    done = threading.Event()
+
+    def slow_store() -> None:  # the store locked two thirds of the time: acks flow, slowly
+        blocker = sqlite3.connect(db, isolation_level=None)
+        while not done.is_set():
+            blocker.execute("BEGIN EXCLUSIVE")
+            time.sleep(0.2)
+            blocker.execute("ROLLBACK")
+            time.sleep(0.1)
+        blocker.close()
+
+    slow = threading.Thread(target=slow_store)
+    slow.start()
+
+    def drained() -> bool:
+        try:
+            c = json.loads(heartbeat.read_text())["counters"]
+        except (OSError, ValueError):
+            return False
+        held.append(c["received"] - c["stored"] - sum(c["rejected"].values()))
+        return bool(c["stored"] >= len(ids))
+
+    try:
+        wait_for(drained, timeout_s=120, interval_s=0.02, what="the backlog stored")
+    finally:
+        done.set()
+        slow.join()
+    assert max(held) <= 100 + 50 + 1 + 1, f"held up to {max(held)} messages at once"
+    print(f"held at most {max(held)} in {len(held)} samples")
+    assert len(held) > 10, "sampled while it drained"
+    assert {r["id"] for r in rows(db, "SELECT id FROM requests")} >= set(ids)
 
 
 @pytest.mark.slow

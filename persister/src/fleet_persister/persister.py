@@ -87,7 +87,11 @@ class Persister:
         self.cfg, self.pcfg, self.store = cfg, cfg.persister, store
         self.topics: Topics = cfg.mqtt.topics()
         self.counters = Counters()
-        self.queue: queue.Queue[Received] = queue.Queue()
+        # Bounded: Mosquitto 2.0.11 does not keep to the Receive Maximum once acks flow, and would
+        # otherwise hand over its whole backlog (up to max_queued_messages) to be held in memory here.
+        # When the queue is full the network thread stops reading, and TCP holds the broker back.
+        self.queue: queue.Queue[Received] = queue.Queue(maxsize=max(self.pcfg.receive_maximum,
+                                                                    self.pcfg.batch_size))
         self.link = Link(cfg.mqtt, client_id(cfg), clean_start=False,
                          session_expiry_s=self.pcfg.session_expiry_s,
                          receive_maximum=self.pcfg.receive_maximum, manual_ack=True, logger=log)
@@ -121,8 +125,15 @@ class Persister:
             topic = msg.topic
         except UnicodeDecodeError:  # brokers refuse such topics; still never crash on input
             topic = "<topic is not UTF-8>"
-        self.queue.put(Received(self.parse(topic, bytes(msg.payload), bool(msg.retain)), msg.mid, msg.qos,
-                                self._generation))
+        received = Received(self.parse(topic, bytes(msg.payload), bool(msg.retain)), msg.mid, msg.qos,
+                            self._generation)
+        while True:
+            try:
+                self.queue.put(received, timeout=0.5)
+                break
+            except queue.Full:
+                if not self._accepting.is_set():
+                    return  # stopping: not acknowledged, so the broker delivers it again
         log.debug("queued message %d on %s", msg.mid, topic)
 
     def parse(self, topic: str, payload: bytes, retained: bool = False) -> Item:
