@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional
 import mongomock
 import pymongo
 import pytest
+from conftest import wait_for
 
 from fleet_common import Request, Response, Status, iso
 from fleet_persister.stores import Batch, Incoming, RejectedRecord, Stats, Store
@@ -260,3 +261,25 @@ def test_recent_requests_across_types(store: Store) -> None:
     assert recent[1].state == "ok" and recent[1].latency_ms == pytest.approx(200.0)
     assert [r.id for r in store.recent_requests(AGENT, limit=2)] == ["p0", "c2"]
     assert store.recent_requests("nobody") == []
+
+
+def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
+    """The writer leaves copying the WAL into the database to a thread of its own (the writer
+    itself would only at 64 MiB of WAL); the copy happens within a second, and close() ends it."""
+    path = tmp_path / "fleet.db"
+    s = SqliteStore(str(path), RETENTION)
+    try:
+        assert s._checkpointer is None, "a reader never starts it"
+        batch = Batch()
+        big = {"rows": [{"name": f"process-{i}", "pid": i} for i in range(2000)]}
+        batch.responses.extend(
+            Incoming(Response(id=f"r{i}", agent_id=AGENT, type="processes", status="ok", data=big,
+                              collected_at=iso(T0)), AGENT, iso(T0)) for i in range(40))
+        before = path.stat().st_size
+        s.write(batch)
+        assert s._checkpointer is not None and s._checkpointer.is_alive()
+        wait_for(lambda: path.stat().st_size > before + 40 * 50_000, timeout_s=10,
+                 what="the written pages copied into the database file")
+    finally:
+        s.close()
+    assert s._checkpointer is not None and not s._checkpointer.is_alive()

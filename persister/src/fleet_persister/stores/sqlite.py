@@ -4,11 +4,13 @@ writer, and one transaction per batch."""
 
 from __future__ import annotations
 
-import json
+import logging
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import orjson
 
 from fleet_common import iso
 
@@ -103,13 +105,15 @@ REQUEST_COLUMNS = ("id, agent_id, type, params, issued_at, expires_at, state, an
 AGENT_COLUMNS = "agent_id, online, first_seen, last_seen, hostname, platform, agent_version, types, status_at"
 CHUNK = 500
 
+log = logging.getLogger("fleet.persister")
+
 
 def _json(value: Any) -> Optional[str]:
-    return None if value is None else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return None if value is None else orjson.dumps(value).decode("utf-8")
 
 
 def _unjson(text: Optional[str]) -> Any:
-    return None if text is None else json.loads(text)
+    return None if text is None else orjson.loads(text)
 
 
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -117,30 +121,74 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
         yield items[i:i + CHUNK]
 
 
+CHECKPOINT_EVERY_S = 0.25
+# The writer checkpoints by itself only when the background checkpointer falls this far behind.
+WRITER_CHECKPOINT_PAGES = 16384  # 64 MiB of WAL at 4 KiB pages
+
+
 class SqliteStore:
-    """A Store in one SQLite file; safe to share between threads (calls are serialised)."""
+    """A Store in one SQLite file; safe to share between threads (calls are serialised).
+
+    The first write starts a checkpointer thread with its own connection: copying the WAL into
+    the database (and its fsync) is most of the cost of a commit, and done there it overlaps
+    with the writer (sqlite3 releases the GIL). Readers never start it."""
 
     def __init__(self, path: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S,
                  busy_timeout_ms: int = 5000) -> None:
         self.path, self.retention_s = path, dict(retention_s)
         self._lock = threading.Lock()
+        self._file = str(Path(path).expanduser()) if path != ":memory:" else path
+        self._busy_timeout_ms = int(busy_timeout_ms)
+        self._checkpointer: Optional[threading.Thread] = None
+        self._closing = threading.Event()
+        self._written = threading.Event()
         try:
             if path != ":memory:":
                 Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(Path(path).expanduser()) if path != ":memory:" else path,
-                                       isolation_level=None, check_same_thread=False,
-                                       timeout=busy_timeout_ms / 1000)
-            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            self._db = self._connect()
             self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the SQLite database {path!r} ({exc}); check that "
                              "persister.sqlite_path names a file in a folder this user can write") from None
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._file, isolation_level=None, check_same_thread=False,
+                             timeout=self._busy_timeout_ms / 1000)
+        db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        db.execute("PRAGMA synchronous = NORMAL")
+        return db
+
+    def _start_checkpointer(self) -> None:
+        if self._file == ":memory:":
+            return
+        self._db.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
+        self._db.execute(f"PRAGMA journal_size_limit = {WRITER_CHECKPOINT_PAGES * 4096}")
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sqlite-checkpointer",
+                                              daemon=True)
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        db = self._connect()
+        try:
+            while not self._closing.wait(CHECKPOINT_EVERY_S):
+                if not self._written.is_set():
+                    continue
+                self._written.clear()
+                try:  # PASSIVE never waits for the writer or readers; what it cannot copy waits for next time
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    self._written.set()
+                    log.debug("background checkpoint failed: %s", exc)
+        finally:
+            db.close()
+
     # write side
     def write(self, batch: Batch) -> None:
         with self._lock:
+            if self._checkpointer is None:
+                self._start_checkpointer()
+            self._written.set()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._write(batch)
@@ -151,17 +199,23 @@ class SqliteStore:
 
     def _write(self, batch: Batch) -> None:
         db, ret = self._db, self.retention_s
+        requests: List[Tuple[Any, ...]] = []
         for item in batch.requests:
             r = item.message
             issued = norm_ts(r.issued_at) or item.received_at
-            db.execute(UPSERT_REQUEST, (r.id, item.agent_id, r.type, _json(r.params), issued,
-                                        norm_ts(r.expires_at), retention_until(issued, r.type, ret)))
+            requests.append((r.id, item.agent_id, r.type, _json(r.params), issued, norm_ts(r.expires_at),
+                             retention_until(issued, r.type, ret)))
+        db.executemany(UPSERT_REQUEST, requests)
+        responses: List[Tuple[Any, ...]] = []
+        last_heard: Dict[str, str] = {}
         for res in batch.responses:
             p = res.message
             answered = norm_ts(p.collected_at) or res.received_at
-            db.execute(UPSERT_RESPONSE, (p.id, p.agent_id, p.type, response_state(p), answered, _json(p.data),
-                                         _json(p.error), retention_until(answered, p.type, ret)))
-            db.execute(SEEN_AGENT, (p.agent_id, res.received_at, res.received_at))
+            responses.append((p.id, p.agent_id, p.type, response_state(p), answered, _json(p.data),
+                              _json(p.error), retention_until(answered, p.type, ret)))
+            last_heard[p.agent_id] = max(res.received_at, last_heard.get(p.agent_id, ""))
+        db.executemany(UPSERT_RESPONSE, responses)
+        db.executemany(SEEN_AGENT, [(agent_id, at, at) for agent_id, at in last_heard.items()])
         for st in batch.statuses:
             s, seen = st.message, seen_at(st)
             db.execute(SEEN_AGENT, (s.agent_id, seen, seen))
@@ -276,6 +330,9 @@ class SqliteStore:
         return out
 
     def close(self) -> None:
+        self._closing.set()
+        if self._checkpointer is not None:
+            self._checkpointer.join(10)
         with self._lock:
             self._db.close()
 
