@@ -222,3 +222,34 @@ def test_tls_files_must_exist(tmp_path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(path), env={})
     assert info.value.key == "mqtt.tls.ca_file"
+
+
+@pytest.mark.parametrize("args", [("fleet/web-01/res/cpu", b"0123456789abcdef" * 2, 60), (None, b"x", None),
+                                  ("t" * 300, None, 3600), (None, None, 0), ("caf\u00e9/r", b"", 2**31)])
+def test_packed_publish_properties_are_what_paho_would_write(args: tuple) -> None:
+    """The controller's pre-encoded PUBLISH properties: the same bytes as paho's Properties.pack,
+    and they read back to the same values."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from fleet_common.link import PackedProperties
+
+    packed = PackedProperties(*args)
+    assert packed.pack() == packed.unpacked().pack()
+    back = Properties(PacketTypes.PUBLISH)
+    _, length = back.unpack(packed.pack())
+    assert length == len(packed.pack()) and str(back) == str(packed)
+    if args[1] is not None:
+        assert packed.CorrelationData == args[1]
+
+
+@pytest.mark.parametrize("request_", [
+    Request(id=new_id(), type="cpu", issued_at="2026-11-26T04:30:00.123Z", expires_at="2026-11-26T04:31:00.123Z"),
+    Request(id="x", type="cpu"),
+    Request(id='quote"d', type="cpu", issued_at="2026-11-26T04:30:00+01:00"),
+    Request(id="x", type="processes", params={"limit": 5, "sort_by": "rss"}),
+    Request(id="x\\y", type="cpu", expires_at="t\u00e9"),
+])
+def test_request_payload_is_the_same_bytes_on_the_fast_path(request_: Request) -> None:
+    assert request_.payload() == messages.dumps(request_.to_dict())
+    assert json.loads(request_.payload()) == request_.to_dict()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
@@ -143,3 +145,31 @@ def test_sigterm_while_disconnected_exits_0(tmp_path: Path) -> None:
             break
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
+
+
+def test_a_broker_that_stops_acknowledging_gets_no_more_requests(fake_fleet: FakeFleet, broker: Any,
+                                                                 write_config: Any, procs: Any) -> None:
+    """The broker frozen (SIGSTOP): once max_unacked_requests are unacknowledged the controller skips
+    requests, saying so once, rather than queueing them without end; thawed, it dispatches again."""
+    agents = [f"web-{i:03d}" for i in range(100)]
+    for agent_id in agents:
+        fake_fleet.birth(agent_id, ["cpu"])
+    config = write_config(controller={"schedule": {"cpu": 1}, "tick_s": 0.1, "max_unacked_requests": 150},
+                          log={"level": "info"})
+    procs.start("controller", "fleet-controller", "--config", str(config))
+    wait_for(lambda: len(fake_fleet.requests) >= 200, what="requests flowing")
+    broker.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: "has not acknowledged 150 requests" in procs.log("controller"), timeout_s=10,
+                 what="the controller to notice")
+        time.sleep(1.5)  # 150 more would be due meanwhile
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: "the broker caught up" in procs.log("controller"), what="dispatching again")
+    log = procs.log("controller")
+    assert log.count("has not acknowledged") == 1, "said once, not per request"
+    skipped = int(re.search(r"\((\d+) skipped so far\)", log).group(1))  # type: ignore[union-attr]
+    assert skipped >= 100
+    seen = len(fake_fleet.requests)
+    wait_for(lambda: len(fake_fleet.requests) >= seen + 200, what="requests flowing again")
+    assert procs.stop("controller") == 0

@@ -66,6 +66,7 @@ class ControllerConfig:
     offline_forget_s: int = 86400
     shard: str = "0/1"
     tick_s: float = 0.5
+    max_unacked_requests: int = 50000
     client_id: Optional[str] = None
     heartbeat_path: str = "data/fleet-controller.heartbeat.json"
     heartbeat_interval_s: float = 5.0
@@ -251,6 +252,8 @@ def _validate(cfg: Config) -> None:
     if not re.match(r"^\d+/[1-9]\d*$", cfg.controller.shard) or \
             cfg.controller.shard_index()[0] >= cfg.controller.shard_index()[1]:
         raise ConfigError("controller.shard", f"{cfg.controller.shard!r} must be 'i/n' with 0 <= i < n")
+    if cfg.controller.max_unacked_requests < 1:
+        raise ConfigError("controller.max_unacked_requests", "must be at least 1")
     if cfg.persister.store not in ("sqlite", "mongodb"):
         raise ConfigError("persister.store", f"{cfg.persister.store!r} must be 'sqlite' or 'mongodb'")
     if "default" not in cfg.persister.retention_s:

@@ -8,6 +8,7 @@ the persister writes into `rejected.reason`).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import AbstractSet, Any, Dict, Iterable, List, Optional, Set
@@ -206,6 +207,9 @@ def _number(obj: JsonObject, key: str) -> Optional[float]:
     return float(value)
 
 
+_PLAIN = re.compile(r"[A-Za-z0-9_.:+-]*")
+
+
 @dataclass(frozen=True)
 class Request:
     id: str
@@ -220,6 +224,14 @@ class Request:
                 "issued_at": self.issued_at, "expires_at": self.expires_at}
 
     def payload(self) -> bytes:
+        # The controller sends thousands a second, nearly all with no params and fields that need
+        # no escaping; those are formatted directly, to the same bytes dumps() writes.
+        if not self.params and type(self.v) is int and _PLAIN.fullmatch(f"{self.id}{self.type}{self.issued_at or ''}"
+                                                f"{self.expires_at or ''}"):
+            issued = "null" if self.issued_at is None else f'"{self.issued_at}"'
+            expires = "null" if self.expires_at is None else f'"{self.expires_at}"'
+            return (f'{{"v":{self.v},"id":"{self.id}","type":"{self.type}","params":{{}},'
+                    f'"issued_at":{issued},"expires_at":{expires}}}').encode()
         return dumps(self.to_dict())
 
     def is_expired(self, now_s: float) -> bool:
