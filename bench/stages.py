@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from fleet_sim.synthetic import TYPES, Host
 from harness import (
     BIN,
+    ROOT,
     Bench,
     CpuWindow,
     Observer,
@@ -471,11 +473,28 @@ def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
 
 
 # 6. agent footprint ---------------------------------------------------------------------------
+def agent_install(b: Bench) -> Tuple[List[str], str]:
+    """fleet-agent as a host has it: a virtual environment with fleet-common, fleet-agent and their
+    dependencies only. The development one also holds what the services need (pymongo brings
+    dnspython, which paho then imports), and that would be counted against the agent."""
+    venv = b.run_dir / "agent-venv"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT / "common"),
+                        str(ROOT / "agent")], check=True, capture_output=True, timeout=600)
+        listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+                                check=True, capture_output=True, text=True, timeout=60).stdout.split()
+        return [str(venv / "bin" / "fleet-agent")], "agent-only environment: " + ", ".join(listed)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return [str(BIN / "fleet-agent")], f"development environment (no agent-only one: {exc})"
+
+
 def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
     prefix = "agentfp"
+    command, installed = agent_install(b)
     cfg = b.config("agentfp", prefix, agent={"id": "bench-agent", "outbox_path": str(b.run_dir / "outbox.db")},
                    controller={"schedule": {t: 1 for t in TYPES}, "tick_s": 0.1})
-    ag = b.service("agentfp-agent", "fleet-agent", cfg)
+    ag = b.start_proc("agentfp-agent", [*command, "--config", str(cfg)])
     obs = Observer(b.port, f"{prefix}/+/res/+")
     try:
         wait_until(lambda: ag.text().count("connected to broker") > 0, 20)
@@ -505,7 +524,8 @@ def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
             obj = json.loads(payload)
             if obj.get("status") == "ok" and obj.get("duration_ms") is not None:
                 durations[obj["type"]].append(float(obj["duration_ms"]))
-    return {"seconds": round(t1 - t0, 1), "rss_mb_max": round(max(rss) / 2**20, 1) if rss else None,
+    return {"installed": installed, "seconds": round(t1 - t0, 1),
+            "rss_mb_max": round(max(rss) / 2**20, 1) if rss else None,
             "rss_mb_median": round((median(rss) or 0) / 2**20, 1), "cpu_pct_of_core": total["cpu_pct_of_core"],
             "cpu_pct_of_core_per_10s": windows, "cpu_pct_median_10s": median(windows),
             "collection_ms": {t: {"n": len(v), "p50": _r(pct(v, 50)), "p99": _r(pct(v, 99))}

@@ -288,3 +288,32 @@ def test_collector_timeout_and_failure_in_process(broker: Any, write_config: Cal
         unregister("slow_test")
         unregister("boom_test")
     client.wait(lambda m: m.topic == topics.status(agent_id) and m.payload["online"] is False, "offline")
+
+
+def test_one_watchdog_times_out_exactly_the_unanswered_jobs() -> None:
+    """The collector watchdog: jobs answered in time are left alone, the rest get on_timeout once,
+    in the order they were watched, from one thread however many requests there are."""
+    from fleet_agent.agent import _Job, _Watchdog
+    from fleet_common import Request
+
+    timed_out: List[str] = []
+    threads = set()
+
+    def on_timeout(job: _Job) -> None:
+        threads.add(threading.get_ident())
+        timed_out.append(job.req.id)
+
+    dog = _Watchdog(0.3, on_timeout)
+    dog.start()
+    try:
+        jobs = [_Job(Request(id=f"r{i:02d}", type="ping"), "t", None) for i in range(50)]
+        for i, job in enumerate(jobs):
+            dog.watch(job)
+            if i % 2 == 0:
+                assert job.claim()  # answered in time
+        wait_for(lambda: len(timed_out) >= 25, 5, 0.02, what="the unanswered jobs timed out")
+        time.sleep(0.4)
+        assert timed_out == [f"r{i:02d}" for i in range(1, 50, 2)]
+        assert len(threads) == 1
+    finally:
+        dog.stop()

@@ -169,3 +169,24 @@ def test_process_cpu_percent_is_measured_on_first_snapshot() -> None:
     busy = next(r for r in rows if r["pid"] == spinner.pid)
     assert busy["cpu_percent"] is not None and busy["cpu_percent"] > 0.0, busy
     assert busy["rss"] > 0 and busy["name"] and busy["ppid"] == os.getpid()
+
+
+def test_a_reused_pid_is_measured_afresh() -> None:
+    """When a pid the table knows now belongs to another process (psutil tells them apart by start
+    time), the row describes the new process and gives no CPU share rather than one computed
+    against the old process's times; the next snapshot measures it."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        table = ProcessTable(min_interval_s=0.0)
+        table.prime()
+        old = table._procs[child.pid]
+        pid, started = old._ident
+        old._ident = (pid, started - 1000.0)  # what an earlier process with this pid would have had
+        row = next(r for r in table.snapshot() if r["pid"] == child.pid)
+        assert row["cpu_percent"] is None and row["ppid"] == os.getpid()
+        assert table._procs[child.pid] is not old, "a new psutil.Process replaces the stale one"
+        again = next(r for r in table.snapshot() if r["pid"] == child.pid)
+        assert again["cpu_percent"] is not None
+    finally:
+        child.kill()
+        child.wait()

@@ -1,8 +1,8 @@
 """The agent: answers requests on <prefix>/<id>/req/<type> with collector readings.
 
 Threads: paho's network thread parses each request and hands it to a bounded pool
-of collector workers; a timer per request answers `timeout` if the collector takes
-longer than agent.collector_timeout_s. Whichever comes first (result or timeout)
+of collector workers; a watchdog thread answers `timeout` for any request whose collector
+takes longer than agent.collector_timeout_s. Whichever comes first (result or timeout)
 answers; the other is dropped. No request can stop the agent.
 
 Every answer goes to the durable outbox first and is published only while connected; a
@@ -14,6 +14,8 @@ because the persister's writes are idempotent.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import platform
@@ -22,7 +24,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import paho.mqtt.client as mqtt
 
@@ -35,7 +37,6 @@ from fleet_common.messages import (
     Response,
     Status,
     check_document,
-    dumps,
     parse_request,
 )
 from fleet_common.timefmt import is_valid_id
@@ -58,14 +59,13 @@ _STOP = -2
 class _Job:
     """One accepted request on its way to an answer; answered exactly once."""
 
-    __slots__ = ("answered", "correlation", "lock", "reply_to", "req", "started", "timer")
+    __slots__ = ("answered", "correlation", "lock", "reply_to", "req", "started")
 
     def __init__(self, req: Request, reply_to: str, correlation: Optional[bytes]) -> None:
         self.req, self.reply_to, self.correlation = req, reply_to, correlation
         self.started = time.monotonic()
         self.lock = threading.Lock()
         self.answered = False
-        self.timer: Optional[threading.Timer] = None
 
     def claim(self) -> bool:
         with self.lock:
@@ -76,6 +76,51 @@ class _Job:
 
     def elapsed_ms(self) -> float:
         return (time.monotonic() - self.started) * 1000.0
+
+
+class _Watchdog:
+    """Calls on_timeout(job) for every job still unanswered timeout_s after it was watched. One
+    thread for all jobs: a threading.Timer per request started and ended a thread per request,
+    which was a good part of the agent's own CPU at one request per type per second."""
+
+    def __init__(self, timeout_s: float, on_timeout: Callable[[_Job], None]) -> None:
+        self.timeout_s, self._on_timeout = timeout_s, on_timeout
+        self._heap: List[Tuple[float, int, _Job]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="collector-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def watch(self, job: _Job) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + self.timeout_s, next(self._order), job))
+            if self._heap[0][2] is job:
+                self._cond.notify()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                if self._stopped:
+                    return
+                _, _, job = heapq.heappop(self._heap)
+            if not job.answered:
+                try:
+                    self._on_timeout(job)
+                except Exception:  # the watchdog must outlive one failed answer
+                    log.exception("answering a timed-out %s request failed", job.req.type)
 
 
 class Agent:
@@ -102,6 +147,7 @@ class Agent:
                                       "dropped": 0}
         self._stats_lock = threading.Lock()
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._watchdog = _Watchdog(self.timeout_s, self._on_timeout)
         self._stopping = threading.Event()
         self._active: Dict[int, float] = {}  # running collectors: id(job) -> monotonic start
         self._replaced = 0
@@ -139,6 +185,7 @@ class Agent:
                 except Exception as exc:  # priming is an optimisation
                     log.debug("priming %s failed: %s", name, exc)
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="collector")
+        self._watchdog.start()
         self._courier = threading.Thread(target=self._courier_loop, name="outbox-courier", daemon=True)
         self._courier.start()
         if self.outbox.queued or self.outbox.dropped:
@@ -163,6 +210,7 @@ class Agent:
         self.link.stop(before_disconnect=lambda: self._publish_status(self._offline(), wait_s=timeout_s / 2))
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        self._watchdog.stop()
         if self._courier is not None:
             self._courier_q.put(_STOP)
             self._courier.join(5)
@@ -301,15 +349,13 @@ class Agent:
                         self.workers, self._replaced, MAX_POOL_REPLACEMENTS)
             pool.shutdown(wait=False)
             self._pool = pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="collector")
-        timer = threading.Timer(self.timeout_s, self._on_timeout, args=(job,))
-        timer.daemon = True
-        job.timer = timer
-        timer.start()
         try:
             pool.submit(self._collect, job, collector)
         except RuntimeError as exc:  # the pool was shut down: the agent is stopping
-            timer.cancel()
+            job.claim()  # so the watchdog does not answer it either
             self._drop(job.reply_to, str(exc))
+            return
+        self._watchdog.watch(job)
 
     def _collect(self, job: _Job, collector: Collector) -> None:
         if job.answered:  # it timed out while waiting for a worker
@@ -324,9 +370,8 @@ class Agent:
                 data = collector(dict(job.req.params))
                 if not isinstance(data, dict):
                     raise TypeError(f"collector returned {type(data).__name__}, not an object")
-                data = jsonable(data)
+                data = jsonable(data)  # JSON types only, so the answer always encodes
                 check_document(data)
-                dumps(data)
                 response = Response.ok(job.req.id, self.id, type_, data, (time.monotonic() - started) * 1000.0)
             except BadParams as exc:
                 response = Response.fail(job.req.id, self.id, type_, "bad_request", str(exc)[:1000],
@@ -338,8 +383,6 @@ class Agent:
                 message = str(exc) or type(exc).__name__
                 response = Response.fail(job.req.id, self.id, type_, "collector_failed", message[:1000],
                                          duration_ms=_ms(started))
-            if job.timer is not None:
-                job.timer.cancel()
             if not self._answer(job, response):
                 log.debug("%s request %s finished after its timeout; result discarded", type_, job.req.id)
         finally:

@@ -3,11 +3,13 @@
 Per-process cpu_percent is measured between two calls on the same psutil.Process
 object, so the objects are kept by pid between requests (primed at agent start); a
 process first seen now is primed and, if that was less than MIN_INTERVAL_S ago, the
-collector waits for the remainder before measuring.
+collector waits for the remainder before measuring. A pid that now belongs to another
+process is found from the same /proc reads that give the row, and starts afresh.
 """
 
 from __future__ import annotations
 
+import pwd
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -38,22 +40,19 @@ class ProcessTable:
         for pid in list(self._procs):
             if pid not in live:
                 del self._procs[pid]
-        for pid in live:
-            proc = self._procs.get(pid)
-            if proc is not None:
-                try:
-                    if proc.is_running():  # same pid, same process (create time matches)
-                        continue
-                except psutil.Error:
-                    pass
-            try:
-                proc = psutil.Process(pid)
-                proc.cpu_percent(None)  # primes; the first value is meaningless
-            except psutil.Error:
-                self._procs.pop(pid, None)
-                continue
-            self._procs[pid] = proc
-            self._primed_at = time.monotonic()
+        for pid in live - self._procs.keys():
+            self._add(pid)
+
+    def _add(self, pid: int) -> Optional[psutil.Process]:
+        try:
+            proc = psutil.Process(pid)
+            proc.cpu_percent(None)  # primes; the first value is meaningless
+        except psutil.Error:
+            self._procs.pop(pid, None)
+            return None
+        self._procs[pid] = proc
+        self._primed_at = time.monotonic()
+        return proc
 
     def prime(self) -> None:
         with self._lock:
@@ -67,7 +66,11 @@ class ProcessTable:
                 time.sleep(wait)
             rows = []
             for pid, proc in list(self._procs.items()):
-                row = _row(pid, proc)
+                try:
+                    row = _row(pid, proc)
+                except _Reused:
+                    fresh = self._add(pid)  # its CPU share is unknown until the next request
+                    row = _row(pid, fresh, cpu=False) if fresh is not None else None
                 if row is None:
                     self._procs.pop(pid, None)
                 else:
@@ -84,18 +87,63 @@ def _field(fn: Callable[[], Any]) -> Any:
         return None
 
 
-def _row(pid: int, proc: psutil.Process) -> Optional[JsonObject]:
+class _Reused(Exception):
+    """The pid now belongs to a process other than the one we measured before."""
+
+
+def _reused(proc: psutil.Process) -> bool:
+    """Inside oneshot(): has the pid been reused? psutil's is_running() answers this by making a
+    new Process, which reads /proc/<pid>/stat again; this compares the start time in the stat
+    data oneshot has already read with the identity psutil recorded. Where psutil's internals
+    differ (not Linux or macOS), it asks is_running()."""
+    try:
+        return bool(proc._ident != (proc.pid, proc._proc.create_time(monotonic=True)))
+    except (AttributeError, TypeError):
+        return not proc.is_running()
+
+
+def _ppid(proc: psutil.Process) -> Any:
+    """Process.ppid() first checks for pid reuse the costly way (a new Process); _row has checked."""
+    try:
+        return proc._proc.ppid()
+    except AttributeError:
+        return proc.ppid()
+
+
+_USERS: Dict[int, str] = {}  # uid -> user name: one passwd lookup per uid, not per process per request
+
+
+def _username(proc: psutil.Process) -> Optional[str]:
+    uid = _field(lambda: proc.uids().real)
+    if uid is None:  # not POSIX
+        found = _field(proc.username)
+        return None if found is None else str(found)
+    name = _USERS.get(uid)
+    if name is None:
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = str(uid)  # as psutil says it
+        if len(_USERS) > 4096:
+            _USERS.clear()
+        _USERS[uid] = name
+    return name
+
+
+def _row(pid: int, proc: psutil.Process, cpu: bool = True) -> Optional[JsonObject]:
     try:
         with proc.oneshot():
+            if cpu and _reused(proc):
+                raise _Reused(pid)
             mem = _field(proc.memory_info)
-            cpu = _field(lambda: proc.cpu_percent(None))
+            percent = _field(lambda: proc.cpu_percent(None)) if cpu else None
             return {
                 "pid": pid,
-                "ppid": _field(proc.ppid),
+                "ppid": _field(lambda: _ppid(proc)),
                 "name": _field(proc.name),
-                "username": _field(proc.username),
+                "username": _username(proc),
                 "status": _field(proc.status),
-                "cpu_percent": round(cpu, 1) if cpu is not None else None,
+                "cpu_percent": round(percent, 1) if percent is not None else None,
                 "rss": mem.rss if mem is not None else None,
                 "create_time": _field(proc.create_time),
                 "num_threads": _field(proc.num_threads),
