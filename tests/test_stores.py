@@ -3,6 +3,7 @@ when FLEET_TEST_MONGODB_URI is set, else mongomock; the test id says which ran).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import time
 import uuid
@@ -283,3 +284,48 @@ def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
     finally:
         s.close()
     assert s._checkpointer is not None and not s._checkpointer.is_alive()
+
+
+def _open_at(path: str, start: Any, results: Any) -> None:
+    start.wait()
+    try:
+        SqliteStore(path).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the test, which names it
+        results.put(repr(exc))
+
+
+def test_persisters_starting_together_on_a_new_sqlite_file_all_open_it(tmp_path: Path) -> None:
+    """Two or more persisters started at once (fleetctl, compose, a bench) create the same new file;
+    SQLite refuses some of them 'database is locked' at once, without its busy timeout, and the store
+    waits and tries again instead of exiting. Real processes, released together, ten times."""
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(10):
+        path = str(tmp_path / f"fleet-{round_}.db")
+        start, results = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_open_at, args=(path, start, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert sorted(results.get(timeout=5) for _ in procs) == ["ok"] * 3, f"round {round_}"
+
+
+def test_integers_past_64_bits_with_a_sign_are_stored(store: Store) -> None:
+    """JSON (and SQLite) hold integers up to 2**64 - 1, BSON only to 2**63 - 1: a counter past that
+    failed every write of its batch in MongoDB, for good. There it is now written as a float; SQLite
+    keeps it exact. Everything else in the batch is stored unchanged."""
+    data = {"big": 2**63 + 1, "max": 2**64 - 1, "low": -(2**63), "rows": [{"n": 2**63}, {"n": 7}]}
+    batch = Batch()
+    batch.responses.append(Incoming(Response(id="r-big", agent_id=AGENT, type="network", status="ok", data=data,
+                                             collected_at=iso(T0)), AGENT, iso(T0)))
+    batch.responses.append(res("r-small"))
+    store.write(batch)
+    stored = store.get_request("r-big")
+    assert stored is not None and stored.data is not None
+    assert stored.data["low"] == -(2**63) and type(stored.data["low"]) is int
+    assert stored.data["rows"][1] == {"n": 7}
+    for got, want in ((stored.data["big"], 2**63 + 1), (stored.data["max"], 2**64 - 1),
+                      (stored.data["rows"][0]["n"], 2**63)):
+        assert got == want if isinstance(store, SqliteStore) else (type(got) is float and got == float(want))
+    assert store.get_request("r-small") is not None

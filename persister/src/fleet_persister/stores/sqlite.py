@@ -7,12 +7,14 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import orjson
 
 from fleet_common import iso
+from fleet_common.link import Backoff
 
 from .base import (
     DEFAULT_RETENTION_S,
@@ -145,12 +147,30 @@ class SqliteStore:
         try:
             if path != ":memory:":
                 Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            self._db = self._connect()
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.executescript(SCHEMA)
+            self._db = self._open()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the SQLite database {path!r} ({exc}); check that "
                              "persister.sqlite_path names a file in a folder this user can write") from None
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, switch to WAL and create the schema. Several persisters starting together on
+        a new file collide here, and SQLite answers some of those collisions (the switch to WAL)
+        with 'database is locked' at once, without waiting: so wait here, up to busy_timeout."""
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        backoff = Backoff(0.01, 0.5)
+        while True:
+            db = self._connect()
+            try:
+                mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode.lower() != "wal" and self._file != ":memory:":
+                    raise sqlite3.OperationalError(f"database is locked (journal mode stays {mode})")
+                db.executescript(SCHEMA)
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(backoff.next())
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self._file, isolation_level=None, check_same_thread=False,
