@@ -11,6 +11,7 @@ except `expire_at`, a BSON date so the TTL index can delete expired requests.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -49,6 +50,28 @@ def from_date(value: Optional[datetime]) -> Optional[str]:
     if value is None:
         return None
     return iso((value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp())
+
+
+INT64 = (-(2 ** 63), 2 ** 63)
+
+
+def _fit(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _fit(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fit(v) for v in value]
+    if type(value) is int and not INT64[0] <= value < INT64[1]:
+        return float(value)
+    return value
+
+
+def _fit_ints(batch: Batch) -> Batch:
+    """The batch with every integer BSON cannot hold made a float."""
+    return Batch(requests=[replace(i, message=replace(i.message, params=_fit(i.message.params)))
+                           for i in batch.requests],
+                 responses=[replace(i, message=replace(i.message, data=_fit(i.message.data),
+                                                       error=_fit(i.message.error))) for i in batch.responses],
+                 statuses=batch.statuses, rejected=batch.rejected)
 
 
 def redact(uri: str) -> str:
@@ -96,6 +119,15 @@ class MongoStore:
 
     # write side
     def write(self, batch: Batch) -> None:
+        try:
+            self._write(batch)
+        except OverflowError:
+            # BSON holds integers of 64 bits with a sign; JSON (and SQLite) hold up to 2**64 - 1.
+            # Rare (a counter past 2**63), so found here, not checked on every message: such
+            # integers are written as floats, as larger ones already are, and the batch again.
+            self._write(_fit_ints(batch))
+
+    def _write(self, batch: Batch) -> None:
         requests: List[Any] = []
         agents: List[Any] = []
         ret = self.retention_s
