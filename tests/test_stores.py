@@ -329,3 +329,37 @@ def test_integers_past_64_bits_with_a_sign_are_stored(store: Store) -> None:
                       (stored.data["rows"][0]["n"], 2**63)):
         assert got == want if isinstance(store, SqliteStore) else (type(got) is float and got == float(want))
     assert store.get_request("r-small") is not None
+
+
+def test_sqlite_writers_take_turns_through_a_lock_file(tmp_path: Path) -> None:
+    """Persisters sharing one file wait for each other on `<file>.writer-lock` (polled each
+    millisecond) rather than in SQLite's sleeps of up to 100 ms; a lock held past busy_timeout
+    does not stop the write, SQLite's own lock then decides."""
+    import fcntl
+    import threading
+
+    path = tmp_path / "fleet.db"
+    s = SqliteStore(str(path), RETENTION, busy_timeout_ms=1500)
+    other = open(str(path) + ".writer-lock", "a+b")
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        done = threading.Event()
+        batch = Batch()
+        batch.responses.append(res("r-turn"))
+        writer = threading.Thread(target=lambda: (s.write(batch), done.set()))
+        started = time.monotonic()
+        writer.start()
+        assert not done.wait(0.5), "the write waits its turn"
+        fcntl.flock(other, fcntl.LOCK_UN)
+        assert done.wait(5) and time.monotonic() - started < 1.4, "and goes as soon as the turn is free"
+        writer.join()
+        fcntl.flock(other, fcntl.LOCK_EX)  # held for good now: after busy_timeout the write goes anyway
+        batch = Batch()
+        batch.responses.append(res("r-late"))
+        started = time.monotonic()
+        s.write(batch)
+        assert 1.4 < time.monotonic() - started < 5
+        assert s.get_request("r-turn") is not None and s.get_request("r-late") is not None
+    finally:
+        other.close()
+        s.close()

@@ -4,12 +4,15 @@ writer, and one transaction per batch."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import orjson
 
@@ -128,6 +131,18 @@ CHECKPOINT_EVERY_S = 0.25
 WRITER_CHECKPOINT_PAGES = 16384  # 64 MiB of WAL at 4 KiB pages
 
 
+@dataclass
+class _Rows:
+    """A batch as SQL parameters, made before the write transaction."""
+
+    requests: List[Tuple[Any, ...]] = field(default_factory=list)
+    responses: List[Tuple[Any, ...]] = field(default_factory=list)
+    seen: List[Tuple[Any, ...]] = field(default_factory=list)
+    statuses: List[Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = field(default_factory=list)
+    rejected: List[Tuple[Any, ...]] = field(default_factory=list)
+    ids: List[str] = field(default_factory=list)
+
+
 class SqliteStore:
     """A Store in one SQLite file; safe to share between threads (calls are serialised).
 
@@ -142,6 +157,7 @@ class SqliteStore:
         self._file = str(Path(path).expanduser()) if path != ":memory:" else path
         self._busy_timeout_ms = int(busy_timeout_ms)
         self._checkpointer: Optional[threading.Thread] = None
+        self._turns: Optional[IO[bytes]] = None
         self._closing = threading.Event()
         self._written = threading.Event()
         try:
@@ -205,46 +221,82 @@ class SqliteStore:
 
     # write side
     def write(self, batch: Batch) -> None:
+        rows = self._rows(batch)  # before the transaction: it holds the database's one write lock
         with self._lock:
             if self._checkpointer is None:
                 self._start_checkpointer()
             self._written.set()
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._write(batch)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+            with self._writers_turn():
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._apply(rows)
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
 
-    def _write(self, batch: Batch) -> None:
-        db, ret = self._db, self.retention_s
-        requests: List[Tuple[Any, ...]] = []
+    @contextmanager
+    def _writers_turn(self) -> Iterator[None]:
+        """Persisters sharing the file take turns at writing through a lock file. Waiting for
+        SQLite's own lock means sleeping in growing steps (up to 100 ms) while the other commits in
+        a few; this lock is polled every millisecond. After busy_timeout, SQLite's lock decides."""
+        if self._file == ":memory:":
+            yield
+            return
+        if self._turns is None:
+            self._turns = open(self._file + ".writer-lock", "a+b")
+        deadline = time.monotonic() + self._busy_timeout_ms / 1000
+        held = False
+        while not held:
+            try:
+                fcntl.flock(self._turns, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.001)
+        try:
+            yield
+        finally:
+            if held:
+                fcntl.flock(self._turns, fcntl.LOCK_UN)
+
+    def _rows(self, batch: Batch) -> _Rows:
+        ret = self.retention_s
+        out = _Rows()
         for item in batch.requests:
             r = item.message
             issued = norm_ts(r.issued_at) or item.received_at
-            requests.append((r.id, item.agent_id, r.type, _json(r.params), issued, norm_ts(r.expires_at),
-                             retention_until(issued, r.type, ret)))
-        db.executemany(UPSERT_REQUEST, requests)
-        responses: List[Tuple[Any, ...]] = []
+            out.requests.append((r.id, item.agent_id, r.type, _json(r.params), issued, norm_ts(r.expires_at),
+                                 retention_until(issued, r.type, ret)))
         last_heard: Dict[str, str] = {}
         for res in batch.responses:
             p = res.message
             answered = norm_ts(p.collected_at) or res.received_at
-            responses.append((p.id, p.agent_id, p.type, response_state(p), answered, _json(p.data),
-                              _json(p.error), retention_until(answered, p.type, ret)))
+            out.responses.append((p.id, p.agent_id, p.type, response_state(p), answered, _json(p.data),
+                                  _json(p.error), retention_until(answered, p.type, ret)))
             last_heard[p.agent_id] = max(res.received_at, last_heard.get(p.agent_id, ""))
-        db.executemany(UPSERT_RESPONSE, responses)
-        db.executemany(SEEN_AGENT, [(agent_id, at, at) for agent_id, at in last_heard.items()])
+        out.seen = [(agent_id, at, at) for agent_id, at in last_heard.items()]
         for st in batch.statuses:
             s, seen = st.message, seen_at(st)
-            db.execute(SEEN_AGENT, (s.agent_id, seen, seen))
-            db.execute(APPLY_STATUS, (int(s.online), s.hostname, s.platform, s.agent_version, _json(s.types),
-                                      st.received_at, s.agent_id, st.received_at))
+            out.statuses.append(((s.agent_id, seen, seen),
+                                 (int(s.online), s.hostname, s.platform, s.agent_version, _json(s.types),
+                                  st.received_at, s.agent_id, st.received_at)))
+        out.rejected = [(r.id, r.received_at, r.topic, r.reason, r.payload) for r in batch.rejected]
+        out.ids = [i.message.id for i in batch.requests] + [i.message.id for i in batch.responses]
+        return out
+
+    def _apply(self, rows: _Rows) -> None:
+        db = self._db
+        db.executemany(UPSERT_REQUEST, rows.requests)
+        db.executemany(UPSERT_RESPONSE, rows.responses)
+        db.executemany(SEEN_AGENT, rows.seen)
+        for seen, status in rows.statuses:
+            db.execute(SEEN_AGENT, seen)
+            db.execute(APPLY_STATUS, status)
         db.executemany("INSERT OR IGNORE INTO rejected (id, received_at, topic, reason, payload) "
-                       "VALUES (?, ?, ?, ?, ?)",
-                       [(r.id, r.received_at, r.topic, r.reason, r.payload) for r in batch.rejected])
-        self._complete_pairs([i.message.id for i in batch.requests] + [i.message.id for i in batch.responses])
+                       "VALUES (?, ?, ?, ?, ?)", rows.rejected)
+        self._complete_pairs(rows.ids)
 
     def _complete_pairs(self, ids: List[str]) -> None:
         """Latency of every request in the batch whose request and response are both stored now."""
@@ -355,6 +407,8 @@ class SqliteStore:
             self._checkpointer.join(10)
         with self._lock:
             self._db.close()
+            if self._turns is not None:
+                self._turns.close()
 
     @staticmethod
     def _request(row: Sequence[Any]) -> RequestRecord:
