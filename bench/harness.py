@@ -27,6 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleet_common.link import no_delay
 from fleet_common.timefmt import parse_iso
 from fleetctl.broker import EmbeddedBroker, find_mosquitto, free_port
 
@@ -228,6 +229,7 @@ def connect(c: mqtt.Client, port: int, session_expiry_s: int = 0) -> None:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = session_expiry_s
     c.connect("127.0.0.1", port, keepalive=60, clean_start=session_expiry_s == 0, properties=props)
+    no_delay(c)  # as every client of the system does
 
 
 class Observer:

@@ -19,6 +19,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleet_common.link import no_delay
+
 
 def _client(client_id: str = "", session: bool = False) -> mqtt.Client:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
@@ -32,6 +34,7 @@ def _connect(c: mqtt.Client, port: int, session: bool) -> None:
     props.SessionExpiryInterval = 3600 if session else 0
     props.ReceiveMaximum = 1000
     c.connect("127.0.0.1", port, keepalive=60, clean_start=not session, properties=props)
+    no_delay(c)  # as every client of the system does
 
 
 def publish(port: int, topic_base: str, count: int, payloads: List[bytes], types: List[str]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import struct
 import threading
 from typing import Any, Callable, List, Optional, Tuple
@@ -32,6 +33,20 @@ class Backoff:
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+def no_delay(client: mqtt.Client) -> None:
+    """Turn Nagle's algorithm off on the client's socket. MQTT packets are small and most wait for
+    an answer (a PUBACK, a response): with Nagle on at either end a request and its answer took
+    87 ms on loopback (TCP's delayed acknowledgement, once per side); off at both ends, 0.4 ms.
+    Mosquitto's side is `set_tcp_nodelay true` in broker_config/*.conf."""
+    setsockopt = getattr(client.socket(), "setsockopt", None)  # None: not connected, or websockets
+    if setsockopt is None:
+        return
+    try:
+        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not a TCP socket
+        pass
 
 
 def publish_properties(response_topic: Optional[str] = None, correlation: Optional[bytes] = None,
@@ -179,6 +194,7 @@ class Link:
             self.log.error("broker at %s refused the connection as %r: %s; retrying in %.1f s",
                            self.where, self.client_id, reason, delay)
             return
+        no_delay(client)
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True

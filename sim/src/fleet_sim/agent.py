@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet_common.errors import ContractError
-from fleet_common.link import publish_properties
+from fleet_common.link import no_delay, publish_properties
 from fleet_common.messages import Response, Status, parse_request
 from fleet_common.timefmt import iso
 from fleet_common.topics import Topics
@@ -67,6 +67,8 @@ class SimAgent:
         except OSError as exc:
             log.debug("%s: cannot connect: %s", self.id, exc)
             self.pending.set_result(False)
+            return self.pending
+        no_delay(self.client)  # as the real agent does (fleet_common.link)
         return self.pending
 
     def birth(self) -> Status:
