@@ -27,12 +27,18 @@ DEFAULT_SORT = "cpu_percent"
 
 
 class ProcessTable:
-    """psutil.Process objects cached by pid, so cpu_percent has a previous sample to compare with."""
+    """psutil.Process objects cached by pid, each with its previous CPU time sample.
+
+    cpu_percent is psutil's formula, 100 x (CPU seconds used) / (seconds elapsed) between two
+    samples, computed here from the cpu_times() that oneshot() reads with the rest of the row:
+    Process.cpu_percent() also asks the system for the CPU count (sysconf) on every call, once
+    per process, and was the largest single cost of a snapshot."""
 
     def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
         self._procs: Dict[int, psutil.Process] = {}
+        self._cpu: Dict[int, Tuple[float, float]] = {}  # pid -> (user + system seconds, monotonic time)
         self._primed_at = 0.0  # monotonic time of the newest priming
 
     def _refresh(self) -> None:
@@ -40,18 +46,21 @@ class ProcessTable:
         for pid in list(self._procs):
             if pid not in live:
                 del self._procs[pid]
+                self._cpu.pop(pid, None)
         for pid in live - self._procs.keys():
             self._add(pid)
 
     def _add(self, pid: int) -> Optional[psutil.Process]:
         try:
             proc = psutil.Process(pid)
-            proc.cpu_percent(None)  # primes; the first value is meaningless
+            times = proc.cpu_times()
         except psutil.Error:
             self._procs.pop(pid, None)
+            self._cpu.pop(pid, None)
             return None
         self._procs[pid] = proc
         self._primed_at = time.monotonic()
+        self._cpu[pid] = (times.user + times.system, self._primed_at)
         return proc
 
     def prime(self) -> None:
@@ -67,15 +76,45 @@ class ProcessTable:
             rows = []
             for pid, proc in list(self._procs.items()):
                 try:
-                    row = _row(pid, proc)
+                    row = self._row(pid, proc)
                 except _Reused:
                     fresh = self._add(pid)  # its CPU share is unknown until the next request
-                    row = _row(pid, fresh, cpu=False) if fresh is not None else None
+                    row = self._row(pid, fresh, cpu=False) if fresh is not None else None
                 if row is None:
                     self._procs.pop(pid, None)
+                    self._cpu.pop(pid, None)
                 else:
                     rows.append(row)
             return rows
+
+    def _cpu_percent(self, pid: int, proc: psutil.Process) -> Optional[float]:
+        times = proc.cpu_times()
+        now, used = time.monotonic(), float(times.user + times.system)
+        before = self._cpu.get(pid)
+        self._cpu[pid] = (used, now)
+        if before is None or now <= before[1]:
+            return None
+        return round(max(0.0, used - before[0]) * 100.0 / (now - before[1]), 1)
+
+    def _row(self, pid: int, proc: psutil.Process, cpu: bool = True) -> Optional[JsonObject]:
+        try:
+            with proc.oneshot():
+                if cpu and _reused(proc):
+                    raise _Reused(pid)
+                mem = _field(proc.memory_info)
+                return {
+                    "pid": pid,
+                    "ppid": _field(lambda: _ppid(proc)),
+                    "name": _field(proc.name),
+                    "username": _username(proc),
+                    "status": _field(proc.status),
+                    "cpu_percent": _field(lambda: self._cpu_percent(pid, proc)) if cpu else None,
+                    "rss": mem.rss if mem is not None else None,
+                    "create_time": _field(proc.create_time),
+                    "num_threads": _field(proc.num_threads),
+                }
+        except psutil.NoSuchProcess:
+            return None
 
 
 def _field(fn: Callable[[], Any]) -> Any:
@@ -128,28 +167,6 @@ def _username(proc: psutil.Process) -> Optional[str]:
             _USERS.clear()
         _USERS[uid] = name
     return name
-
-
-def _row(pid: int, proc: psutil.Process, cpu: bool = True) -> Optional[JsonObject]:
-    try:
-        with proc.oneshot():
-            if cpu and _reused(proc):
-                raise _Reused(pid)
-            mem = _field(proc.memory_info)
-            percent = _field(lambda: proc.cpu_percent(None)) if cpu else None
-            return {
-                "pid": pid,
-                "ppid": _field(lambda: _ppid(proc)),
-                "name": _field(proc.name),
-                "username": _username(proc),
-                "status": _field(proc.status),
-                "cpu_percent": round(percent, 1) if percent is not None else None,
-                "rss": mem.rss if mem is not None else None,
-                "create_time": _field(proc.create_time),
-                "num_threads": _field(proc.num_threads),
-            }
-    except psutil.NoSuchProcess:
-        return None
 
 
 TABLE = ProcessTable()
