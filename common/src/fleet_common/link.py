@@ -72,9 +72,10 @@ class PackedProperties(Properties):
 
     def __init__(self, response_topic: Optional[str] = None, correlation: Optional[bytes] = None,
                  expiry_s: Optional[int] = None) -> None:  # no super().__init__(): that is the cost
+        expiry_s = None if expiry_s is None else max(1, int(expiry_s))
         body = b""
         if expiry_s is not None:
-            body += b"\x02" + struct.pack("!I", max(1, int(expiry_s)))
+            body += b"\x02" + struct.pack("!I", expiry_s)
         if response_topic is not None:
             topic = response_topic.encode("utf-8")
             body += b"\x08" + struct.pack("!H", len(topic)) + topic
@@ -94,7 +95,7 @@ class PackedProperties(Properties):
         if correlation is not None:
             props.CorrelationData = correlation
         if expiry_s is not None:
-            props.MessageExpiryInterval = max(1, int(expiry_s))
+            props.MessageExpiryInterval = expiry_s
         return props
 
     def __getattr__(self, name: str) -> Any:  # only for what the instance itself lacks

@@ -161,8 +161,8 @@ class SqliteStore:
         self._closing = threading.Event()
         self._written = threading.Event()
         try:
-            if path != ":memory:":
-                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            if self._file != ":memory:":
+                Path(self._file).parent.mkdir(parents=True, exist_ok=True)
             self._db = self._open()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the SQLite database {path!r} ({exc}); check that "
