@@ -104,6 +104,14 @@ class Procs:
         self.procs[name] = proc
         return proc
 
+    def start_persister(self, config: Path, name: str = "persister") -> subprocess.Popen[bytes]:
+        """fleet-persister, once its subscriptions are active: what is published before that is
+        not in its (new) session, and a request the controller sends then is never stored."""
+        proc = self.start(name, "fleet-persister", "--config", str(config))
+        wait_for(lambda: "receiving requests, responses and status" in self.log(name), 20,
+                 what=f"{name} to subscribe")
+        return proc
+
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
         proc = self.procs[name]
         if proc.poll() is None:

@@ -25,6 +25,7 @@ from fleetctl.broker import free_port
 
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -37,6 +38,19 @@ CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-br
 CHROMEDRIVER = next((p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver") if p and Path(p).exists()),
                     None)
 TOKEN = "browser-test-operator-token"
+
+
+def wait_page(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.1,
+              what: str = "condition") -> Any:
+    """wait_for on a live page: a refresh redraws what was just found, and reading it then raises
+    StaleElementReferenceException, which means "look again", not failure."""
+    def check() -> Any:
+        try:
+            return predicate()
+        except StaleElementReferenceException:
+            return False
+
+    return wait_for(check, timeout_s, interval_s, what)
 
 
 def missing() -> str:
@@ -71,7 +85,7 @@ def stack(write_config: Callable[..., Path], procs: Any, **dashboard: Any) -> st
     port = free_port()
     cfg = write_config(controller={"schedule": {t: 1 for t in BUILTIN_TYPES}},
                        dashboard={"port": port, "refresh_s": 1, **dashboard})
-    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    procs.start_persister(cfg)
     procs.start("controller", "fleet-controller", "--config", str(cfg))
     for agent in ("host-a", "host-b"):
         procs.start(agent, "fleet-agent", "--config", str(write_config(agent, agent={"id": agent})))
@@ -96,34 +110,34 @@ def test_fleet_agent_and_rejected_pages_in_a_browser(tmp_path, broker, prefix, w
     draws CPU, memory, disk and network charts with data points and lists processes, and the
     rejected page shows a malformed answer's reason; read-only, so no ask button."""
     url = stack(write_config, procs)
-    wait_for(lambda: _ok(url), 20, what="the dashboard to answer")
+    wait_page(lambda: _ok(url), 20, what="the dashboard to answer")
     browser.get(url + "/")
-    wait_for(lambda: sorted(rows(browser)) == ["host-a", "host-b"] or browser.refresh(), 40, interval_s=1,
+    wait_page(lambda: sorted(rows(browser)) == ["host-a", "host-b"] or browser.refresh(), 40, interval_s=1,
              what="both agents on the fleet page")
-    wait_for(lambda: browser.find_element(By.ID, "count-online").text == "2", 20, what="2 online")
-    wait_for(lambda: "%" in browser.find_element(By.CSS_SELECTOR, 'tr[data-agent="host-a"]').text, 30,
+    wait_page(lambda: browser.find_element(By.ID, "count-online").text == "2", 20, what="2 online")
+    wait_page(lambda: "%" in browser.find_element(By.CSS_SELECTOR, 'tr[data-agent="host-a"]').text, 30,
              what="host-a's CPU, memory and disk readings")
     screenshot(browser, tmp_path, "fleet")
     stamp = browser.find_element(By.ID, "fleet").get_attribute("data-refreshed-at")
-    wait_for(lambda: browser.find_element(By.ID, "fleet").get_attribute("data-refreshed-at") != stamp, 10,
+    wait_page(lambda: browser.find_element(By.ID, "fleet").get_attribute("data-refreshed-at") != stamp, 10,
              what="a live refresh without reloading")
     browser.find_element(By.CSS_SELECTOR, 'a[data-sort="agent_id"]').click()  # ascending -> descending
-    wait_for(lambda: rows(browser) == ["host-b", "host-a"], 10, what="the table sorted by agent, descending")
+    wait_page(lambda: rows(browser) == ["host-b", "host-a"], 10, what="the table sorted by agent, descending")
     search = browser.find_element(By.CSS_SELECTOR, "#fleet-filters input[name=q]")
     search.send_keys("host-a")
-    wait_for(lambda: rows(browser) == ["host-a"], 10, what="the filter to leave host-a alone")
+    wait_page(lambda: rows(browser) == ["host-a"], 10, what="the filter to leave host-a alone")
 
     browser.get(url + "/agent/host-a?range=15m")
 
     def points(name: str) -> int:
         return int(browser.find_element(By.ID, f"chart-{name}").get_attribute("data-points") or 0)
 
-    wait_for(lambda: all(points(n) >= 3 for n in ("cpu", "memory", "disk", "network")), 40, interval_s=0.5,
+    wait_page(lambda: all(points(n) >= 3 for n in ("cpu", "memory", "disk", "network")), 40, interval_s=0.5,
              what="every chart drawn with at least 3 data points")
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-cpu canvas")
     if os.environ.get("FLEET_TEST_SCREENSHOTS"):  # a fuller chart for the README
-        wait_for(lambda: points("cpu") >= 20, 60, interval_s=1, what="20 CPU points")
-    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#processes tbody tr")) > 3, 20,
+        wait_page(lambda: points("cpu") >= 20, 60, interval_s=1, what="20 CPU points")
+    wait_page(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#processes tbody tr")) > 3, 20,
              what="the process list")
     browser.find_element(By.CSS_SELECTOR, "#processes th:nth-child(6)").click()  # rss, largest first
     rss = [int(td.get_attribute("data-v")) for td in browser.find_elements(By.CSS_SELECTOR,
@@ -136,7 +150,7 @@ def test_fleet_agent_and_rejected_pages_in_a_browser(tmp_path, broker, prefix, w
 
     publish_garbage(broker.port, f"{prefix}/host-a/res/cpu", b'{"id": "no-such", "status": "maybe"')
     browser.get(url + "/rejected")
-    wait_for(lambda: f"{prefix}/host-a/res/cpu" in browser.find_element(By.ID, "rejected-table").text, 20,
+    wait_page(lambda: f"{prefix}/host-a/res/cpu" in browser.find_element(By.ID, "rejected-table").text, 20,
              what="the malformed answer on the rejected page (live)")
     screenshot(browser, tmp_path, "rejected")
 
@@ -145,19 +159,19 @@ def test_ask_now_as_an_operator_shows_a_fresh_answer(tmp_path, broker, write_con
     """With asking enabled, an operator signs in, presses "ask now" on an agent page and sees the
     agent's fresh answer, collected after the press."""
     url = stack(write_config, procs, ask_enabled=True, operator_token=TOKEN)
-    wait_for(lambda: _ok(url), 20, what="the dashboard to answer")
+    wait_page(lambda: _ok(url), 20, what="the dashboard to answer")
     browser.get(url + "/agent/host-b")
     assert not browser.find_elements(By.ID, "ask-button")  # not signed in
     browser.get(url + "/signin?next=/agent/host-b")
     browser.find_element(By.NAME, "token").send_keys(TOKEN)
     browser.find_element(By.CSS_SELECTOR, ".signin button").click()
-    wait_for(lambda: browser.find_elements(By.ID, "ask-button"), 10, what="the ask button after signing in")
-    wait_for(lambda: _agent_known(url, "host-b"), 30, what="host-b online")
+    wait_page(lambda: browser.find_elements(By.ID, "ask-button"), 10, what="the ask button after signing in")
+    wait_page(lambda: _agent_known(url, "host-b"), 30, what="host-b online")
     Select(browser.find_element(By.ID, "ask-type")).select_by_visible_text("memory")
     pressed = time.time()
     browser.find_element(By.ID, "ask-button").click()
     answer = browser.find_element(By.ID, "ask-answer")
-    wait_for(lambda: answer.get_attribute("data-answer-id"), 20, what="the answer to be shown")
+    wait_page(lambda: answer.get_attribute("data-answer-id"), 20, what="the answer to be shown")
     shown = json.loads(answer.text)
     assert shown["agent_id"] == "host-b" and shown["type"] == "memory" and shown["status"] == "ok"
     assert shown["data"]["virtual"]["total"] > 0 and parse_iso(shown["collected_at"]) >= pressed - 1

@@ -24,7 +24,7 @@ def test_every_type_is_answered_and_stored_for_two_agents(tmp_path, write_config
     with state ok, its data, and a latency that matches its timestamps."""
     db = tmp_path / "fleet.db"
     cfg = write_config(controller={"schedule": ALL_EVERY_SECOND})
-    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    procs.start_persister(cfg)
     procs.start("controller", "fleet-controller", "--config", str(cfg))
     for agent in ("host-a", "host-b"):
         procs.start(agent, "fleet-agent", "--config", str(write_config(agent, agent={"id": agent})))
@@ -60,7 +60,7 @@ def test_offline_agent_gets_queued_requests_and_expired_ones_are_never_collected
     interval = 3
     cfg = write_config(controller={"schedule": {"cpu": interval}})
     agent_cfg = write_config("agent", agent={"id": "roamer"})
-    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    procs.start_persister(cfg)
     procs.start("controller", "fleet-controller", "--config", str(cfg))
     procs.start("agent", "fleet-agent", "--config", str(agent_cfg))
     wait_for(lambda: answered_types(db, "roamer", 1) == {"cpu"}, 30, what="a first answer")

@@ -67,7 +67,7 @@ def test_fleetctl_request_to_an_absent_agent_says_so(write_config) -> None:
 def test_fleetctl_status_and_history_read_the_store(tmp_path, write_config, procs) -> None:
     """status lists the agent with answered/issued counts; history lists stored results."""
     cfg = write_config(agent={"id": "st-host"}, controller={"schedule": {"cpu": 1, "memory": 1}})
-    procs.start("persister", "fleet-persister", "--config", str(cfg))
+    procs.start_persister(cfg)
     procs.start("controller", "fleet-controller", "--config", str(cfg))
     procs.start("agent", "fleet-agent", "--config", str(cfg))
     db = tmp_path / "fleet.db"

@@ -19,7 +19,7 @@ from conftest import BIN, Procs, wait_for
 from helpers import loads, rows
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_common import Request, Response, Status, Topics, iso, new_id
+from fleet_common import Request, Response, Topics, iso, new_id
 from fleetctl.broker import EmbeddedBroker, free_port
 
 AGENT = "web-01"
@@ -52,18 +52,11 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_persister(procs: Procs, write_config: Callable[..., Path], publisher: Callable[..., None],
-                    topics: Topics, db: Path) -> Callable[..., subprocess.Popen[bytes]]:
-    """Start fleet-persister and return once its subscriptions are active: a retained status
-    published beforehand arrives (logged at debug) only after the SUBSCRIBE that also holds
-    the shared filters."""
+def start_persister(procs: Procs, write_config: Callable[..., Path]) -> Callable[..., subprocess.Popen[bytes]]:
+    """Start fleet-persister (with these persister settings) and return once it has subscribed."""
 
     def start(**persister: Any) -> subprocess.Popen[bytes]:
-        probe = f"probe-{uuid.uuid4().hex[:6]}"
-        publisher(topics.status(probe), Status(agent_id=probe, online=True).payload(), retain=True)
-        proc = procs.start("persister", "fleet-persister", "--config", str(write_config(persister=persister)))
-        wait_for(lambda: f"on {topics.status(probe)}" in procs.log("persister"), what="persister subscribed")
-        return proc
+        return procs.start_persister(write_config(persister=persister))
 
     return start
 

@@ -97,6 +97,7 @@ class Persister:
                          receive_maximum=self.pcfg.receive_maximum, manual_ack=True, logger=log)
         self.link.on_connect_hooks.append(self._subscribe)
         self.link.client.on_message = self._on_message
+        self.link.client.on_subscribe = self._on_subscribe
         self._generation = 0
         self._accepting = threading.Event()
         self._accepting.set()
@@ -116,6 +117,12 @@ class Persister:
                           (share(self.topics.all_responses()), qos1),
                           # retained status is delivered only on a plain subscription
                           (self.topics.all_status(), qos1)])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("broker refused a subscription: %s", reasons)
+        else:
+            log.info("receiving requests, responses and status under %s/", self.topics.prefix)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not self._accepting.is_set():
