@@ -15,7 +15,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from . import mqtt5props
 from .config import MqttConfig
+
+mqtt5props.install()  # every component makes its client through here
 
 OnConnect = Callable[[mqtt.Client, bool], None]
 
