@@ -190,3 +190,65 @@ def test_a_reused_pid_is_measured_afresh() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def _proc_reads(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Counts the /proc files psutil opens, by file name (stat, status, statm, cmdline)."""
+    from psutil import _pslinux
+
+    if not sys.platform.startswith("linux") or not hasattr(_pslinux, "open_binary"):
+        pytest.skip("counts psutil's /proc reads, which exist on Linux only")
+    reads: collections.Counter[str] = collections.Counter()
+    for name in ("open_binary", "open_text"):
+        real = getattr(_pslinux, name)
+
+        def counted(path: str, *a: Any, _real: Any = real, **k: Any) -> Any:
+            reads[str(path).rsplit("/", 1)[-1]] += 1
+            return _real(path, *a, **k)
+
+        monkeypatch.setattr(_pslinux, name, counted)
+    return reads
+
+
+def test_processes_reads_the_rest_of_a_row_only_for_rows_it_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every process's stat file is read once (its CPU share and the sort key); its status and
+    statm files only for the `limit` rows returned. Before, a default request read all four
+    files for every process."""
+    table = ProcessTable(min_interval_s=0.0)
+    table.prime()
+    reads = _proc_reads(monkeypatch)
+    rows, total = table.top("cpu_percent", 3)
+    assert len(rows) == 3 and total >= 10
+    assert reads["stat"] <= total + 2  # + processes that started meanwhile
+    assert reads["status"] <= 3 and reads["statm"] <= 3, reads
+    reads.clear()
+    rows, total = table.top("rss", 3)
+    assert reads["statm"] >= total - 2 and reads["status"] <= 3, reads  # rss is the sort key: read for all
+    assert [r["rss"] for r in rows] == sorted((r["rss"] for r in rows), reverse=True)
+
+
+def test_processes_top_is_the_head_of_the_whole_list() -> None:
+    """top(sort_by, n) gives the rows the whole sorted list starts with (pid and name orders are
+    stable between two calls; CPU and memory figures move), each with every field."""
+    table = ProcessTable(min_interval_s=0.0)
+    table.prime()
+    for sort_by in ("pid", "name"):
+        head, total = table.top(sort_by, 5)
+        whole, _ = table.top(sort_by, None)
+        assert [r["pid"] for r in head] == [r["pid"] for r in whole[:5]]
+        assert abs(total - len(whole)) <= 2
+    fields = ["pid", "ppid", "name", "username", "status", "cpu_percent", "rss", "create_time", "num_threads"]
+    assert all(list(r) == fields for r in table.snapshot())
+
+
+def test_kernel_threads_are_named_as_psutil_names_them() -> None:
+    """Kernel threads skip psutil's command-line read (they have none); the name is the same."""
+    rows = ProcessTable(min_interval_s=0.0).snapshot()
+    kernel = [r for r in rows if r["ppid"] == 2 or r["pid"] == 2]
+    if not kernel:
+        pytest.skip("no kernel threads are visible here (not Linux, or a container's own pid namespace)")
+    for r in kernel:
+        try:
+            assert r["name"] == psutil.Process(r["pid"]).name()
+        except psutil.NoSuchProcess:
+            continue

@@ -10,8 +10,10 @@ process is found from the same /proc reads that give the row, and starts afresh.
 from __future__ import annotations
 
 import pwd
+import sys
 import threading
 import time
+from contextlib import ExitStack
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
@@ -68,7 +70,18 @@ class ProcessTable:
             self._refresh()
 
     def snapshot(self) -> List[JsonObject]:
-        with self._lock:
+        """Every process's row, in no particular order."""
+        return self.top(None, None)[0]
+
+    def top(self, sort_by: Optional[str], limit: Optional[int]) -> Tuple[List[JsonObject], int]:
+        """The first `limit` rows in `sort_by` order (see sort_rows), and how many processes there are.
+
+        Every process's sort key and what its stat file gives are read first; its user, threads,
+        memory and name (the status, statm and often cmdline files) only if its row is returned:
+        most of a snapshot's cost, and a host has far more processes than the default 50. Each
+        process's psutil oneshot() stays open from the first read to the last, so its stat file
+        is read once."""
+        with self._lock, ExitStack() as held:
             self._refresh()
             wait = self.min_interval_s - (time.monotonic() - self._primed_at)
             if wait > 0:
@@ -76,16 +89,23 @@ class ProcessTable:
             rows = []
             for pid, proc in list(self._procs.items()):
                 try:
-                    row = self._row(pid, proc)
+                    row = self._measure(held, pid, proc, sort_by)
                 except _Reused:
                     fresh = self._add(pid)  # its CPU share is unknown until the next request
-                    row = self._row(pid, fresh, cpu=False) if fresh is not None else None
+                    row = self._measure(held, pid, fresh, sort_by, cpu=False) if fresh is not None else None
                 if row is None:
                     self._procs.pop(pid, None)
                     self._cpu.pop(pid, None)
                 else:
                     rows.append(row)
-            return rows
+            out: List[JsonObject] = []
+            for row in sort_rows(rows, sort_by) if sort_by is not None else rows:
+                if limit is not None and len(out) >= limit:
+                    break
+                full = self._complete(row)
+                if full is not None:  # it ended meanwhile: the next one takes its place
+                    out.append(full)
+            return out, len(rows)
 
     def _cpu_percent(self, pid: int, proc: psutil.Process) -> Optional[float]:
         times = proc.cpu_times()
@@ -96,25 +116,47 @@ class ProcessTable:
             return None
         return round(max(0.0, used - before[0]) * 100.0 / (now - before[1]), 1)
 
-    def _row(self, pid: int, proc: psutil.Process, cpu: bool = True) -> Optional[JsonObject]:
+    def _measure(self, held: ExitStack, pid: int, proc: psutil.Process, sort_by: Optional[str], cpu: bool = True
+                 ) -> Optional[JsonObject]:
+        """What /proc/<pid>/stat gives, for every process (it keeps each CPU share current), plus
+        the sort key. Leaves the process's oneshot() open in `held`."""
         try:
-            with proc.oneshot():
-                if cpu and _reused(proc):
-                    raise _Reused(pid)
-                mem = _field(proc.memory_info)
-                return {
-                    "pid": pid,
-                    "ppid": _field(lambda: _ppid(proc)),
-                    "name": _field(proc.name),
-                    "username": _username(proc),
-                    "status": _field(proc.status),
-                    "cpu_percent": _field(lambda: self._cpu_percent(pid, proc)) if cpu else None,
-                    "rss": mem.rss if mem is not None else None,
-                    "create_time": _field(proc.create_time),
-                    "num_threads": _field(proc.num_threads),
-                }
+            held.enter_context(proc.oneshot())
+            if cpu and _reused(proc):
+                raise _Reused(pid)
+            row: JsonObject = {
+                "pid": pid,
+                "ppid": _field(lambda: _ppid(proc)),
+                "status": _field(proc.status),
+                "cpu_percent": _field(lambda: self._cpu_percent(pid, proc)) if cpu else None,
+                "create_time": _field(proc.create_time),
+                "_proc": proc,
+            }
+            if sort_by == "rss":
+                row["rss"] = _rss(proc)
+            elif sort_by == "name":
+                row["name"] = _name(proc, row["ppid"])
+            return row
         except psutil.NoSuchProcess:
             return None
+
+    @staticmethod
+    def _complete(row: JsonObject) -> Optional[JsonObject]:
+        """The rest of a row that will be returned; None if the process has ended since."""
+        proc = row["_proc"]
+        try:
+            name = row["name"] if "name" in row else _name(proc, row["ppid"])
+            rss = row["rss"] if "rss" in row else _rss(proc)
+            return {"pid": row["pid"], "ppid": row["ppid"], "name": name, "username": _username(proc),
+                    "status": row["status"], "cpu_percent": row["cpu_percent"], "rss": rss,
+                    "create_time": row["create_time"], "num_threads": _field(proc.num_threads)}
+        except psutil.NoSuchProcess:
+            return None
+
+
+def _rss(proc: psutil.Process) -> Any:
+    mem = _field(proc.memory_info)
+    return mem.rss if mem is not None else None
 
 
 def _field(fn: Callable[[], Any]) -> Any:
@@ -139,6 +181,18 @@ def _reused(proc: psutil.Process) -> bool:
         return bool(proc._ident != (proc.pid, proc._proc.create_time(monotonic=True)))
     except (AttributeError, TypeError):
         return not proc.is_running()
+
+
+KTHREADD = 2  # Linux: the parent of every kernel thread
+
+
+def _name(proc: psutil.Process, ppid: Any) -> Any:
+    """Process.name(), which reads the command line when the name is 15 characters (the kernel's
+    limit) in case it holds a longer one. A kernel thread has no command line, and psutil then
+    reads the stat file again to tell it from a zombie: about a fifth of a snapshot's reads here."""
+    if sys.platform.startswith("linux") and KTHREADD in (ppid, proc.pid) and hasattr(proc, "_proc"):
+        return _field(proc._proc.name)
+    return _field(proc.name)
 
 
 def _ppid(proc: psutil.Process) -> Any:
@@ -198,5 +252,5 @@ def sort_rows(rows: List[JsonObject], sort_by: str) -> List[JsonObject]:
 @register("processes", prime=TABLE.prime)
 def collect(params: JsonObject) -> JsonObject:
     limit, sort_by = parse_params(params)
-    rows = TABLE.snapshot()
-    return {"processes": sort_rows(rows, sort_by)[:limit], "total": len(rows), "sort_by": sort_by, "limit": limit}
+    rows, total = TABLE.top(sort_by, limit)
+    return {"processes": rows, "total": total, "sort_by": sort_by, "limit": limit}
