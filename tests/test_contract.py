@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import time
+from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -144,6 +147,61 @@ def test_both_parsers_read_the_same_document(parser: str, monkeypatch: pytest.Mo
                     "low": -9.223372036854776e18, "text": "caf\u00e9 \u00e9 \U0001f600",
                     "rows": [{"a": 1, "b": [{"c": None}]}, {"a": 2.5, "b": []}]}
     assert type(data["big"]) is float and type(data["max"]) is int
+
+
+def _random_document(rng: random.Random, depth: int = 0, bad_keys: bool = True) -> Any:
+    """JSON with tables of objects, strings holding brackets, bad keys and deep nesting, at random."""
+    keys = ["pid", "name", "rss", "{k}", "[k]"] + (["a.b", "$x"] if bad_keys else ["ab", "x"])
+    roll = rng.random()
+    if depth > 36 or roll < 0.3:
+        return rng.choice([1, 2.5, None, True, "x", "{", "[]", "}]", "a{b[c"])
+    if roll < 0.55:  # a table
+        return [{rng.choice(keys[:3] if rng.random() < 0.9 else keys): _random_document(rng, depth + 2, bad_keys)
+                 if rng.random() < 0.1 else _deep(rng, depth + 2) if rng.random() < 0.03
+                 else rng.choice([1, "s", None, "{"]) for _ in range(rng.randint(1, 4))}
+                for _ in range(rng.randint(1, 6))]
+    if roll < 0.75:
+        return [_random_document(rng, depth + 1, bad_keys) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(keys[:3] if rng.random() < 0.95 else keys) + str(i): _random_document(rng, depth + 1, bad_keys)
+            for i in range(rng.randint(0, 3))}
+
+
+def _deep(rng: random.Random, depth: int) -> Any:
+    """A chain of arrays, objects or both ending near MAX_DEPTH (32), on either side of it."""
+    value: Any = 1
+    share_of_arrays = rng.choice([0.0, 0.5, 1.0])
+    for _ in range(max(0, 34 - depth - rng.randint(0, 3))):
+        value = [value] if rng.random() < share_of_arrays else {"n": value}
+    return value
+
+
+def _verdict(fn: Any) -> str:
+    try:
+        fn()
+    except ContractError as exc:
+        return exc.reason
+    return "ok"
+
+
+def test_a_parsed_payload_is_checked_as_thoroughly_as_a_built_one() -> None:
+    """decode_object skips a table's cells when the text cannot hold another object or array; its
+    verdict is the full walk's (check_document) on thousands of random documents, among them
+    brackets in strings, bad keys and too-deep nesting inside table cells, and duplicate keys. (A
+    document with both a bad key and too deep a nesting may be refused for either.)"""
+    rng = random.Random(5)
+    verdicts: Counter[str] = Counter()
+    for i in range(4000):
+        bad_keys = i % 2 == 0
+        doc = {"rows": _random_document(rng, 0, bad_keys), "more": _random_document(rng, 0, bad_keys)}
+        text = json.dumps(doc)
+        if i % 10 == 1:  # a duplicate key: the text holds an object the parsed document does not
+            text = text[:-1] + ', "rows": {"dup": 1}}'
+        payload = text.encode()
+        full = _verdict(lambda p=payload: messages.check_document(messages._loads(p)))
+        fast = _verdict(lambda p=payload: messages.decode_object(p))
+        assert fast == full or (bad_keys and "ok" not in (fast, full)), text
+        verdicts[full] += 1
+    assert verdicts["ok"] > 300 and verdicts["bad_key"] > 300 and verdicts["too_deep"] > 30, verdicts
 
 
 def test_check_document_still_finds_nan_in_what_an_agent_built() -> None:

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import AbstractSet, Any, Dict, Iterable, List, Optional, Set
+from typing import AbstractSet, Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from .errors import ContractError
 from .timefmt import is_valid_id, now_iso, parse_iso
@@ -95,7 +95,7 @@ def decode_object(payload: bytes) -> JsonObject:
     obj = _loads(payload)
     if not isinstance(obj, dict):
         raise ContractError("not_object", f"payload is a JSON {type(obj).__name__}, not an object")
-    _check(obj, 0, False)
+    _check_parsed(obj, payload)
     return obj
 
 
@@ -109,7 +109,32 @@ def check_document(value: Any, depth: int = 0) -> None:
     _check(value, depth, True)
 
 
-def _check(value: Any, depth: int, floats: bool) -> None:
+class _Seen:
+    """What a walk of a parsed payload has met: the objects and arrays it counted, and the tables
+    whose cells it left for later (see _check_parsed)."""
+
+    __slots__ = ("dicts", "lists", "tables")
+
+    def __init__(self) -> None:
+        self.dicts, self.lists = 0, 0
+        self.tables: List[Tuple[Any, int]] = []
+
+
+def _check_parsed(obj: Any, payload: bytes) -> None:
+    """_check for a payload just parsed from `payload`, where a table's cells are looked at only
+    if they may hold an object or array. Every object in the text begins with a `{` and every
+    array with a `[` (strings may hold more), so when the walk has counted as many of each as the
+    text holds, no cell can be one: checking a 250-row processes table's 2,250 cells was as costly
+    as parsing them. Duplicate keys or brackets in strings make the counts differ; then the cells
+    are checked as before."""
+    seen = _Seen()
+    _check(obj, 0, False, seen)
+    if seen.tables and (payload.count(b"{") != seen.dicts or payload.count(b"[") != seen.lists):
+        for items, depth in seen.tables:
+            _check_cells(items, depth, False)
+
+
+def _check(value: Any, depth: int, floats: bool, seen: Optional[_Seen] = None) -> None:
     # This runs on every message the persister takes; a processes answer is a table of 250
     # objects of a dozen scalars. Per container, the keys are one C-level subset test against keys
     # already found good, the values one set of their types, and only containers recurse; a list
@@ -118,9 +143,13 @@ def _check(value: Any, depth: int, floats: bool) -> None:
     if depth > MAX_DEPTH:
         raise ContractError("too_deep", f"nesting deeper than {MAX_DEPTH}")
     if isinstance(value, dict):
+        if seen is not None:
+            seen.dicts += 1
         _check_keys(value.keys())
         items: Any = value.values()
     elif isinstance(value, list):
+        if seen is not None:
+            seen.lists += 1
         items = value
     else:
         _check_floats((value,), floats)
@@ -129,21 +158,30 @@ def _check(value: Any, depth: int, floats: bool) -> None:
     if kinds <= _SCALARS:
         _check_floats(items, floats)
         return
-    if kinds == _DICT and depth < MAX_DEPTH:  # a table: its rows' keys and cells at once
+    if kinds == _DICT and depth < MAX_DEPTH:  # a table: its rows' keys at once, then its cells
         _check_keys(set().union(*items))
-        cells = set(map(type, chain.from_iterable(map(dict.values, items))))
-        if floats and float in cells:
-            _check_floats(chain.from_iterable(map(dict.values, items)), floats)
-        if not cells <= _SCALARS:
-            for cell in chain.from_iterable(map(dict.values, items)):
-                if isinstance(cell, (dict, list)):
-                    _check(cell, depth + 2, floats)
+        if seen is None:
+            _check_cells(items, depth, floats)
+        else:
+            seen.dicts += len(items)
+            seen.tables.append((items, depth))
         return
     for item in items:
         if isinstance(item, (dict, list)):
-            _check(item, depth + 1, floats)
+            _check(item, depth + 1, floats, seen)
         elif floats and type(item) is float and item != item:
             raise ContractError("bad_number", "NaN is not JSON")
+
+
+def _check_cells(rows: Any, depth: int, floats: bool) -> None:
+    """The cells of a table whose rows (at depth + 1) are known to be objects with good keys."""
+    cells = set(map(type, chain.from_iterable(map(dict.values, rows))))
+    if floats and float in cells:
+        _check_floats(chain.from_iterable(map(dict.values, rows)), floats)
+    if not cells <= _SCALARS:
+        for cell in chain.from_iterable(map(dict.values, rows)):
+            if isinstance(cell, (dict, list)):
+                _check(cell, depth + 2, floats)
 
 
 def _check_keys(keys: AbstractSet[str]) -> None:
