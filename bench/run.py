@@ -64,6 +64,10 @@ def table(results: Dict[str, Any]) -> List[str]:
     for key, fig in ing.items():
         if isinstance(fig, dict) and "msgs_per_s" in fig:
             rows.append((f"ingest: {key.replace('_', ' ')} msgs/s", fig["msgs_per_s"], ratio(fig["msgs_per_s"])))
+            if fig.get("ratio_to_raw_paired") is not None:
+                rows.append(("  each run against a raw run just before it", "",
+                             f"{fig['ratio_to_raw_paired']:.2f}x raw (median of "
+                             + " / ".join(f"{r['ratio_to_that_raw']:.2f}" for r in fig["runs"]) + ")"))
         elif isinstance(fig, str):
             rows.append((f"ingest: {key}", fig, ""))
     e2e = results.get("e2e") or {}

@@ -82,25 +82,39 @@ def _wait_exit(proc: Proc, timeout_s: float) -> None:
 
 
 # 1. raw ceiling ---------------------------------------------------------------------------
-def raw(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+def raw_payloads(b: Bench) -> Tuple[Path, List[int]]:
+    """One real-sized answer of each type, written where rawmqtt.py reads them."""
     host = Host("raw-host")
     payloads = [response_payload(host, "a0", t, new_id()).decode() for t in TYPES]
     spec = b.run_dir / "raw-payloads.json"
-    spec.write_text(json.dumps({"payloads": payloads, "types": TYPES}))
+    if not spec.exists():
+        spec.write_text(json.dumps({"payloads": payloads, "types": TYPES}))
+    return spec, [len(p.encode()) for p in json.loads(spec.read_text())["payloads"]]
+
+
+def raw_live_once(b: Bench, label: str, n: int) -> Tuple[float, float]:
+    """A paho publisher -> Mosquitto -> paho subscriber, QoS 1: (subscriber, publisher) msgs/s."""
+    spec, _ = raw_payloads(b)
+    ready = b.run_dir / f"raw-{label}.ready"
+    sub = b.python(f"raw-sub-{label}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter", f"raw-{label}/+/res/+",
+                   "--count", str(n), "--ready-file", str(ready))
+    wait_until(ready.exists, 20)
+    p = b.python(f"raw-pub-{label}", "rawmqtt.py", "pub", "--port", str(b.port), "--topic-base", f"raw-{label}",
+                 "--count", str(n), "--payloads", str(spec))
+    _wait_exit(p, 300)
+    _wait_exit(sub, 300)
+    s, q = _last_json(sub), _last_json(p)
+    return s["received"] / max(s["last"] - s["first"], 1e-9), q["acked"] / max(q["last"] - q["first"], 1e-9)
+
+
+def raw(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+    spec, sizes_b = raw_payloads(b)
     n = sizes.raw_messages
     live, pub, drain = [], [], []
     for r in range(sizes.repeats):
-        ready = b.run_dir / f"raw-{r}.ready"
-        sub = b.python(f"raw-sub-{r}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter", f"raw{r}/+/res/+",
-                       "--count", str(n), "--ready-file", str(ready))
-        wait_until(ready.exists, 20)
-        p = b.python(f"raw-pub-{r}", "rawmqtt.py", "pub", "--port", str(b.port), "--topic-base", f"raw{r}",
-                     "--count", str(n), "--payloads", str(spec))
-        _wait_exit(p, 300)
-        _wait_exit(sub, 300)
-        s, q = _last_json(sub), _last_json(p)
-        live.append(s["received"] / max(s["last"] - s["first"], 1e-9))
-        pub.append(q["acked"] / max(q["last"] - q["first"], 1e-9))
+        sub_rate, pub_rate = raw_live_once(b, str(r), n)
+        live.append(sub_rate)
+        pub.append(pub_rate)
         # the same backlog, drained by a plain subscriber: the persister's ingest is the same shape
         cid = f"raw-drain-{r}"
         first = b.python(f"raw-drain-sub0-{r}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter",
@@ -114,7 +128,6 @@ def raw(b: Bench, sizes: Sizes) -> Dict[str, Any]:
         _wait_exit(d, 300)
         s = _last_json(d)
         drain.append(s["received"] / max(s["last"] - s["first"], 1e-9))
-    sizes_b = [len(p.encode()) for p in payloads]
     return {"messages_per_repeat": n, "repeats": sizes.repeats,
             "payload_bytes": dict(zip(TYPES, sizes_b)), "mean_payload_bytes": round(sum(sizes_b) / len(sizes_b)),
             "subscriber_msgs_per_s": round(median(live) or 0), "subscriber_runs": [round(x) for x in live],
@@ -210,10 +223,17 @@ def ingest(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict
             for r in range(sizes.repeats):
                 if label == "sqlite":
                     store = {**store, "sqlite_path": str(b.run_dir / f"ingest-{label}-{persisters}-{r}.db")}
-                runs.append(ingest_once(b, f"ingest_{label}_{persisters}p_{r}", sizes.ingest_backlog, persisters,
-                                        store))
+                # This machine's speed drifts over minutes; each run gets its own raw figure, taken
+                # just before it, and the ratio is the median of those pairs.
+                name = f"ingest_{label}_{persisters}p_{r}"
+                reference, _ = raw_live_once(b, name, sizes.raw_messages)
+                run = ingest_once(b, name, sizes.ingest_backlog, persisters, store)
+                run["raw_subscriber_msgs_per_s_just_before"] = round(reference)
+                run["ratio_to_that_raw"] = round(run["msgs_per_s"] / max(reference, 1e-9), 2)
+                runs.append(run)
             rate = median(r["msgs_per_s"] for r in runs) or 0
-            fig: Dict[str, Any] = {"msgs_per_s": round(rate), "runs": runs}
+            fig: Dict[str, Any] = {"msgs_per_s": round(rate), "runs": runs,
+                                   "ratio_to_raw_paired": median(r["ratio_to_that_raw"] for r in runs)}
             if raw_result:
                 fig["ratio_to_raw_subscriber"] = round(rate / raw_result["subscriber_msgs_per_s"], 2)
                 fig["ratio_to_raw_backlog_drain"] = round(rate / raw_result["backlog_drain_msgs_per_s"], 2)
