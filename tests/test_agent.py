@@ -317,3 +317,55 @@ def test_one_watchdog_times_out_exactly_the_unanswered_jobs() -> None:
         assert len(threads) == 1
     finally:
         dog.stop()
+
+
+def test_the_watchdog_wakes_per_timeout_not_per_request() -> None:
+    """100 requests answered at once over a second wake the watchdog a handful of times: each
+    wake-up costs the agent two context switches, and it used to wake once per request."""
+    from fleet_agent.agent import _Job, _Watchdog
+    from fleet_common import Request
+
+    timed_out: List[_Job] = []
+    dog = _Watchdog(0.5, timed_out.append)
+    dog.start()
+    try:
+        for i in range(100):
+            job = _Job(Request(id=f"r{i:03d}", type="ping"), "t", None)
+            dog.watch(job)
+            assert job.claim()
+            time.sleep(0.01)
+        late = _Job(Request(id="late", type="ping"), "t", None)
+        dog.watch(late)
+        wait_for(lambda: len(timed_out) == 1, 3, 0.02, what="the unanswered job to time out")
+        assert timed_out == [late] and dog.wakeups <= 12, dog.wakeups
+    finally:
+        dog.stop()
+
+
+def test_acknowledged_answers_leave_the_outbox_in_batches(broker: Any, write_config: Callable[..., Path],
+                                                          client: Client, agent_id: str, topics: Topics) -> None:
+    """30 answers in 0.6 s leave the outbox in a few deletes, not one per PUBACK (each was a
+    wake-up of the courier thread and a SQLite transaction), and all of them do leave it."""
+    cfg = load_config(str(write_config("agent", agent={"id": agent_id})))
+    agent = Agent(cfg).start()
+    deletes: List[int] = []
+    real_delete = agent.outbox.delete
+
+    def counted(seqs: List[int]) -> None:
+        deletes.append(len(seqs))
+        real_delete(seqs)
+
+    agent.outbox.delete = counted  # type: ignore[method-assign]
+    try:
+        assert agent.wait_connected(10)
+        client.wait(lambda m: m.topic == topics.status(agent_id) and m.payload["online"] is True, "birth")
+        sent = [req("ping") for _ in range(30)]
+        for r in sent:
+            client.request(topics.request(agent_id, "ping"), r.payload())
+            time.sleep(0.02)
+        for r in sent:
+            assert client.reply(r.id).payload["status"] == "ok"
+        wait_for(lambda: agent.outbox.counts()["queued"] == 0, 5, 0.05, what="the outbox to empty")
+        assert sum(deletes) == 30 and len(deletes) <= 6, deletes
+    finally:
+        agent.stop()
