@@ -39,6 +39,7 @@ from fleet_common.timefmt import iso, new_id
 @dataclass(frozen=True)
 class Sizes:
     repeats: int = 3
+    ingest_repeats: int = 5  # each paired with its own raw run: the ratio the aim is about
     raw_messages: int = 20000
     ingest_backlog: int = 20000
     e2e_agents: int = 1000
@@ -54,7 +55,7 @@ class Sizes:
     profile_s: float = 30.0
 
 
-TINY = Sizes(repeats=1, raw_messages=300, ingest_backlog=200, e2e_agents=5, e2e_intervals=(2, 1),
+TINY = Sizes(repeats=1, ingest_repeats=1, raw_messages=300, ingest_backlog=200, e2e_agents=5, e2e_intervals=(2, 1),
              e2e_min_window_s=2.0, fleet_agents=20, fleet_interval_s=2, fleet_intervals=2, controller_agents=300,
              controller_settle_s=1.0, controller_window_s=2.0, agent_seconds=3.0, profile_s=0)
 
@@ -220,7 +221,7 @@ def ingest(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict
     for label, store in stores:
         for persisters in (1, 2):
             runs = []
-            for r in range(sizes.repeats):
+            for r in range(sizes.ingest_repeats):
                 if label == "sqlite":
                     store = {**store, "sqlite_path": str(b.run_dir / f"ingest-{label}-{persisters}-{r}.db")}
                 # This machine's speed drifts over minutes; each run gets its own raw figure, taken
