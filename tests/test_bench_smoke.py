@@ -33,4 +33,7 @@ def test_bench_stage_runs_at_toy_size_and_reports_its_figures(stage: str, tmp_pa
     assert {"cores", "python", "mosquitto"} <= set(results["machine"])
     for key in KEYS[stage]:
         assert key in results[stage], f"{stage} lacks {key}: {results[stage]}"
+    if stage == "ingest":  # each run against a raw run of its own, taken just before it
+        assert results[stage]["sqlite_1_persister"]["ratio_to_raw_paired"] is not None
+        assert "raw_subscriber_msgs_per_s_just_before" in results[stage]["sqlite_1_persister"]["runs"][0]
     assert "results:" in done.stdout
