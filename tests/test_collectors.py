@@ -6,9 +6,12 @@ import collections
 import enum
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 from typing import Any, Iterator, Set
 
 import psutil
@@ -252,3 +255,28 @@ def test_kernel_threads_are_named_as_psutil_names_them() -> None:
             assert r["name"] == psutil.Process(r["pid"]).name()
         except psutil.NoSuchProcess:
             continue
+
+
+def test_only_the_real_kthreadd_makes_a_kernel_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a container's pid namespace pid 2 is an ordinary process: its children keep the long
+    name psutil finds in their command line. On a host, a child of kthreadd is named from stat."""
+    from fleet_agent.collectors import processes
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("kernel threads and 15-character process names are Linux's")
+    exe = tmp_path / "fleet-test-long-process-name"
+    exe.symlink_to(shutil.which("sleep") or "/bin/sleep")
+    child = subprocess.Popen([str(exe), "30"])
+    try:
+        proc = psutil.Process(child.pid)
+        wait_until_named = time.monotonic() + 5
+        while proc.name() != exe.name and time.monotonic() < wait_until_named:
+            time.sleep(0.02)
+        assert proc.name() == exe.name  # psutil extends the 15-character name from the command line
+        monkeypatch.setattr(processes, "_kthreadd_seen", [False])
+        assert processes._name(proc, processes.KTHREADD) == exe.name
+        monkeypatch.setattr(processes, "_kthreadd_seen", [True])
+        assert processes._name(proc, processes.KTHREADD) == exe.name[:15]
+    finally:
+        child.kill()
+        child.wait()

@@ -184,13 +184,24 @@ def _reused(proc: psutil.Process) -> bool:
 
 
 KTHREADD = 2  # Linux: the parent of every kernel thread
+_kthreadd_seen: List[bool] = []  # [is pid 2 the kernel's kthreadd?], found once
+
+
+def _kernel_threads_visible() -> bool:
+    """Pid 2 is kthreadd on a Linux host; in a container's own pid namespace it is any process."""
+    if not _kthreadd_seen:
+        try:
+            _kthreadd_seen.append(sys.platform.startswith("linux") and psutil.Process(KTHREADD).name() == "kthreadd")
+        except psutil.Error:
+            _kthreadd_seen.append(False)
+    return _kthreadd_seen[0]
 
 
 def _name(proc: psutil.Process, ppid: Any) -> Any:
     """Process.name(), which reads the command line when the name is 15 characters (the kernel's
     limit) in case it holds a longer one. A kernel thread has no command line, and psutil then
     reads the stat file again to tell it from a zombie: about a fifth of a snapshot's reads here."""
-    if sys.platform.startswith("linux") and KTHREADD in (ppid, proc.pid) and hasattr(proc, "_proc"):
+    if KTHREADD in (ppid, proc.pid) and hasattr(proc, "_proc") and _kernel_threads_visible():
         return _field(proc._proc.name)
     return _field(proc.name)
 
