@@ -84,11 +84,11 @@ def _wait_exit(proc: Proc, timeout_s: float) -> None:
 
 # 1. raw ceiling ---------------------------------------------------------------------------
 def raw_payloads(b: Bench) -> Tuple[Path, List[int]]:
-    """One real-sized answer of each type, written where rawmqtt.py reads them."""
-    host = Host("raw-host")
-    payloads = [response_payload(host, "a0", t, new_id()).decode() for t in TYPES]
+    """One real-sized answer of each type, written once where rawmqtt.py reads them, and their sizes."""
     spec = b.run_dir / "raw-payloads.json"
     if not spec.exists():
+        host = Host("raw-host")
+        payloads = [response_payload(host, "a0", t, new_id()).decode() for t in TYPES]
         spec.write_text(json.dumps({"payloads": payloads, "types": TYPES}))
     return spec, [len(p.encode()) for p in json.loads(spec.read_text())["payloads"]]
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from . import mqtt5props
 from .config import MqttConfig
@@ -59,15 +59,6 @@ def publish_properties(response_topic: Optional[str] = None, correlation: Option
     return PackedProperties(response_topic, correlation, expiry_s)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | 0x80 if n else digit)
-        if not n:
-            return bytes(out)
-
-
 class PackedProperties(Properties):
     """PUBLISH properties encoded once, when made (MQTT 5, section 2.2.2): paho only calls pack()
     on them, and building a paho Properties object took more of the controller's time than the
@@ -85,7 +76,7 @@ class PackedProperties(Properties):
         if correlation is not None:
             body += b"\x09" + struct.pack("!H", len(correlation)) + bytes(correlation)
         object.__setattr__(self, "_args", (response_topic, correlation, expiry_s))
-        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+        object.__setattr__(self, "_packed", VariableByteIntegers.encode(len(body)) + body)
 
     def pack(self) -> bytes:
         return self._packed  # type: ignore[no-any-return]

@@ -47,18 +47,20 @@ class ProcessTable:
         live = set(psutil.pids())
         for pid in list(self._procs):
             if pid not in live:
-                del self._procs[pid]
-                self._cpu.pop(pid, None)
+                self._forget(pid)
         for pid in live - self._procs.keys():
             self._add(pid)
+
+    def _forget(self, pid: int) -> None:
+        self._procs.pop(pid, None)
+        self._cpu.pop(pid, None)
 
     def _add(self, pid: int) -> Optional[psutil.Process]:
         try:
             proc = psutil.Process(pid)
             times = proc.cpu_times()
         except psutil.Error:
-            self._procs.pop(pid, None)
-            self._cpu.pop(pid, None)
+            self._forget(pid)
             return None
         self._procs[pid] = proc
         self._primed_at = time.monotonic()
@@ -94,8 +96,7 @@ class ProcessTable:
                     fresh = self._add(pid)  # its CPU share is unknown until the next request
                     row = self._measure(held, pid, fresh, sort_by, cpu=False) if fresh is not None else None
                 if row is None:
-                    self._procs.pop(pid, None)
-                    self._cpu.pop(pid, None)
+                    self._forget(pid)
                 else:
                     rows.append(row)
             out: List[JsonObject] = []
