@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 from conftest import BIN, Procs, wait_for
 from helpers import loads, rows
@@ -70,10 +71,15 @@ def one(db: Path, id_: str) -> Optional[Dict[str, Any]]:
     return found[0] if found else None
 
 
+# Parsed on the network thread (0) and in worker processes (2): the same rows either way.
+WORKERS = pytest.mark.parametrize("workers", [0, 2], ids=["parse-here", "parse-workers"])
+
+
+@WORKERS
 def test_requests_and_responses_are_stored(start_persister: Callable[..., Any], publisher: Callable[..., None],
-                                           topics: Topics, db: Path) -> None:
+                                           topics: Topics, db: Path, workers: int) -> None:
     """Requests and their responses end as one row each with state, data and latency; unanswered ones expire."""
-    start_persister()
+    start_persister(parse_workers=workers)
     now = time.time()
     ok, late, lost = new_id(), new_id(), new_id()
     publisher(topics.request(AGENT, "cpu"), request(ok, now).payload())
@@ -107,11 +113,12 @@ BAD_RESPONSES: List[tuple[str, Any]] = [
 ]
 
 
+@WORKERS
 def test_bad_payloads_are_rejected_and_persister_goes_on(start_persister: Callable[..., Any],
                                                          publisher: Callable[..., None], topics: Topics,
-                                                         db: Path) -> None:
+                                                         db: Path, workers: int) -> None:
     """Each kind of bad response ends in `rejected` with a precise reason; a good one after them is still stored."""
-    proc = start_persister()
+    proc = start_persister(parse_workers=workers)
     good = Response.ok(new_id(), AGENT, "cpu", {"percent": 1.0}, 1.0).to_dict()
     for _, bad in BAD_RESPONSES:
         payload = bad if isinstance(bad, bytes) else json.dumps({**good, "id": new_id(), **bad}).encode()
@@ -149,11 +156,15 @@ def test_same_response_twice_leaves_one_record(start_persister: Callable[..., An
     assert rows(db, "SELECT * FROM rejected") == []
 
 
+@WORKERS
 def test_sigterm_commits_queued_messages_and_exits_0(start_persister: Callable[..., Any], procs: Procs,
                                                      publisher: Callable[..., None], topics: Topics,
-                                                     db: Path) -> None:
+                                                     db: Path, workers: int) -> None:
     """On SIGTERM the persister commits and acknowledges what it has queued, then exits 0."""
-    start_persister(batch_wait_s=30, batch_size=10000)  # queued messages wait for a batch that never fills
+    # queued messages wait for a batch that never fills
+    proc = start_persister(batch_wait_s=30, batch_size=10000, parse_workers=workers)
+    children = psutil.Process(proc.pid).children()
+    assert len([c for c in children if "spawn_main" in " ".join(c.cmdline())]) == workers
     ids = [new_id() for _ in range(50)]
     for id_ in ids:
         publisher(topics.request(AGENT, "memory"), request(id_, time.time(), type_="memory").payload())
@@ -162,6 +173,8 @@ def test_sigterm_commits_queued_messages_and_exits_0(start_persister: Callable[.
     assert rows(db, "SELECT COUNT(*) AS n FROM requests WHERE type = 'memory'") == [{"n": 0}]
     assert procs.stop("persister", signal.SIGTERM) == 0
     assert rows(db, "SELECT COUNT(*) AS n FROM requests WHERE type = 'memory'") == [{"n": len(ids)}]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
+        "the parse workers ended with the persister"
     assert "stopped: received" in procs.log("persister")
     queued_before = procs.log("persister").count(f"on {topics.request(AGENT, 'memory')}")
     start_persister()  # same client id and session: anything unacknowledged would be redelivered now

@@ -29,7 +29,7 @@ from test_agent import Msg
 from fleet_common import Request, Response, Status, Topics, iso, new_id
 from fleet_common.link import publish_properties
 from fleet_common.messages import MAX_DEPTH, MAX_PAYLOAD_BYTES
-from fleet_persister.persister import MAX_REJECTED_PAYLOAD
+from fleet_persister.parsing import MAX_REJECTED_PAYLOAD
 from fleetctl.broker import EmbeddedBroker
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

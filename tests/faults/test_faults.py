@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
+import psutil
 import pytest
 from conftest import Procs, wait_for
 from faultlib import (
@@ -94,6 +95,35 @@ def test_1b_persister_sigkill_with_a_received_uncommitted_batch_loses_nothing(
     procs.start("persister2", "fleet-persister", "--config", str(cfg))
     run_for(2)
     assert_exactly_stored(db, loads[0].finish())
+
+
+def parse_workers_of(pid: int) -> List[psutil.Process]:
+    return [p for p in psutil.Process(pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_1c_parse_worker_sigkill_loses_and_doubles_nothing(tmp_path: Path, fbroker: EmbeddedBroker,
+                                                           procs: Procs, loads: List[Load]) -> None:
+    """A parse worker killed with SIGKILL under load: the persister parses the chunks it held
+    itself, starts a new worker, and every produced pair is stored exactly once."""
+    prefix, db = new_prefix(), tmp_path / "fleet.db"
+    cfg = write_config(tmp_path, "persister", fbroker.port, prefix, persister={"parse_workers": 1})
+    proc = procs.start("persister", "fleet-persister", "--config", str(cfg))
+    wait_persister_ready(procs, "persister")
+    loads.append(Load(tmp_path, fbroker.port, prefix))
+    wait_for(lambda: len(stored_pairs_now(db)) > 300, 30, what="the load being stored")
+    killed = []
+    for _ in range(3):
+        workers = wait_for(lambda: [w for w in parse_workers_of(proc.pid) if w.pid not in killed], 30,
+                           what="a parse worker running")
+        assert len(workers) == 1
+        workers[0].send_signal(signal.SIGKILL)
+        killed.append(workers[0].pid)
+        run_for(1.5)
+    produced = loads[0].finish()
+    assert len(produced) > 1000
+    assert_exactly_stored(db, produced)
+    assert procs.log("persister").count("a parse worker stopped unexpectedly") == 3
+    assert proc.poll() is None
 
 
 def stored_pairs_now(db: Path) -> List[dict]:

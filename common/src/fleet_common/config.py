@@ -89,6 +89,7 @@ class PersisterConfig:
     batch_size: int = 500
     batch_wait_s: float = 0.2
     receive_maximum: int = 1000
+    parse_workers: Optional[int] = None  # None: one per core beyond the first, up to 4
     shared_subscription: bool = True
     session_expiry_s: int = 604800
     client_id: Optional[str] = None

@@ -95,8 +95,10 @@ def snapshot(persister: Persister) -> Dict[str, Any]:
     c = persister.counters
     out = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
     out["rejected"] = dict(c.rejected)  # one C-level copy: the network thread may add a reason
-    out.update(backlog=persister.queue.qsize(), connected=persister.link.connected.is_set(),
-               mqtt_reconnects=persister.link.reconnects)
+    stage = persister.stage
+    out.update(backlog=persister.queue.qsize() + (stage.held() if stage else 0),
+               connected=persister.link.connected.is_set(), mqtt_reconnects=persister.link.reconnects,
+               parse_workers=persister.workers, parse_worker_restarts=stage.restarts if stage else 0)
     return out
 
 
@@ -135,6 +137,11 @@ class PersisterCollector(Collector):
                                 value=1 if s["connected"] else 0)
         yield CounterMetricFamily("fleet_persister_mqtt_reconnects", "Connections to the broker after the first",
                                   value=s["mqtt_reconnects"])
+        yield GaugeMetricFamily("fleet_persister_parse_workers", "Worker processes that parse messages (0: none)",
+                                value=s["parse_workers"])
+        yield CounterMetricFamily("fleet_persister_parse_worker_restarts",
+                                  "Times a parse worker stopped unexpectedly and new ones were started",
+                                  value=s["parse_worker_restarts"])
         if s["last_commit_ms"] is not None:
             yield GaugeMetricFamily("fleet_persister_last_commit_seconds", "Duration of the latest commit",
                                     value=s["last_commit_ms"] / 1000.0)

@@ -1,50 +1,37 @@
 """The persister service: validate every request, response and status, write them in
 batches, and acknowledge each message to the broker only after its batch is committed.
 
-Threads: paho's network thread only parses and queues (`on_message`); one named writer
-thread batches, writes, acknowledges, and runs the expiry sweep and purge between
-batches. The store is therefore used by one thread only.
+Threads: paho's network thread queues what it receives (`on_message`), and parses it too
+unless parse workers do that (see parsing.py); one named writer thread batches, writes,
+acknowledges, and runs the expiry sweep and purge between batches. The store is
+therefore used by one thread only.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fleet_common import (
-    Config,
-    ContractError,
-    Request,
-    Response,
-    Status,
-    Topics,
-    iso,
-    new_id,
-    parse_request,
-    parse_response,
-    parse_status,
-    sanitise_agent_id,
-)
+from fleet_common import Config, Request, Response, Topics, iso, sanitise_agent_id
+from fleet_common.config import PersisterConfig
 from fleet_common.link import Backoff, Link
 
-from .stores import Batch, Incoming, RejectedRecord, Store
+from .parsing import Item, ParseStage, Raw, parse_message, rejected_record
+from .stores import ENCODES_JSON, Batch, RejectedRecord, Store
 
 log = logging.getLogger("fleet.persister")
 
-MAX_REJECTED_PAYLOAD = 2048
 PURGE_EVERY_SWEEPS = 12
 SHUTDOWN_GRACE_S = 10.0
-
-Item = Union[Incoming[Request], Incoming[Response], Incoming[Status], RejectedRecord]
-
 
 @dataclass(frozen=True)
 class Received:
@@ -75,11 +62,11 @@ def client_id(cfg: Config) -> str:
     return cfg.persister.client_id or f"persister-{sanitise_agent_id()}"[:64]
 
 
-def rejected_record(topic: str, payload: bytes, reason: str) -> RejectedRecord:
-    """A dead letter; the raw payload is truncated to 2 KiB and decoded as UTF-8 with
-    errors='replace', so a non-UTF-8 payload shows U+FFFD where its bad bytes were."""
-    return RejectedRecord(id=new_id(), received_at=iso(time.time()), topic=topic[:512], reason=reason,
-                          payload=payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", errors="replace"))
+def parse_workers(pcfg: PersisterConfig) -> int:
+    """persister.parse_workers, or when unset: one per core beyond the first, up to 4."""
+    if pcfg.parse_workers is not None:
+        return pcfg.parse_workers
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
 class Persister:
@@ -101,9 +88,12 @@ class Persister:
         self._generation = 0
         self._accepting = threading.Event()
         self._accepting.set()
+        self._writer_done = threading.Event()
         self._sweeps = 0
         self._next_sweep = 0.0
         self._sweep_failing = False
+        self.workers = parse_workers(self.pcfg)
+        self.stage: Optional[ParseStage] = None
 
     # network thread
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
@@ -132,43 +122,71 @@ class Persister:
             topic = msg.topic
         except UnicodeDecodeError:  # brokers refuse such topics; still never crash on input
             topic = "<topic is not UTF-8>"
-        received = Received(self.parse(topic, bytes(msg.payload), bool(msg.retain)), msg.mid, msg.qos,
-                            self._generation)
+        raw: Raw = (topic, bytes(msg.payload), bool(msg.retain), time.time())
+        meta = (msg.mid, msg.qos, self._generation)
+        stage = self.stage
+        item = self.parse(*raw) if stage is None else None
         while True:
             try:
-                self.queue.put(received, timeout=0.5)
+                if item is None:
+                    stage.put(raw, meta, timeout=0.5)  # type: ignore[union-attr]
+                else:
+                    self._deliver(item, meta, timeout=0.5)
                 break
             except queue.Full:
                 if not self._accepting.is_set():
                     return  # stopping: not acknowledged, so the broker delivers it again
         log.debug("queued message %d on %s", msg.mid, topic)
 
-    def parse(self, topic: str, payload: bytes, retained: bool = False) -> Item:
+    def parse(self, topic: str, payload: bytes, retained: bool = False, received_s: Optional[float] = None) -> Item:
         """Validate one message; anything wrong with it becomes a RejectedRecord, never an exception."""
-        now = iso(time.time())
-        try:
-            where = self.topics.parse(topic)
-            if where.kind == "req":
-                return Incoming(parse_request(payload, where), where.agent_id, now)
-            if where.kind == "res":
-                return Incoming(parse_response(payload, where), where.agent_id, now)
-            return Incoming(parse_status(payload, where), where.agent_id, now, retained)
-        except ContractError as exc:
-            reason = exc.reason
-            log.debug("rejected message on %s: %s", topic, exc)
-        except Exception as exc:  # the persister never crashes on input
-            reason = f"invalid:{type(exc).__name__}"
-            log.debug("rejected message on %s", topic, exc_info=True)
+        item = parse_message(self.topics, topic, payload, retained, time.time() if received_s is None else received_s)
+        self._count(item)
+        return item
+
+    # network thread, or the parse stage's pass-on thread
+    def _count(self, item: Item) -> None:
+        if not isinstance(item, RejectedRecord):
+            return
+        reason = item.reason
         if not self.counters.rejected[reason]:
-            log.warning("first rejected message with reason %r (on %s); see the rejected table", reason, topic)
+            log.warning("first rejected message with reason %r (on %s); see the rejected table", reason, item.topic)
+        else:
+            log.debug("rejected message on %s: %s", item.topic, reason)
         self.counters.rejected[reason] += 1
-        return rejected_record(topic, payload, reason)
+
+    def _deliver(self, item: Item, meta: Tuple[int, int, int], timeout: Optional[float] = None) -> None:
+        """Queue for the writer; with no timeout, wait as long as the writer runs."""
+        received = Received(item, *meta)
+        while True:
+            try:
+                self.queue.put(received, timeout=0.5 if timeout is None else timeout)
+                return
+            except queue.Full:
+                if timeout is not None or self._writer_done.is_set():
+                    raise
+
+    def _passed_on(self, item: Item, meta: Tuple[int, int, int]) -> None:
+        self._count(item)
+        try:
+            self._deliver(item, meta)
+        except queue.Full:
+            pass  # the writer has stopped: not acknowledged, so the broker delivers it again
 
     # writer thread
     def run(self, stop: threading.Event) -> int:
         """Connect, persist until `stop` is set, then drain, disconnect and return an exit code."""
-        log.info("persister %r starting: store %s, batches of up to %d messages or %.2f s",
-                 self.link.client_id, self.pcfg.store, self.pcfg.batch_size, self.pcfg.batch_wait_s)
+        log.info("persister %r starting: store %s, batches of up to %d messages or %.2f s, %s",
+                 self.link.client_id, self.pcfg.store, self.pcfg.batch_size, self.pcfg.batch_wait_s,
+                 f"{self.workers} parse worker process{'es' if self.workers > 1 else ''}" if self.workers
+                 else "parsing on the network thread")
+        if self.workers:
+            # What is held stays within what the writer's queue holds without workers, plus one
+            # batch: the stage holds that less one batch (or half of it), the queue one batch.
+            rm, bs = self.pcfg.receive_maximum, self.pcfg.batch_size
+            self.queue = queue.Queue(maxsize=bs)
+            self.stage = ParseStage(self.topics, self.workers, self.pcfg.store in ENCODES_JSON, self._passed_on,
+                                    max(rm - bs, rm // 2, 1)).start()
         self.link.start()
         writer = threading.Thread(target=self._writer, args=(stop,), name="persister-writer", daemon=True)
         writer.start()
@@ -176,7 +194,9 @@ class Persister:
         log.info("stopping: no longer taking messages; committing and acknowledging what is queued")
         self._accepting.clear()
         writer.join(SHUTDOWN_GRACE_S + self.pcfg.batch_wait_s + 5)
-        drained = not writer.is_alive() and self.queue.empty()
+        drained = not writer.is_alive() and self.queue.empty() and self._stage_idle()
+        if self.stage is not None:
+            self.stage.stop(5.0)
         self.link.stop()
         self.store.close()
         c = self.counters
@@ -186,6 +206,12 @@ class Persister:
         return 0 if drained else 1
 
     def _writer(self, stop: threading.Event) -> None:
+        try:
+            self._write_until_stopped(stop)
+        finally:
+            self._writer_done.set()
+
+    def _write_until_stopped(self, stop: threading.Event) -> None:
         deadline: Optional[float] = None
         while True:
             if stop.is_set() and deadline is None:
@@ -194,14 +220,18 @@ class Persister:
             if batch:
                 if not self._commit(batch, deadline):
                     return
-            elif stop.is_set():
+            elif stop.is_set() and self._stage_idle():
                 return
             self._sweep()
+
+    def _stage_idle(self) -> bool:
+        return self.stage is None or self.stage.idle()
 
     def _take(self, stop: threading.Event) -> List[Received]:
         """Up to batch_size messages: wait for the first, then at most batch_wait_s for more."""
         try:
-            first = self.queue.get(timeout=0 if stop.is_set() else min(self.pcfg.sweep_interval_s, 0.5))
+            waiting = 0.05 if self.stage is not None else 0.0  # stopping: for what the parse stage holds
+            first = self.queue.get(timeout=waiting if stop.is_set() else min(self.pcfg.sweep_interval_s, 0.5))
         except queue.Empty:
             return []
         taken = [first]
@@ -296,4 +326,4 @@ class Persister:
         self._sweep_failing = False
 
 
-__all__ = ["Counters", "Persister", "client_id", "rejected_record"]
+__all__ = ["Counters", "Persister", "client_id", "parse_workers", "rejected_record"]

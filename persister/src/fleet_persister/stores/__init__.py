@@ -12,6 +12,7 @@ from fleet_common.link import Backoff
 from .base import (
     AgentRecord,
     Batch,
+    EncodedJSON,
     Incoming,
     RejectedRecord,
     RequestRecord,
@@ -37,6 +38,8 @@ def _mongodb(cfg: PersisterConfig) -> Store:
 
 
 STORES: Dict[str, Callable[[PersisterConfig], Store]] = {"sqlite": _sqlite, "mongodb": _mongodb}
+# Stores that keep JSON as text, and so take a response's data already encoded (EncodedJSON).
+ENCODES_JSON = frozenset({"sqlite"})
 
 
 def open_store(cfg: PersisterConfig) -> Store:
@@ -71,5 +74,5 @@ def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
         return store
 
 
-__all__ = ["STORES", "AgentRecord", "Batch", "Incoming", "RejectedRecord", "RequestRecord", "Stats", "Store",
-           "StoreError", "StoreUnreachable", "open_store", "open_store_waiting"]
+__all__ = ["ENCODES_JSON", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming", "RejectedRecord",
+           "RequestRecord", "Stats", "Store", "StoreError", "StoreUnreachable", "open_store", "open_store_waiting"]

@@ -46,6 +46,11 @@ class Incoming(Generic[M]):
     retained: bool = False
 
 
+class EncodedJSON(str):
+    """A value already encoded as JSON text (by a parse worker): a store that keeps JSON as
+    text writes it as it is. Only stores that say so receive one (see `ENCODES_JSON`)."""
+
+
 @dataclass(frozen=True)
 class RejectedRecord:
     """A dead letter. `id` makes a retried batch idempotent; `payload` is the raw bytes,

@@ -24,6 +24,7 @@ from .base import (
     EXPIRED_ERROR,
     AgentRecord,
     Batch,
+    EncodedJSON,
     RejectedRecord,
     RequestRecord,
     Stats,
@@ -114,7 +115,9 @@ log = logging.getLogger("fleet.persister")
 
 
 def _json(value: Any) -> Optional[str]:
-    return None if value is None else orjson.dumps(value).decode("utf-8")
+    if value is None or isinstance(value, EncodedJSON):
+        return value
+    return orjson.dumps(value).decode("utf-8")
 
 
 def _unjson(text: Optional[str]) -> Any:

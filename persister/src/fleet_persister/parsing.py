@@ -1,0 +1,240 @@
+"""Checking messages, on the network thread or in worker processes.
+
+Parsing and checking a response is most of the persister's work, and one Python process
+runs one thread at a time: with every message parsed on the network thread, one persister
+tops out at about one core. With `persister.parse_workers` > 0, the network thread only
+queues what it receives; `ParseStage` hands chunks of it to worker processes and passes
+the results on in the order the messages arrived (acknowledgements keep that order, and
+so do the statuses of one agent). For SQLite the workers also encode each response's
+`data` as the JSON text the store writes, so it is not encoded again on the writer thread.
+
+If a worker dies, the messages it held are parsed in the persister itself, a new worker
+is started, and nothing is lost or stored twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any, Callable, List, Optional, Tuple, Union
+
+import orjson
+
+from fleet_common import (
+    ContractError,
+    Request,
+    Response,
+    Status,
+    Topics,
+    iso,
+    new_id,
+    parse_request,
+    parse_response,
+    parse_status,
+)
+
+from .stores import EncodedJSON, Incoming, RejectedRecord
+
+log = logging.getLogger("fleet.persister")
+
+MAX_REJECTED_PAYLOAD = 2048
+CHUNK = 200  # messages per hand-over to a worker
+CHUNK_WAIT_S = 0.002  # how long a hand-over waits to fill, so that a busy stream goes in chunks
+IN_FLIGHT_PER_WORKER = 3  # chunks handed over and not yet passed on, per worker
+
+Item = Union[Incoming[Request], Incoming[Response], Incoming[Status], RejectedRecord]
+# topic, payload, retained, when it was received (epoch s)
+Raw = Tuple[str, bytes, bool, float]
+
+
+def rejected_record(topic: str, payload: bytes, reason: str, received_s: Optional[float] = None) -> RejectedRecord:
+    """A dead letter; the raw payload is truncated to 2 KiB and decoded as UTF-8 with
+    errors='replace', so a non-UTF-8 payload shows U+FFFD where its bad bytes were."""
+    return RejectedRecord(id=new_id(), received_at=iso(time.time() if received_s is None else received_s),
+                          topic=topic[:512], reason=reason,
+                          payload=payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", errors="replace"))
+
+
+def parse_message(topics: Topics, topic: str, payload: bytes, retained: bool, received_s: float) -> Item:
+    """Validate one message; anything wrong with it becomes a RejectedRecord, never an exception."""
+    now = iso(received_s)
+    try:
+        where = topics.parse(topic)
+        if where.kind == "req":
+            return Incoming(parse_request(payload, where), where.agent_id, now)
+        if where.kind == "res":
+            return Incoming(parse_response(payload, where), where.agent_id, now)
+        return Incoming(parse_status(payload, where), where.agent_id, now, retained)
+    except ContractError as exc:
+        reason = exc.reason
+    except Exception as exc:  # the persister never crashes on input
+        reason = f"invalid:{type(exc).__name__}"
+    return rejected_record(topic, payload, reason, received_s)
+
+
+def encode_data(item: Item) -> Item:
+    """A response whose `data` is already the JSON text SQLite stores (done in a worker)."""
+    if isinstance(item, Incoming) and isinstance(item.message, Response) and item.message.data is not None:
+        text = EncodedJSON(orjson.dumps(item.message.data).decode("utf-8"))
+        return dataclasses.replace(item, message=dataclasses.replace(item.message, data=text))  # type: ignore[arg-type]
+    return item
+
+
+def parse_chunk(prefix: str, encode: bool, chunk: List[Raw]) -> List[Item]:
+    """What a worker does with one hand-over."""
+    topics = Topics(prefix)
+    items = [parse_message(topics, *raw) for raw in chunk]
+    return [encode_data(i) for i in items] if encode else items
+
+
+def _worker_start(parent: int) -> None:
+    """In each worker: Ctrl-C is the persister's to handle (it reaches the whole process
+    group), and a worker whose persister is gone (killed with SIGKILL) leaves too."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class ParseStage:
+    """Network thread -> worker processes -> `deliver(item, meta)`, in arrival order.
+
+    Two threads of the persister run it: one hands chunks to the workers, one passes the
+    results on. Both queues are bounded, so a slow writer holds back the network thread
+    (and TCP the broker), as it does without workers."""
+
+    def __init__(self, topics: Topics, workers: int, encode: bool, deliver: Callable[[Item, Any], None],
+                 capacity: int) -> None:
+        self.topics, self.workers, self.encode, self.deliver = topics, workers, encode, deliver
+        self.capacity = max(1, capacity)
+        self._in: queue.Queue[Tuple[Raw, Any]] = queue.Queue()  # bounded by capacity, below
+        self._handed: queue.Queue[Optional[Tuple[Optional[Future[List[Item]]], ProcessPoolExecutor,
+                                                 List[Raw], List[Any]]]] = \
+            queue.Queue(maxsize=workers * IN_FLIGHT_PER_WORKER)
+        self._pool_lock = threading.Lock()
+        self._pool = self._new_pool()
+        self._stopping = threading.Event()
+        self._busy = 0  # messages put and not yet passed on; at most capacity
+        self._room = threading.Condition()
+        self.restarts = 0
+        self._threads = [threading.Thread(target=self._hand_over, name="parse-hand-over", daemon=True),
+                         threading.Thread(target=self._pass_on, name="parse-pass-on", daemon=True)]
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_start, initargs=(os.getpid(),))
+        for _ in range(self.workers):  # start the workers now, not on the first messages
+            pool.submit(int)
+        return pool
+
+    def start(self) -> ParseStage:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def put(self, raw: Raw, meta: Any, timeout: float) -> None:
+        """Network thread; raises queue.Full if `capacity` messages are still held after `timeout`."""
+        with self._room:
+            if not self._room.wait_for(lambda: self._busy < self.capacity, timeout):
+                raise queue.Full
+            self._busy += 1
+        self._in.put((raw, meta))
+
+    def held(self) -> int:
+        """Messages put here and not yet passed on."""
+        return self._busy
+
+    def idle(self) -> bool:
+        """Everything put here has been passed on."""
+        with self._room:
+            return self._busy == 0
+
+    def stop(self, timeout_s: float) -> bool:
+        """Pass on what was received, then end the workers; False if that took longer than timeout_s."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        done = not any(t.is_alive() for t in self._threads)
+        self._pool.shutdown(wait=done, cancel_futures=True)
+        return done
+
+    # hand-over thread
+    def _take(self) -> List[Tuple[Raw, Any]]:
+        try:
+            first = self._in.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        taken = [first]
+        if self._in.qsize() < CHUNK and not self._stopping.is_set():
+            time.sleep(CHUNK_WAIT_S)
+        while len(taken) < CHUNK:
+            try:
+                taken.append(self._in.get_nowait())
+            except queue.Empty:
+                break
+        return taken
+
+    def _hand_over(self) -> None:
+        while True:
+            taken = self._take()
+            if not taken:
+                if self._stopping.is_set():
+                    break
+                continue
+            raws = [t[0] for t in taken]
+            pool = self._pool
+            future: Optional[Future[List[Item]]]
+            try:
+                future = pool.submit(parse_chunk, self.topics.prefix, self.encode, raws)
+            except Exception:  # the pool broke: pass-on parses this chunk itself and replaces the pool
+                future = None
+            self._handed.put((future, pool, raws, [t[1] for t in taken]))
+        self._handed.put(None)
+
+    # pass-on thread
+    def _pass_on(self) -> None:
+        while True:
+            handed = self._handed.get()
+            if handed is None:
+                return
+            future, pool, raws, metas = handed
+            items: Optional[List[Item]] = None
+            if future is not None:
+                try:
+                    items = future.result()
+                except Exception as exc:
+                    self._replace(pool, exc)
+            else:
+                self._replace(pool, None)
+            if items is None:
+                items = [parse_message(self.topics, *raw) for raw in raws]
+            for item, meta in zip(items, metas):
+                self.deliver(item, meta)
+            with self._room:
+                self._busy -= len(raws)
+                self._room.notify()
+
+    def _replace(self, broken: ProcessPoolExecutor, exc: Optional[BaseException]) -> None:
+        with self._pool_lock:
+            if self._pool is not broken or self._stopping.is_set():
+                return
+            self.restarts += 1
+            log.warning("a parse worker stopped unexpectedly (%s); parsing its messages here and "
+                        "starting new workers", exc or "pool broken")
+            broken.shutdown(wait=False, cancel_futures=False)
+            self._pool = self._new_pool()
+
+
+__all__ = ["CHUNK", "Item", "ParseStage", "Raw", "parse_chunk", "parse_message", "rejected_record"]

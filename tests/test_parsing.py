@@ -1,0 +1,186 @@
+"""The persister's parse stage with real worker processes: what it passes on is what parsing
+on the network thread gives, in arrival order, within its bound, and through a worker's death."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, List, Tuple
+
+import psutil
+import pytest
+from conftest import wait_for
+
+from fleet_common import Request, Response, Status, Topics, iso, new_id
+from fleet_common.config import PersisterConfig
+from fleet_persister.parsing import ParseStage, Raw, encode_data, parse_chunk, parse_message
+from fleet_persister.persister import parse_workers
+from fleet_persister.stores import Batch, EncodedJSON, Incoming, RejectedRecord
+from fleet_persister.stores.sqlite import SqliteStore
+
+T = Topics("fleet")
+
+
+def mixed(n: int) -> List[Raw]:
+    """Responses, requests, statuses and bad messages, each with its own receive time."""
+    out: List[Raw] = []
+    for i in range(n):
+        agent, now = f"a{i % 7}", 1_790_000_000.0 + i / 1000
+        kind = i % 5
+        if kind == 0:
+            out.append((T.request(agent, "cpu"), Request(id=new_id(), type="cpu").payload(), False, now))
+        elif kind == 1:
+            out.append((T.status(agent), Status(agent_id=agent, online=bool(i % 2), ts=iso(now)).payload(), True, now))
+        elif kind == 2:
+            out.append((T.response(agent, "cpu"), b'{"id": "broken', False, now))
+        else:
+            data = {"rows": [{"pid": j, "name": f"p{j}", "cpu": j / 3} for j in range(i % 13)], "n": i}
+            out.append((T.response(agent, "processes"),
+                        Response.ok(new_id(), agent, "processes", data, 1.0).payload(), False, now))
+    return out
+
+
+def comparable(item: Any) -> Any:
+    """An item with its dead-letter id (random) blanked and any encoded data decoded."""
+    if isinstance(item, RejectedRecord):
+        return item.__class__(**{**item.__dict__, "id": "-"})
+    msg = item.message
+    if isinstance(msg, Response) and isinstance(msg.data, EncodedJSON):
+        return (item.agent_id, item.received_at, item.retained, {**msg.__dict__, "data": json.loads(msg.data)})
+    return item
+
+
+def stage_run(raws: List[Raw], workers: int, encode: bool = False) -> Tuple[ParseStage, List[Tuple[Any, Any]]]:
+    got: List[Tuple[Any, Any]] = []
+    stage = ParseStage(T, workers, encode, lambda item, meta: got.append((item, meta)), capacity=1000).start()
+    for i, raw in enumerate(raws):
+        stage.put(raw, i, timeout=10)
+    wait_for(stage.idle, 60, 0.01, what="everything passed on")
+    return stage, got
+
+
+def test_workers_give_what_the_network_thread_gives_in_arrival_order() -> None:
+    raws = mixed(1500)
+    stage, got = stage_run(raws, workers=2)
+    try:
+        assert [meta for _, meta in got] == list(range(len(raws))), "passed on in the order put"
+        here = [parse_message(T, *raw) for raw in raws]
+        assert [comparable(i) for i, _ in got] == [comparable(i) for i in here]
+        assert sum(isinstance(i, RejectedRecord) for i, _ in got) == 300
+        assert stage.restarts == 0
+    finally:
+        assert stage.stop(10)
+
+
+def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path) -> None:
+    raws = [r for r in mixed(200) if "/res/processes" in r[0]]
+    plain = [parse_message(T, *raw) for raw in raws]
+    encoded = parse_chunk("fleet", True, raws)
+    assert all(isinstance(i.message.data, EncodedJSON) for i in encoded)  # type: ignore[union-attr]
+    assert parse_chunk("fleet", False, raws)[0].message.data == plain[0].message.data  # type: ignore[union-attr]
+    a, b = SqliteStore(str(tmp_path / "a.db")), SqliteStore(str(tmp_path / "b.db"))
+    try:
+        a.write(Batch(responses=plain))  # type: ignore[arg-type]
+        b.write(Batch(responses=encoded))  # type: ignore[arg-type]
+        query = "SELECT * FROM requests ORDER BY id"
+        assert a._db.execute(query).fetchall() == b._db.execute(query).fetchall()
+    finally:
+        a.close()
+        b.close()
+    status = parse_message(T, *mixed(2)[1])
+    assert encode_data(status) is status, "only a response's data is encoded"
+
+
+def test_put_waits_once_capacity_messages_are_held() -> None:
+    release = threading.Event()
+    got: List[Any] = []
+
+    def slow_writer(item: Any, meta: Any) -> None:
+        release.wait(30)
+        got.append(meta)
+
+    stage = ParseStage(T, 1, False, slow_writer, capacity=5).start()
+    try:
+        raws = mixed(6)
+        for i in range(5):
+            stage.put(raws[i], i, timeout=1)
+        assert stage.held() == 5
+        with pytest.raises(queue.Full):
+            stage.put(raws[5], 5, timeout=0.3)
+        release.set()
+        stage.put(raws[5], 5, timeout=10)
+        wait_for(stage.idle, 30, 0.01, what="the held messages passed on")
+        assert got == [0, 1, 2, 3, 4, 5]
+    finally:
+        release.set()
+        stage.stop(10)
+
+
+def workers_of(pid: int) -> List[psutil.Process]:
+    """The stage's worker processes (spawn also starts a resource tracker, which parses nothing)."""
+    return [p for p in psutil.Process(pid).children()
+            if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def test_a_killed_worker_loses_nothing_and_is_replaced() -> None:
+    stage, got = stage_run(mixed(10), workers=1)
+    try:
+        wait_for(lambda: len(workers_of(os.getpid())) == 1, 30, what="the worker running")
+        first = workers_of(os.getpid())[0]
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        raws = mixed(600)
+        got.clear()
+        for i, raw in enumerate(raws):
+            stage.put(raw, i, timeout=10)
+        wait_for(stage.idle, 60, 0.01, what="everything passed on after the kill")
+        assert [meta for _, meta in got] == list(range(len(raws))), "each once, in order"
+        assert [comparable(i) for i, _ in got] == [comparable(parse_message(T, *raw)) for raw in raws]
+        assert stage.restarts == 1
+        wait_for(lambda: [p.pid for p in workers_of(os.getpid())] not in ([], [first.pid]), 30,
+                 what="a new worker")
+    finally:
+        assert stage.stop(10)
+    wait_for(lambda: not workers_of(os.getpid()), 15, what="the workers gone after stop")
+
+
+def test_a_worker_leaves_when_its_persister_is_killed(tmp_path: Path) -> None:
+    """SIGKILL gives the persister no chance to end its workers; they notice and leave."""
+    script = tmp_path / "host.py"
+    script.write_text("from fleet_common import Topics\n"
+                      "from fleet_persister.parsing import ParseStage\n"
+                      "if __name__ == '__main__':\n"
+                      "    s = ParseStage(Topics('fleet'), 1, False, lambda i, m: None, 10).start()\n"
+                      "    import time; time.sleep(120)\n")
+    proc = psutil.Popen([sys.executable, str(script)])
+    try:
+        wait_for(lambda: len(workers_of(proc.pid)) == 1, 30, what="the worker started")
+        worker = workers_of(proc.pid)[0]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        worker.wait(15)  # raises if it is still running
+    finally:
+        if proc.is_running():
+            proc.kill()
+
+
+def test_parse_workers_default_to_one_per_core_beyond_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, expected in ((1, 0), (2, 1), (4, 3), (16, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert parse_workers(PersisterConfig()) == expected
+    assert parse_workers(PersisterConfig(parse_workers=0)) == 0
+    assert parse_workers(PersisterConfig(parse_workers=3)) == 3
+
+
+def test_incoming_received_at_is_when_the_network_thread_took_it() -> None:
+    raw = mixed(4)[3]
+    item = parse_chunk("fleet", True, [raw])[0]
+    assert isinstance(item, Incoming) and item.received_at == iso(raw[3])
+    time.sleep(0.01)
+    assert parse_message(T, *raw).received_at == iso(raw[3])
