@@ -87,12 +87,32 @@ class Proc:
         self.ps = psutil.Process(self.popen.pid)
         self.peak_rss = 0
 
+    def _children(self) -> List[psutil.Process]:
+        try:
+            return list(self.ps.children(recursive=True))
+        except psutil.Error:
+            return []
+
     def cpu_s(self) -> float:
+        """CPU of the process and of its child processes (the persister's parse workers)."""
         t = self.ps.cpu_times()
-        return float(t.user + t.system)
+        total = float(t.user + t.system + t.children_user + t.children_system)
+        for c in self._children():
+            try:
+                ct = c.cpu_times()
+                total += ct.user + ct.system
+            except psutil.Error:
+                pass
+        return total
 
     def rss(self) -> int:
+        """RSS of the process and of its child processes."""
         rss = int(self.ps.memory_info().rss)
+        for c in self._children():
+            try:
+                rss += int(c.memory_info().rss)
+            except psutil.Error:
+                pass
         self.peak_rss = max(self.peak_rss, rss)
         return rss
 

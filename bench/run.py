@@ -63,7 +63,10 @@ def table(results: Dict[str, Any]) -> List[str]:
     ing = results.get("ingest") or {}
     for key, fig in ing.items():
         if isinstance(fig, dict) and "msgs_per_s" in fig:
-            rows.append((f"ingest: {key.replace('_', ' ')} msgs/s", fig["msgs_per_s"], ratio(fig["msgs_per_s"])))
+            name = key.replace("_", " ")
+            if "parse_workers" not in key:
+                name += f", {fig.get('parse_workers')} parse worker(s) each"
+            rows.append((f"ingest: {name} msgs/s", fig["msgs_per_s"], ratio(fig["msgs_per_s"])))
             if fig.get("ratio_to_raw_paired") is not None:
                 rows.append(("  each run against a raw run just before it", "",
                              f"{fig['ratio_to_raw_paired']:.2f}x raw (median of "

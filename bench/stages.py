@@ -32,8 +32,10 @@ from harness import (
     wait_until,
 )
 
+from fleet_common.config import PersisterConfig
 from fleet_common.messages import Status
 from fleet_common.timefmt import iso, new_id
+from fleet_persister.persister import parse_workers
 
 
 @dataclass(frozen=True)
@@ -218,27 +220,34 @@ def ingest(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict
         stores.append(("mongodb", {"store": "mongodb", "mongodb_uri": mongo, "mongodb_database": "fleet_bench"}))
     else:
         out["mongodb"] = "not measured: set FLEET_BENCH_MONGODB_URI to a real MongoDB (mongomock is no measure)"
+    # One persister as configured by default, two of them, and one parsing on its network thread.
+    variants = [(1, None, sizes.ingest_repeats), (2, None, sizes.ingest_repeats),
+                (1, 0, max(1, (sizes.ingest_repeats + 1) // 2))]
     for label, store in stores:
-        for persisters in (1, 2):
+        for persisters, workers, repeats in variants:
             runs = []
-            for r in range(sizes.ingest_repeats):
+            setting = {} if workers is None else {"parse_workers": workers}
+            key = f"{label}_{persisters}_persister{'s' if persisters > 1 else ''}" + \
+                ("" if workers is None else f"_parse_workers_{workers}")
+            for r in range(repeats):
                 if label == "sqlite":
-                    store = {**store, "sqlite_path": str(b.run_dir / f"ingest-{label}-{persisters}-{r}.db")}
+                    store = {**store, "sqlite_path": str(b.run_dir / f"ingest-{key}-{r}.db")}
                 # This machine's speed drifts over minutes; each run gets its own raw figure, taken
                 # just before it, and the ratio is the median of those pairs.
-                name = f"ingest_{label}_{persisters}p_{r}"
+                name = f"ingest_{key}_{r}"
                 reference, _ = raw_live_once(b, name, sizes.raw_messages)
-                run = ingest_once(b, name, sizes.ingest_backlog, persisters, store)
+                run = ingest_once(b, name, sizes.ingest_backlog, persisters, {**store, **setting})
                 run["raw_subscriber_msgs_per_s_just_before"] = round(reference)
                 run["ratio_to_that_raw"] = round(run["msgs_per_s"] / max(reference, 1e-9), 2)
                 runs.append(run)
             rate = median(r["msgs_per_s"] for r in runs) or 0
             fig: Dict[str, Any] = {"msgs_per_s": round(rate), "runs": runs,
+                                   "parse_workers": parse_workers(PersisterConfig(parse_workers=workers)),
                                    "ratio_to_raw_paired": median(r["ratio_to_that_raw"] for r in runs)}
             if raw_result:
                 fig["ratio_to_raw_subscriber"] = round(rate / raw_result["subscriber_msgs_per_s"], 2)
                 fig["ratio_to_raw_backlog_drain"] = round(rate / raw_result["backlog_drain_msgs_per_s"], 2)
-            out[f"{label}_{persisters}_persister{'s' if persisters > 1 else ''}"] = fig
+            out[key] = fig
     return out
 
 
