@@ -4,6 +4,7 @@ on the network thread gives, in arrival order, within its bound, and through a w
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import signal
@@ -16,12 +17,14 @@ from typing import Any, List, Tuple
 import psutil
 import pytest
 from conftest import wait_for
+from helpers import rows
 
+import fleet_persister.persister as persister_module
 from fleet_common import Request, Response, Status, Topics, iso, new_id
-from fleet_common.config import PersisterConfig
+from fleet_common.config import PersisterConfig, load_config
 from fleet_persister.parsing import ParseStage, Raw, encode_data, parse_chunk, parse_message
-from fleet_persister.persister import parse_workers
-from fleet_persister.stores import Batch, EncodedJSON, Incoming, RejectedRecord
+from fleet_persister.persister import Persister, parse_workers
+from fleet_persister.stores import Batch, EncodedJSON, Incoming, RejectedRecord, open_store
 from fleet_persister.stores.sqlite import SqliteStore
 
 T = Topics("fleet")
@@ -172,7 +175,7 @@ def test_a_worker_leaves_when_its_persister_is_killed(tmp_path: Path) -> None:
 
 def test_parse_workers_default_to_one_per_core_beyond_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
     for cores, expected in ((1, 0), (2, 1), (4, 3), (16, 4)):
-        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
         assert parse_workers(PersisterConfig()) == expected
     assert parse_workers(PersisterConfig(parse_workers=0)) == 0
     assert parse_workers(PersisterConfig(parse_workers=3)) == 3
@@ -184,3 +187,34 @@ def test_incoming_received_at_is_when_the_network_thread_took_it() -> None:
     assert isinstance(item, Incoming) and item.received_at == iso(raw[3])
     time.sleep(0.01)
     assert parse_message(T, *raw).received_at == iso(raw[3])
+
+
+def test_without_worker_processes_the_persister_parses_on_its_network_thread(
+        broker: Any, write_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where worker processes cannot start (no /dev/shm in a container, say), the persister says
+    so once and stores everything itself."""
+    def no_workers(*args: Any, **kwargs: Any) -> None:
+        raise OSError("no /dev/shm here")
+
+    monkeypatch.setattr(persister_module, "ParseStage", no_workers)
+    caplog.set_level(logging.INFO, logger="fleet")
+    cfg = load_config(str(write_config(persister={"parse_workers": 2})))
+    persister = Persister(cfg, open_store(cfg.persister))
+    stop = threading.Event()
+    runner = threading.Thread(target=persister.run, args=(stop,))
+    runner.start()
+    try:
+        assert persister.link.wait_connected(20)
+        wait_for(lambda: "receiving requests" in caplog.text, 20, what="the subscription")
+        topics = cfg.mqtt.topics()
+        reply = Response.ok(new_id(), "web-01", "cpu", {"percent": 3.0}, 1.0)
+        persister.link.publish(topics.response("web-01", "cpu"), reply.payload()).wait_for_publish(10)
+        db = Path(cfg.persister.sqlite_path)
+        wait_for(lambda: rows(db, "SELECT id FROM requests WHERE state = 'ok'"), 20, what="the answer stored")
+    finally:
+        stop.set()
+        runner.join(30)
+    assert persister.workers == 0 and persister.stage is None
+    assert "cannot start parse worker processes (OSError: no /dev/shm here); parsing on the network thread" \
+        in caplog.text

@@ -23,6 +23,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import orjson
@@ -214,8 +215,11 @@ class ParseStage:
             if future is not None:
                 try:
                     items = future.result()
-                except Exception as exc:
+                except BrokenProcessPool as exc:
                     self._replace(pool, exc)
+                except Exception as exc:  # the worker is fine; this chunk failed there
+                    log.warning("parsing %d messages in a worker failed (%s: %s); parsing them here",
+                                len(raws), type(exc).__name__, exc)
             else:
                 self._replace(pool, None)
             if items is None:

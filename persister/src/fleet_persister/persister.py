@@ -62,11 +62,19 @@ def client_id(cfg: Config) -> str:
     return cfg.persister.client_id or f"persister-{sanitise_agent_id()}"[:64]
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container's cpuset, taskset), not all the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
 def parse_workers(pcfg: PersisterConfig) -> int:
-    """persister.parse_workers, or when unset: one per core beyond the first, up to 4."""
+    """persister.parse_workers, or when unset: one per usable core beyond the first, up to 4."""
     if pcfg.parse_workers is not None:
         return pcfg.parse_workers
-    return max(0, min(4, (os.cpu_count() or 1) - 1))
+    return max(0, min(4, usable_cores() - 1))
 
 
 class Persister:
@@ -176,17 +184,22 @@ class Persister:
     # writer thread
     def run(self, stop: threading.Event) -> int:
         """Connect, persist until `stop` is set, then drain, disconnect and return an exit code."""
-        log.info("persister %r starting: store %s, batches of up to %d messages or %.2f s, %s",
-                 self.link.client_id, self.pcfg.store, self.pcfg.batch_size, self.pcfg.batch_wait_s,
-                 f"{self.workers} parse worker process{'es' if self.workers > 1 else ''}" if self.workers
-                 else "parsing on the network thread")
         if self.workers:
             # What is held stays within what the writer's queue holds without workers, plus one
             # batch: the stage holds that less one batch (or half of it), the queue one batch.
             rm, bs = self.pcfg.receive_maximum, self.pcfg.batch_size
-            self.queue = queue.Queue(maxsize=bs)
-            self.stage = ParseStage(self.topics, self.workers, self.pcfg.store in ENCODES_JSON, self._passed_on,
-                                    max(rm - bs, rm // 2, 1)).start()
+            try:
+                self.stage = ParseStage(self.topics, self.workers, self.pcfg.store in ENCODES_JSON,
+                                        self._passed_on, max(rm - bs, rm // 2, 1)).start()
+                self.queue = queue.Queue(maxsize=bs)
+            except (OSError, RuntimeError) as exc:  # e.g. no /dev/shm for multiprocessing's locks
+                log.warning("cannot start parse worker processes (%s: %s); parsing on the network thread",
+                            type(exc).__name__, exc)
+                self.workers = 0
+        log.info("persister %r starting: store %s, batches of up to %d messages or %.2f s, %s",
+                 self.link.client_id, self.pcfg.store, self.pcfg.batch_size, self.pcfg.batch_wait_s,
+                 f"{self.workers} parse worker process{'es' if self.workers > 1 else ''}" if self.workers
+                 else "parsing on the network thread")
         self.link.start()
         writer = threading.Thread(target=self._writer, args=(stop,), name="persister-writer", daemon=True)
         writer.start()
