@@ -73,6 +73,8 @@ def table(results: Dict[str, Any]) -> List[str]:
                              + " / ".join(f"{r['ratio_to_that_raw']:.2f}" for r in fig["runs"]) + ")"))
         elif isinstance(fig, str):
             rows.append((f"ingest: {key}", fig, ""))
+        elif isinstance(fig, float):
+            rows.append((f"ingest: {key.replace('_', ' ')} (same settings)", f"{fig:.2f}x", ""))
     e2e = results.get("e2e") or {}
     if "steps" in e2e:
         for s in e2e["steps"]:

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = {
     "raw": ("subscriber_msgs_per_s", "publisher_msgs_per_s", "backlog_drain_msgs_per_s"),
-    "ingest": ("sqlite_1_persister", "sqlite_2_persisters", "sqlite_1_persister_parse_workers_0"),
+    "ingest": ("sqlite_1_persister", "sqlite_1_persister_parse_workers_0", "sqlite_2_persisters_parse_workers_0"),
     "e2e": ("steps", "max_sustained_stored_per_s", "at_max", "at_half"),
     "fleet": ("in_time_share", "latency_ms_p50", "latency_ms_p99", "peak_dispatch_per_s", "even_share_per_s"),
     "controller": ("cpu_s_per_60s_interval", "peak_rss_mb", "agents_asked_in_window"),
