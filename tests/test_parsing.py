@@ -22,7 +22,7 @@ from helpers import rows
 import fleet_persister.persister as persister_module
 from fleet_common import Request, Response, Status, Topics, iso, new_id
 from fleet_common.config import PersisterConfig, load_config
-from fleet_persister.parsing import ParseStage, Raw, encode_data, parse_chunk, parse_message
+from fleet_persister.parsing import ParseStage, Raw, pack, parse_chunk, parse_message, unpack
 from fleet_persister.persister import Persister, parse_workers
 from fleet_persister.stores import Batch, EncodedJSON, Incoming, RejectedRecord, open_store
 from fleet_persister.stores.sqlite import SqliteStore
@@ -54,8 +54,9 @@ def comparable(item: Any) -> Any:
     if isinstance(item, RejectedRecord):
         return item.__class__(**{**item.__dict__, "id": "-"})
     msg = item.message
-    if isinstance(msg, Response) and isinstance(msg.data, EncodedJSON):
-        return (item.agent_id, item.received_at, item.retained, {**msg.__dict__, "data": json.loads(msg.data)})
+    if isinstance(msg, Response):
+        data = json.loads(msg.data) if isinstance(msg.data, EncodedJSON) else msg.data
+        return (item.agent_id, item.received_at, item.retained, {**msg.__dict__, "data": data})
     return item
 
 
@@ -84,9 +85,9 @@ def test_workers_give_what_the_network_thread_gives_in_arrival_order() -> None:
 def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path) -> None:
     raws = [r for r in mixed(200) if "/res/processes" in r[0]]
     plain = [parse_message(T, *raw) for raw in raws]
-    encoded = parse_chunk("fleet", True, raws)
+    encoded = [unpack(p, True) for p in parse_chunk("fleet", True, raws)]
     assert all(isinstance(i.message.data, EncodedJSON) for i in encoded)  # type: ignore[union-attr]
-    assert parse_chunk("fleet", False, raws)[0].message.data == plain[0].message.data  # type: ignore[union-attr]
+    assert [unpack(p, False) for p in parse_chunk("fleet", False, raws)] == plain
     a, b = SqliteStore(str(tmp_path / "a.db")), SqliteStore(str(tmp_path / "b.db"))
     try:
         a.write(Batch(responses=plain))  # type: ignore[arg-type]
@@ -96,8 +97,9 @@ def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path
     finally:
         a.close()
         b.close()
-    status = parse_message(T, *mixed(2)[1])
-    assert encode_data(status) is status, "only a response's data is encoded"
+    for item in [parse_message(T, *raw) for raw in mixed(20)]:  # each kind, bad ones too
+        assert comparable(unpack(pack(item, True), True)) == comparable(item)
+        assert unpack(pack(item, False), False) == item
 
 
 def test_put_waits_once_capacity_messages_are_held() -> None:
@@ -183,7 +185,7 @@ def test_parse_workers_default_to_one_per_core_beyond_the_first(monkeypatch: pyt
 
 def test_incoming_received_at_is_when_the_network_thread_took_it() -> None:
     raw = mixed(4)[3]
-    item = parse_chunk("fleet", True, [raw])[0]
+    item = unpack(parse_chunk("fleet", True, [raw])[0], True)
     assert isinstance(item, Incoming) and item.received_at == iso(raw[3])
     time.sleep(0.01)
     assert parse_message(T, *raw).received_at == iso(raw[3])
