@@ -7,6 +7,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Dict, List
 
+import psutil
+
 
 def rows(db: Path, sql: str, *args: Any) -> List[Dict[str, Any]]:
     """Run a read query on the SQLite store; an absent or half-created file reads as empty."""
@@ -24,3 +26,8 @@ def rows(db: Path, sql: str, *args: Any) -> List[Dict[str, Any]]:
 
 def loads(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
+
+
+def parse_workers_of(pid: int) -> List[psutil.Process]:
+    """A persister's parse worker processes (spawn also starts a resource tracker, which parses nothing)."""
+    return [p for p in psutil.Process(pid).children() if "resource_tracker" not in " ".join(p.cmdline())]

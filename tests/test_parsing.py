@@ -17,7 +17,7 @@ from typing import Any, List, Tuple
 import psutil
 import pytest
 from conftest import wait_for
-from helpers import rows
+from helpers import parse_workers_of, rows
 
 import fleet_persister.persister as persister_module
 from fleet_common import Request, Response, Status, Topics, iso, new_id
@@ -85,9 +85,9 @@ def test_workers_give_what_the_network_thread_gives_in_arrival_order() -> None:
 def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path) -> None:
     raws = [r for r in mixed(200) if "/res/processes" in r[0]]
     plain = [parse_message(T, *raw) for raw in raws]
-    encoded = [unpack(p, True) for p in parse_chunk("fleet", True, raws)]
+    encoded = [unpack(p, True) for p in parse_chunk(T, True, raws)]
     assert all(isinstance(i.message.data, EncodedJSON) for i in encoded)  # type: ignore[union-attr]
-    assert [unpack(p, False) for p in parse_chunk("fleet", False, raws)] == plain
+    assert [unpack(p, False) for p in parse_chunk(T, False, raws)] == plain
     a, b = SqliteStore(str(tmp_path / "a.db")), SqliteStore(str(tmp_path / "b.db"))
     try:
         a.write(Batch(responses=plain))  # type: ignore[arg-type]
@@ -127,17 +127,11 @@ def test_put_waits_once_capacity_messages_are_held() -> None:
         stage.stop(10)
 
 
-def workers_of(pid: int) -> List[psutil.Process]:
-    """The stage's worker processes (spawn also starts a resource tracker, which parses nothing)."""
-    return [p for p in psutil.Process(pid).children()
-            if "resource_tracker" not in " ".join(p.cmdline())]
-
-
 def test_a_killed_worker_loses_nothing_and_is_replaced() -> None:
     stage, got = stage_run(mixed(10), workers=1)
     try:
-        wait_for(lambda: len(workers_of(os.getpid())) == 1, 30, what="the worker running")
-        first = workers_of(os.getpid())[0]
+        wait_for(lambda: len(parse_workers_of(os.getpid())) == 1, 30, what="the worker running")
+        first = parse_workers_of(os.getpid())[0]
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         raws = mixed(600)
@@ -148,11 +142,11 @@ def test_a_killed_worker_loses_nothing_and_is_replaced() -> None:
         assert [meta for _, meta in got] == list(range(len(raws))), "each once, in order"
         assert [comparable(i) for i, _ in got] == [comparable(parse_message(T, *raw)) for raw in raws]
         assert stage.restarts == 1
-        wait_for(lambda: [p.pid for p in workers_of(os.getpid())] not in ([], [first.pid]), 30,
+        wait_for(lambda: [p.pid for p in parse_workers_of(os.getpid())] not in ([], [first.pid]), 30,
                  what="a new worker")
     finally:
         assert stage.stop(10)
-    wait_for(lambda: not workers_of(os.getpid()), 15, what="the workers gone after stop")
+    wait_for(lambda: not parse_workers_of(os.getpid()), 15, what="the workers gone after stop")
 
 
 def test_a_worker_leaves_when_its_persister_is_killed(tmp_path: Path) -> None:
@@ -165,8 +159,8 @@ def test_a_worker_leaves_when_its_persister_is_killed(tmp_path: Path) -> None:
                       "    import time; time.sleep(120)\n")
     proc = psutil.Popen([sys.executable, str(script)])
     try:
-        wait_for(lambda: len(workers_of(proc.pid)) == 1, 30, what="the worker started")
-        worker = workers_of(proc.pid)[0]
+        wait_for(lambda: len(parse_workers_of(proc.pid)) == 1, 30, what="the worker started")
+        worker = parse_workers_of(proc.pid)[0]
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         worker.wait(15)  # raises if it is still running
@@ -185,7 +179,7 @@ def test_parse_workers_default_to_one_per_core_beyond_the_first(monkeypatch: pyt
 
 def test_incoming_received_at_is_when_the_network_thread_took_it() -> None:
     raw = mixed(4)[3]
-    item = unpack(parse_chunk("fleet", True, [raw])[0], True)
+    item = unpack(parse_chunk(T, True, [raw])[0], True)
     assert isinstance(item, Incoming) and item.received_at == iso(raw[3])
     time.sleep(0.01)
     assert parse_message(T, *raw).received_at == iso(raw[3])

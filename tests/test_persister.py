@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import psutil
 import pytest
 from conftest import BIN, Procs, wait_for
-from helpers import loads, rows
+from helpers import loads, parse_workers_of, rows
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_common import Request, Response, Topics, iso, new_id
@@ -164,7 +164,7 @@ def test_sigterm_commits_queued_messages_and_exits_0(start_persister: Callable[.
     # queued messages wait for a batch that never fills
     proc = start_persister(batch_wait_s=30, batch_size=10000, parse_workers=workers)
     children = psutil.Process(proc.pid).children()
-    assert len([c for c in children if "spawn_main" in " ".join(c.cmdline())]) == workers
+    assert len(parse_workers_of(proc.pid)) == workers
     ids = [new_id() for _ in range(50)]
     for id_ in ids:
         publisher(topics.request(AGENT, "memory"), request(id_, time.time(), type_="memory").payload())

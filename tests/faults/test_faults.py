@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
-import psutil
 import pytest
 from conftest import Procs, wait_for
 from faultlib import (
@@ -28,7 +27,7 @@ from faultlib import (
     wait_persister_ready,
     write_config,
 )
-from helpers import rows
+from helpers import parse_workers_of, rows
 
 from fleet_controller.schedule import SLOT_MS, phase_ms
 from fleetctl.broker import EmbeddedBroker
@@ -95,10 +94,6 @@ def test_1b_persister_sigkill_with_a_received_uncommitted_batch_loses_nothing(
     procs.start("persister2", "fleet-persister", "--config", str(cfg))
     run_for(2)
     assert_exactly_stored(db, loads[0].finish())
-
-
-def parse_workers_of(pid: int) -> List[psutil.Process]:
-    return [p for p in psutil.Process(pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
 
 
 def test_1c_parse_worker_sigkill_loses_and_doubles_nothing(tmp_path: Path, fbroker: EmbeddedBroker,

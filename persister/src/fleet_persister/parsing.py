@@ -55,11 +55,10 @@ Item = Union[Incoming[Request], Incoming[Response], Incoming[Status], RejectedRe
 Raw = Tuple[str, bytes, bool, float]
 
 
-def rejected_record(topic: str, payload: bytes, reason: str, received_s: Optional[float] = None) -> RejectedRecord:
+def rejected_record(topic: str, payload: bytes, reason: str, received_s: float) -> RejectedRecord:
     """A dead letter; the raw payload is truncated to 2 KiB and decoded as UTF-8 with
     errors='replace', so a non-UTF-8 payload shows U+FFFD where its bad bytes were."""
-    return RejectedRecord(id=new_id(), received_at=iso(time.time() if received_s is None else received_s),
-                          topic=topic[:512], reason=reason,
+    return RejectedRecord(id=new_id(), received_at=iso(received_s), topic=topic[:512], reason=reason,
                           payload=payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", errors="replace"))
 
 
@@ -83,6 +82,7 @@ def parse_message(topics: Topics, topic: str, payload: bytes, retained: bool, re
 # Items travel back from a worker as tuples of their fields: pickling the dataclasses
 # themselves took 9 µs per response there, the tuples 1.
 _KINDS = (Request, Response, Status)
+_RESPONSE = _KINDS.index(Response)
 _DATA = [f.name for f in dataclasses.fields(Response)].index("data")
 Packed = Tuple[Any, ...]
 
@@ -94,7 +94,7 @@ def pack(item: Item, encode: bool) -> Packed:
     message = item.message
     kind = _KINDS.index(type(message))
     values = tuple(message.__dict__.values())  # a dataclass sets its fields in their order
-    if encode and kind == 1 and values[_DATA] is not None:
+    if encode and kind == _RESPONSE and values[_DATA] is not None:
         values = (*values[:_DATA], orjson.dumps(values[_DATA]).decode("utf-8"), *values[_DATA + 1:])
     return (kind, item.agent_id, item.received_at, item.retained, *values)
 
@@ -104,15 +104,14 @@ def unpack(packed: Packed, encode: bool) -> Item:
     if kind < 0:
         return RejectedRecord(*packed[1:])
     values = packed[4:]
-    if encode and kind == 1 and values[_DATA] is not None:
+    if encode and kind == _RESPONSE and values[_DATA] is not None:
         values = (*values[:_DATA], EncodedJSON(values[_DATA]), *values[_DATA + 1:])
     message: Any = _KINDS[kind](*values)
     return Incoming(message, packed[1], packed[2], packed[3])
 
 
-def parse_chunk(prefix: str, encode: bool, chunk: List[Raw]) -> List[Packed]:
+def parse_chunk(topics: Topics, encode: bool, chunk: List[Raw]) -> List[Packed]:
     """What a worker does with one hand-over."""
-    topics = Topics(prefix)
     return [pack(parse_message(topics, *raw), encode) for raw in chunk]
 
 
@@ -179,8 +178,7 @@ class ParseStage:
 
     def idle(self) -> bool:
         """Everything put here has been passed on."""
-        with self._room:
-            return self._busy == 0
+        return self._busy == 0
 
     def stop(self, timeout_s: float) -> bool:
         """Pass on what was received, then end the workers; False if that took longer than timeout_s."""
@@ -219,7 +217,7 @@ class ParseStage:
             pool = self._pool
             future: Optional[Future[List[Packed]]]
             try:
-                future = pool.submit(parse_chunk, self.topics.prefix, self.encode, raws)
+                future = pool.submit(parse_chunk, self.topics, self.encode, raws)
             except Exception:  # the pool broke: pass-on parses this chunk itself and replaces the pool
                 future = None
             self._handed.put((future, pool, raws, [t[1] for t in taken]))

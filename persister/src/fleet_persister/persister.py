@@ -25,7 +25,7 @@ from fleet_common import Config, Request, Response, Topics, iso, sanitise_agent_
 from fleet_common.config import PersisterConfig
 from fleet_common.link import Backoff, Link
 
-from .parsing import Item, ParseStage, Raw, parse_message, rejected_record
+from .parsing import Item, ParseStage, Raw, parse_message
 from .stores import ENCODES_JSON, Batch, RejectedRecord, Store
 
 log = logging.getLogger("fleet.persister")
@@ -136,19 +136,19 @@ class Persister:
         item = self.parse(*raw) if stage is None else None
         while True:
             try:
-                if item is None:
-                    stage.put(raw, meta, timeout=0.5)  # type: ignore[union-attr]
+                if stage is not None:
+                    stage.put(raw, meta, timeout=0.5)
                 else:
-                    self._deliver(item, meta, timeout=0.5)
+                    self._deliver(item, meta, timeout=0.5)  # type: ignore[arg-type]
                 break
             except queue.Full:
                 if not self._accepting.is_set():
                     return  # stopping: not acknowledged, so the broker delivers it again
         log.debug("queued message %d on %s", msg.mid, topic)
 
-    def parse(self, topic: str, payload: bytes, retained: bool = False, received_s: Optional[float] = None) -> Item:
+    def parse(self, topic: str, payload: bytes, retained: bool, received_s: float) -> Item:
         """Validate one message; anything wrong with it becomes a RejectedRecord, never an exception."""
-        item = parse_message(self.topics, topic, payload, retained, time.time() if received_s is None else received_s)
+        item = parse_message(self.topics, topic, payload, retained, received_s)
         self._count(item)
         return item
 
@@ -339,4 +339,4 @@ class Persister:
         self._sweep_failing = False
 
 
-__all__ = ["Counters", "Persister", "client_id", "parse_workers", "rejected_record"]
+__all__ = ["Counters", "Persister", "client_id", "parse_workers"]
