@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import threading
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet_common import Request, Response, Topics, iso
+from fleet_common.cli import stop_event
 
 AGENT = "load-0"
 
@@ -37,8 +37,7 @@ def main() -> int:
     ap.add_argument("--twice", action="store_true")
     args = ap.parse_args()
     topics = Topics(args.prefix)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = stop_event()  # not an Event set in a handler: that can hang inside stop.wait() below
 
     acked = 0
     lock = threading.Lock()
