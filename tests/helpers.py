@@ -31,3 +31,11 @@ def loads(value: Any) -> Any:
 def parse_workers_of(pid: int) -> List[psutil.Process]:
     """A persister's parse worker processes (spawn also starts a resource tracker, which parses nothing)."""
     return [p for p in psutil.Process(pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+
+
+def running(proc: psutil.Process) -> bool:
+    """Still running: neither gone nor a zombie waiting to be reaped."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
