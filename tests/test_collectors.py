@@ -12,16 +12,20 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Set
+from typing import Any, Iterator, List, Set
 
 import psutil
 import pytest
 
-from fleet_agent.collectors import BUILTIN, REGISTRY, BadParams, jsonable
+from fleet_agent.collectors import BUILTIN, REGISTRY, BadParams, jsonable, procfs
 from fleet_agent.collectors.cpu import CpuSampler
-from fleet_agent.collectors.processes import ProcessTable
+from fleet_agent.collectors.processes import TABLE, ProcessTable, ProcfsTable
 from fleet_common.config import BUILTIN_TYPES
 from fleet_common.messages import check_document
+
+NO_PROC = not procfs.available()
+# both ways of reading the process table: through psutil (every platform) and /proc (Linux)
+TABLES = [ProcessTable, pytest.param(ProcfsTable, marks=pytest.mark.skipif(NO_PROC, reason="no Linux /proc here"))]
 
 # type -> keys the design table promises in its data
 SHAPES = {
@@ -160,12 +164,13 @@ def test_cpu_sample_right_after_priming_waits_for_the_minimum_interval() -> None
     assert data["percent"] > 0.0, data  # one CPU was busy all along: a real reading cannot be 0
 
 
-def test_process_cpu_percent_is_measured_on_first_snapshot() -> None:
+@pytest.mark.parametrize("table_type", TABLES)
+def test_process_cpu_percent_is_measured_on_first_snapshot(table_type: Any) -> None:
     """A fresh process table primes each process and waits, so a busy process shows cpu_percent > 0
     on the very first snapshot (psutil's first per-process reading is always 0.0)."""
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        rows = ProcessTable(min_interval_s=0.2).snapshot()
+        rows = table_type(min_interval_s=0.2).snapshot()
     finally:
         spinner.kill()
         spinner.wait()
@@ -230,10 +235,11 @@ def test_processes_reads_the_rest_of_a_row_only_for_rows_it_returns(monkeypatch:
     assert [r["rss"] for r in rows] == sorted((r["rss"] for r in rows), reverse=True)
 
 
-def test_processes_top_is_the_head_of_the_whole_list() -> None:
+@pytest.mark.parametrize("table_type", TABLES)
+def test_processes_top_is_the_head_of_the_whole_list(table_type: Any) -> None:
     """top(sort_by, n) gives the rows the whole sorted list starts with (pid and name orders are
     stable between two calls; CPU and memory figures move), each with every field."""
-    table = ProcessTable(min_interval_s=0.0)
+    table = table_type(min_interval_s=0.0)
     table.prime()
     for sort_by in ("pid", "name"):
         head, total = table.top(sort_by, 5)
@@ -244,9 +250,10 @@ def test_processes_top_is_the_head_of_the_whole_list() -> None:
     assert all(list(r) == fields for r in table.snapshot())
 
 
-def test_kernel_threads_are_named_as_psutil_names_them() -> None:
+@pytest.mark.parametrize("table_type", TABLES)
+def test_kernel_threads_are_named_as_psutil_names_them(table_type: Any) -> None:
     """Kernel threads skip psutil's command-line read (they have none); the name is the same."""
-    rows = ProcessTable(min_interval_s=0.0).snapshot()
+    rows = table_type(min_interval_s=0.0).snapshot()
     kernel = [r for r in rows if r["ppid"] == 2 or r["pid"] == 2]
     if not kernel:
         pytest.skip("no kernel threads are visible here (not Linux, or a container's own pid namespace)")
@@ -280,3 +287,95 @@ def test_only_the_real_kthreadd_makes_a_kernel_thread(tmp_path: Path, monkeypatc
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.skipif(NO_PROC, reason="reads Linux's /proc, which this system does not have")
+def test_the_agent_reads_processes_from_proc_on_linux() -> None:
+    assert isinstance(TABLE, ProcfsTable)
+
+
+@pytest.fixture
+def odd_children(tmp_path: Path) -> Iterator[List[subprocess.Popen[bytes]]]:
+    """Sleeping processes whose names test the parsing: longer than the kernel keeps (completed
+    from the command line), and holding spaces and parentheses."""
+    if NO_PROC:
+        pytest.skip("reads Linux's /proc, which this system does not have")
+    children = []
+    for name in ("fleet-test-long-process-name", "a) (b c", "plain"):
+        exe = tmp_path / name
+        exe.symlink_to(shutil.which("sleep") or "/bin/sleep")
+        children.append(subprocess.Popen([str(exe), "30"]))
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+                psutil.Process(c.pid).name() != Path(str(c.args[0])).name for c in children):
+            time.sleep(0.02)  # until each has exec'd
+        yield children
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
+
+
+def test_rows_read_from_proc_are_the_rows_psutil_gives(odd_children: List[subprocess.Popen[bytes]]) -> None:
+    """Every field ProcfsTable reads itself equals psutil's: exactly for sleeping processes,
+    and the identity fields for every process on the host."""
+    ours = {r["pid"]: r for r in ProcfsTable(min_interval_s=0.0).snapshot()}
+    theirs = {r["pid"]: r for r in ProcessTable(min_interval_s=0.0).snapshot()}
+    assert len(ours.keys() & theirs.keys()) >= min(len(ours), len(theirs)) - 3  # some come and go between
+    for child in odd_children:
+        mine, psutils = ours[child.pid], theirs[child.pid]
+        assert mine["name"] == Path(str(child.args[0])).name
+        assert {k: v for k, v in mine.items() if k != "cpu_percent"} == \
+            {k: v for k, v in psutils.items() if k != "cpu_percent"}
+        assert mine["status"] == psutil.STATUS_SLEEPING and mine["ppid"] == os.getpid()
+    for pid in ours.keys() & theirs.keys():
+        for key in ("ppid", "name", "username", "create_time"):
+            assert ours[pid][key] == theirs[pid][key], (pid, key)
+
+
+def test_a_reused_pid_is_measured_afresh_from_proc(odd_children: List[subprocess.Popen[bytes]]) -> None:
+    """A pid whose start time differs from the one recorded is another process: no CPU share
+    computed against the old one's times until the next request."""
+    pid = odd_children[0].pid
+    table = ProcfsTable(min_interval_s=0.0)
+    table.prime()
+    started, used, at = table._cpu[pid]
+    table._cpu[pid] = (started - 1000, used, at)  # what an earlier process with this pid would have had
+    row = next(r for r in table.snapshot() if r["pid"] == pid)
+    assert row["cpu_percent"] is None and row["ppid"] == os.getpid()
+    again = next(r for r in table.snapshot() if r["pid"] == pid)
+    assert again["cpu_percent"] == 0.0
+
+
+def test_proc_table_reads_status_only_for_rows_it_returns(monkeypatch: pytest.MonkeyPatch,
+                                                          odd_children: List[subprocess.Popen[bytes]]) -> None:
+    """stat for every process; status (and a long name's cmdline) for the `limit` rows returned;
+    statm for every process only when sorting by memory."""
+    table = ProcfsTable(min_interval_s=0.0)
+    table.prime()
+    reads: collections.Counter[str] = collections.Counter()
+    real = procfs.read
+
+    def counted(pid: int, name: str) -> Any:
+        reads[name] += 1
+        return real(pid, name)
+
+    monkeypatch.setattr(procfs, "read", counted)
+    rows, total = table.top("cpu_percent", 3)
+    assert len(rows) == 3 and total >= 10
+    assert total - 2 <= reads["stat"] <= total + 2, reads  # +/- processes that came or went meanwhile
+    assert reads["status"] <= 3 + 2 and reads["cmdline"] <= 3 and reads["statm"] == 0, reads
+    reads.clear()
+    rows, total = table.top("rss", 3)
+    assert reads["statm"] >= total - 2 and reads["status"] <= 3 + 2, reads
+    assert [r["rss"] for r in rows] == sorted((r["rss"] for r in rows), reverse=True)
+
+
+def test_a_process_that_ended_is_no_row() -> None:
+    if NO_PROC:
+        pytest.skip("reads Linux's /proc, which this system does not have")
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert procfs.stat(child.pid) is None and procfs.status(child.pid) is None and procfs.rss(child.pid) is None
+    assert procfs.stat(os.getpid()) is not None
