@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Set
+from typing import Any, Dict, Iterator, List, Set
 
 import psutil
 import pytest
@@ -252,16 +252,24 @@ def test_processes_top_is_the_head_of_the_whole_list(table_type: Any) -> None:
 
 @pytest.mark.parametrize("table_type", TABLES)
 def test_kernel_threads_are_named_as_psutil_names_them(table_type: Any) -> None:
-    """Kernel threads skip psutil's command-line read (they have none); the name is the same."""
+    """Kernel threads skip psutil's command-line read (they have none); the name is the same.
+    A kworker's name says what it works on, and changes: those psutil names alike just before
+    and just after the snapshot are compared."""
+
+    def names() -> Dict[int, str]:
+        found = {}
+        for proc in psutil.process_iter(["name"]):
+            found[proc.pid] = proc.info["name"]
+        return found
+
+    before = names()
     rows = table_type(min_interval_s=0.0).snapshot()
-    kernel = [r for r in rows if r["ppid"] == 2 or r["pid"] == 2]
+    after = names()
+    kernel = [r for r in rows if (r["ppid"] == 2 or r["pid"] == 2) and r["pid"] in after
+              and before.get(r["pid"]) == after[r["pid"]]]
     if not kernel:
         pytest.skip("no kernel threads are visible here (not Linux, or a container's own pid namespace)")
-    for r in kernel:
-        try:
-            assert r["name"] == psutil.Process(r["pid"]).name()
-        except psutil.NoSuchProcess:
-            continue
+    assert [r["name"] for r in kernel] == [after[r["pid"]] for r in kernel]
 
 
 def test_only_the_real_kthreadd_makes_a_kernel_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
