@@ -32,7 +32,51 @@ SORTS: Dict[str, bool] = {"cpu_percent": True, "rss": True, "create_time": True,
 DEFAULT_SORT = "cpu_percent"
 
 
-class ProcessTable:
+class _Table:
+    """What both readers of the process table share: priming, the wait for a fresh sample, and
+    completing the rows at the head of the sorted list."""
+
+    def __init__(self, min_interval_s: float) -> None:
+        self.min_interval_s = min_interval_s
+        self._lock = threading.Lock()
+        self._primed_at = 0.0  # monotonic time of the newest priming
+
+    def _refresh(self) -> Any:
+        raise NotImplementedError
+
+    def prime(self) -> None:
+        with self._lock:
+            self._refresh()
+
+    def snapshot(self) -> List[JsonObject]:
+        """Every process's row, in no particular order."""
+        return self.top(None, None)[0]
+
+    def top(self, sort_by: Optional[str], limit: Optional[int]) -> Tuple[List[JsonObject], int]:
+        raise NotImplementedError
+
+    def _wait_for_primed(self) -> None:
+        """A process primed less than min_interval_s ago gets the rest of it before it is measured."""
+        wait = self.min_interval_s - (time.monotonic() - self._primed_at)
+        if wait > 0:
+            time.sleep(wait)
+
+    def _head(self, rows: List[JsonObject], sort_by: Optional[str], limit: Optional[int]) -> List[JsonObject]:
+        out: List[JsonObject] = []
+        for row in sort_rows(rows, sort_by) if sort_by is not None else rows:
+            if limit is not None and len(out) >= limit:
+                break
+            full = self._complete(row)
+            if full is not None:  # it ended meanwhile: the next one takes its place
+                out.append(full)
+        return out
+
+    @staticmethod
+    def _complete(row: JsonObject) -> Optional[JsonObject]:
+        raise NotImplementedError
+
+
+class ProcessTable(_Table):
     """psutil.Process objects cached by pid, each with its previous CPU time sample (systems
     without Linux's /proc).
 
@@ -42,11 +86,9 @@ class ProcessTable:
     per process, and was the largest single cost of a snapshot."""
 
     def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
-        self.min_interval_s = min_interval_s
-        self._lock = threading.Lock()
+        super().__init__(min_interval_s)
         self._procs: Dict[int, psutil.Process] = {}
         self._cpu: Dict[int, Tuple[float, float]] = {}  # pid -> (user + system seconds, monotonic time)
-        self._primed_at = 0.0  # monotonic time of the newest priming
 
     def _refresh(self) -> None:
         live = set(psutil.pids())
@@ -72,14 +114,6 @@ class ProcessTable:
         self._cpu[pid] = (times.user + times.system, self._primed_at)
         return proc
 
-    def prime(self) -> None:
-        with self._lock:
-            self._refresh()
-
-    def snapshot(self) -> List[JsonObject]:
-        """Every process's row, in no particular order."""
-        return self.top(None, None)[0]
-
     def top(self, sort_by: Optional[str], limit: Optional[int]) -> Tuple[List[JsonObject], int]:
         """The first `limit` rows in `sort_by` order (see sort_rows), and how many processes there are.
 
@@ -90,9 +124,7 @@ class ProcessTable:
         is read once."""
         with self._lock, ExitStack() as held:
             self._refresh()
-            wait = self.min_interval_s - (time.monotonic() - self._primed_at)
-            if wait > 0:
-                time.sleep(wait)
+            self._wait_for_primed()
             rows = []
             for pid, proc in list(self._procs.items()):
                 try:
@@ -104,14 +136,7 @@ class ProcessTable:
                     self._forget(pid)
                 else:
                     rows.append(row)
-            out: List[JsonObject] = []
-            for row in sort_rows(rows, sort_by) if sort_by is not None else rows:
-                if limit is not None and len(out) >= limit:
-                    break
-                full = self._complete(row)
-                if full is not None:  # it ended meanwhile: the next one takes its place
-                    out.append(full)
-            return out, len(rows)
+            return self._head(rows, sort_by, limit), len(rows)
 
     def _cpu_percent(self, pid: int, proc: psutil.Process) -> Optional[float]:
         times = proc.cpu_times()
@@ -244,17 +269,15 @@ def _user_name(uid: int) -> str:
     return name
 
 
-class ProcfsTable:
+class ProcfsTable(_Table):
     """ProcessTable's rows on Linux, read from /proc directly (see procfs): each process's stat
     file once per request, its status file (and, for a name the kernel cut, its command line)
-    only if its row is returned. Same fields, same values, a third of the CPU."""
+    only if its row is returned. Same fields, same values, three fifths of the CPU."""
 
     def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
-        self.min_interval_s = min_interval_s
-        self._lock = threading.Lock()
+        super().__init__(min_interval_s)
         # pid -> (start ticks, user + system seconds, monotonic time) of its previous sample
         self._cpu: Dict[int, Tuple[int, float, float]] = {}
-        self._primed_at = 0.0
 
     def _refresh(self) -> List[int]:
         pids: List[int] = psutil.pids()
@@ -269,19 +292,10 @@ class ProcfsTable:
                     self._cpu[pid] = (st.start_ticks, st.cpu_s, self._primed_at)
         return pids
 
-    def prime(self) -> None:
-        with self._lock:
-            self._refresh()
-
-    def snapshot(self) -> List[JsonObject]:
-        return self.top(None, None)[0]
-
     def top(self, sort_by: Optional[str], limit: Optional[int]) -> Tuple[List[JsonObject], int]:
         with self._lock:
             pids = self._refresh()
-            wait = self.min_interval_s - (time.monotonic() - self._primed_at)
-            if wait > 0:
-                time.sleep(wait)
+            self._wait_for_primed()
             boot = psutil.boot_time()
             rows = []
             for pid in pids:
@@ -303,14 +317,7 @@ class ProcfsTable:
                 elif sort_by == "name":
                     row["name"] = procfs.name(pid, st.comm)
                 rows.append(row)
-            out: List[JsonObject] = []
-            for row in sort_rows(rows, sort_by) if sort_by is not None else rows:
-                if limit is not None and len(out) >= limit:
-                    break
-                full = self._complete(row)
-                if full is not None:  # it ended meanwhile: the next one takes its place
-                    out.append(full)
-            return out, len(rows)
+            return self._head(rows, sort_by, limit), len(rows)
 
     @staticmethod
     def _complete(row: JsonObject) -> Optional[JsonObject]:
