@@ -49,7 +49,7 @@ def read(pid: int, name: str) -> Optional[bytes]:
         return None
     try:
         data = os.read(fd, 4096)
-        if len(data) == 4096:  # only a command line is this long
+        if len(data) == 4096:  # a long command line: read the rest
             chunks = [data]
             while chunk := os.read(fd, 65536):
                 chunks.append(chunk)
