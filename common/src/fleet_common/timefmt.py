@@ -22,12 +22,20 @@ _SECONDS: Dict[str, int] = {}
 _CACHE_MAX = 512
 
 
+# What RFC 3339 text can hold: years 0001 to 9999 (UTC).
+EARLIEST_S = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
+LATEST_S = datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=timezone.utc).timestamp()
+
+
 def iso(epoch_s: float) -> str:
-    """Format seconds since the epoch as `2026-11-26T04:30:00.123Z`."""
+    """Format seconds since the epoch as `2026-11-26T04:30:00.123Z` (years 0001 to 9999;
+    ValueError outside them)."""
     second, ms = divmod(round(epoch_s * 1000), 1000)
     head = _HEADS.get(second)
     if head is None:
-        head = datetime.fromtimestamp(second, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        t = datetime.fromtimestamp(second, tz=timezone.utc)
+        # not strftime: its %Y writes year 1 as "1" on glibc
+        head = f"{t.year:04d}-{t.month:02d}-{t.day:02d}T{t.hour:02d}:{t.minute:02d}:{t.second:02d}"
         if len(_HEADS) >= _CACHE_MAX:
             _HEADS.clear()
         _HEADS[second] = head
@@ -44,7 +52,15 @@ def now_iso() -> str:
 
 
 def parse_iso(text: str) -> float:
-    """Parse an RFC 3339 timestamp to seconds since the epoch."""
+    """Parse an RFC 3339 timestamp to seconds since the epoch; ContractError("bad_timestamp")
+    if it is not one, or lies outside the years 0001 to 9999 in UTC (which no store can hold)."""
+    value = _parse_iso(text)
+    if not EARLIEST_S <= value <= LATEST_S:
+        raise ContractError("bad_timestamp", f"{str(text)[:40]!r} is outside the years 0001 to 9999 (UTC)")
+    return value
+
+
+def _parse_iso(text: str) -> float:
     if isinstance(text, str) and is_canonical(text):
         head = text[:19]
         second = _SECONDS.get(head)
