@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 import yaml
 from conftest import ROOT
 
-from fleet_common import BUILTIN_TYPES, ContractError, Request, Response, Status, Topics
+from fleet_common import BUILTIN_TYPES, ContractError, Request, Response, Status, Topics, messages
 from fleet_common.config import load_config
+from fleet_common.datatypes import BUILTIN, json_schemas
 from fleet_common.messages import ERROR_CODES, STATUSES, VERSION, parse_request, parse_response, parse_status
 from fleet_common.timefmt import _ID_RE
 from fleet_common.topics import AGENT_ID_RE, TYPE_RE, ParsedTopic
+from fleet_persister.datacheck import check_data
 
 DOC: Dict[str, Any] = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
 SCHEMAS: Dict[str, Any] = DOC["components"]["schemas"]
@@ -162,3 +166,38 @@ def test_operations_use_qos_1_and_retain_only_status() -> None:
     assert ops["answerRequest"]["bindings"]["mqtt"] == {"qos": 1, "retain": False, "bindingVersion": "0.2.0"}
     assert ops["publishStatus"]["bindings"]["mqtt"]["retain"] is True
     assert ops["answerRequest"]["reply"]["channel"]["$ref"] == "#/channels/response"
+
+
+def test_each_built_in_type_carries_the_schemas_fleet_common_defines() -> None:
+    """docs/asyncapi.yaml holds every built-in type's params and data schema exactly as
+    fleet_common.datatypes makes them, with its size limit, and nothing for types it lacks."""
+    by_type = SCHEMAS["BuiltInTypes"]["x-types"]
+    assert set(by_type) == set(BUILTIN) == set(BUILTIN_TYPES)
+    for type_, parts in json_schemas().items():
+        for part in ("params", "data"):
+            described = dict(resolve(by_type[type_][part]["$ref"]))
+            described.pop("description")
+            described.pop("examples", None)
+            assert described == parts[part], (type_, part)
+        assert by_type[type_]["maxPayloadBytes"] == BUILTIN[type_].max_payload_bytes
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "asyncapi_types.py"), "--check"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_each_types_example_is_data_the_persister_stores() -> None:
+    """The data examples in the document pass the persister's check of their type."""
+    for type_, parts in SCHEMAS["BuiltInTypes"]["x-types"].items():
+        for example in resolve(parts["data"]["$ref"])["examples"]:
+            check_data(type_, example, len(json.dumps(example)))
+
+
+def test_the_timestamp_window_is_the_one_receivers_apply() -> None:
+    """The window the document gives for timestamps is the one parse_* apply (messages.FUTURE_S, ...)."""
+    ts = SCHEMAS["Timestamp"]
+    assert (ts["x-future-s"], ts["x-past-s"], ts["x-expires-future-s"]) == (
+        messages.FUTURE_S, messages.PAST_S, messages.EXPIRES_FUTURE_S)
+    status = SCHEMAS["Status"]["properties"]
+    assert {k: status[k]["maxLength"] for k in messages.STATUS_STRINGS} == messages.STATUS_STRINGS
+    assert status["types"]["maxItems"] == messages.MAX_TYPES
+    assert SCHEMAS["Response"]["properties"]["duration_ms"]["maximum"] == messages.MAX_DURATION_MS

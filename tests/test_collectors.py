@@ -21,24 +21,15 @@ from fleet_agent.collectors import BUILTIN, REGISTRY, BadParams, jsonable, procf
 from fleet_agent.collectors.cpu import CpuSampler
 from fleet_agent.collectors.processes import TABLE, ProcessTable, ProcfsTable
 from fleet_common.config import BUILTIN_TYPES
+from fleet_common.datatypes import BUILTIN as DATATYPES
 from fleet_common.messages import check_document
+from fleet_persister.datacheck import check_data
 
 NO_PROC = not procfs.available()
 # both ways of reading the process table: through psutil (every platform) and /proc (Linux)
 TABLES = [ProcessTable, pytest.param(ProcfsTable, marks=pytest.mark.skipif(NO_PROC, reason="no Linux /proc here"))]
 
 # type -> keys the design table promises in its data
-SHAPES = {
-    "os_info": {"hostname", "os", "release", "version", "arch", "boot_time", "uptime_s", "cpu_count", "users"},
-    "cpu": {"percent", "per_cpu", "times_percent", "load_avg", "freq_mhz", "ctx_switches"},
-    "memory": {"virtual", "swap"},
-    "disk": {"partitions", "io"},
-    "network": {"interfaces"},
-    "processes": {"processes"},
-    "ping": set(),
-}
-
-
 def _dict_keys(value: Any) -> Iterator[str]:
     if isinstance(value, dict):
         for key, item in value.items():
@@ -65,12 +56,15 @@ def test_registry_holds_the_builtin_types() -> None:
     assert set(BUILTIN) == set(BUILTIN_TYPES) <= set(REGISTRY)
 
 
-@pytest.mark.parametrize("type_", sorted(SHAPES))
+@pytest.mark.parametrize("type_", sorted(DATATYPES))
 def test_collector_returns_contract_shape_as_plain_json(type_: str) -> None:
-    """Each collector gives the design's keys, strict JSON (no NaN) that a document store accepts."""
+    """Each collector gives its type's data as fleet_common.datatypes defines it (what the persister
+    checks), strict JSON (no NaN) that a document store accepts."""
     data = REGISTRY[type_]({})
     assert isinstance(data, dict)
-    assert SHAPES[type_] <= set(data), f"{type_} lacks {SHAPES[type_] - set(data)}"
+    size = len(json.dumps(data).encode())
+    DATATYPES[type_].check_data(data, size)
+    check_data(type_, data, size)
     assert json.loads(json.dumps(data, allow_nan=False)) == data  # nothing but plain JSON types
     check_document(data)  # no '$x' or 'a.b' keys, depth bounded
 
@@ -113,7 +107,8 @@ def test_processes_limit_and_sort_by() -> None:
 
 
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10001}, {"limit": "5"}, {"limit": True},
-                                    {"limit": 1.5}, {"sort_by": "memory"}, {"sort_by": None}, {"top": 5}])
+                                    {"limit": 1.5}, {"sort_by": "memory"}, {"sort_by": None}, {"top": 5},
+                                    {"sort_by": ["rss"]}, {"sort_by": {"rss": 1}}])
 def test_processes_rejects_bad_params(params: dict) -> None:
     """Out-of-range limits, unknown sort keys and unknown params raise BadParams."""
     with pytest.raises(BadParams):

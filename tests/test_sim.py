@@ -17,25 +17,35 @@ from fleet_sim.synthetic import TYPES, BadParams, Host
 from helpers import rows
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet_common import ParsedTopic, parse_iso, parse_response
+from fleet_common import ParsedTopic, now_iso, parse_iso, parse_response
+from fleet_common.datatypes import BUILTIN as DATATYPES
 from fleet_controller.schedule import SLOT_MS, phase_ms
+from fleet_persister.datacheck import check_data
 from fleetctl.broker import EmbeddedBroker
 
 
 def envelope(host: Host, type_: str, params: Dict[str, Any]) -> bytes:
     data = host.reading(type_, params)
     return (b'{"v":1,"id":"r1","agent_id":"web-01","type":"' + type_.encode() + b'","status":"ok","data":' + data
-            + b',"error":null,"collected_at":"2026-11-26T04:30:00.140Z","duration_ms":0.1}')
+            + b',"error":null,"collected_at":"' + now_iso().encode() + b'","duration_ms":0.1}')
 
 
 def test_synthetic_readings_pass_the_persisters_validation_at_realistic_size() -> None:
-    host = Host("web-01")
+    """Every simulated host's reading of every type is what fleet_common.datatypes defines (the
+    persister's check), at the size the bench relies on."""
     sizes = {}
-    for type_ in TYPES:
-        payload = envelope(host, type_, {})
-        response = parse_response(payload, ParsedTopic("res", "web-01", type_))
-        assert response.status == "ok" and isinstance(response.data, dict)
-        sizes[type_] = len(payload)
+    for i in range(40):
+        host = Host(f"web-{i:02d}")
+        for type_ in TYPES:
+            for params in ({}, {"limit": 7, "sort_by": "name"}) if type_ == "processes" else ({},):
+                payload = envelope(host, type_, params)
+                response = parse_response(payload, ParsedTopic("res", "web-01", type_))
+                assert response.status == "ok" and isinstance(response.data, dict)
+                DATATYPES[type_].check_data(response.data, len(payload))
+                check_data(type_, response.data, len(payload))
+                sizes[type_] = len(payload)
+    host = Host("web-01")
+    sizes["processes"] = len(envelope(host, "processes", {}))
     data = json.loads(host.reading("processes", {}))
     assert len(data["processes"]) == 250 and 30_000 < sizes["processes"] < 60_000
     assert {"pid", "ppid", "name", "username", "status", "cpu_percent", "rss", "create_time"} <= set(

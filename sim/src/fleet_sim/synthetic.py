@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Tuple
 
+from fleet_common.datatypes import BUILTIN
+from fleet_common.errors import ContractError
 from fleet_common.messages import JsonObject, dumps
+from fleet_common.timefmt import iso
 
 DEFAULT_PROCESSES = 250
-PROCESS_SORTS: Dict[str, bool] = {"cpu_percent": True, "rss": True, "create_time": True, "pid": False,
-                                  "name": False}
-MAX_PROCESS_LIMIT = 10000
 PROFILES = 16
 _NAMES = ("systemd", "kthreadd", "rcu_gp", "kworker/0:1", "ksoftirqd/0", "migration/0", "sshd", "cron",
           "rsyslogd", "dbus-daemon", "systemd-journald", "systemd-udevd", "systemd-logind", "chronyd", "nginx",
@@ -106,9 +106,12 @@ class Host:
         return maker(self, params)
 
 
-def _no_params(params: JsonObject) -> None:
-    if params:
-        raise BadParams(f"unknown param(s) {', '.join(repr(k)[:40] for k in sorted(params))}; accepted: none")
+def _params(type_: str, params: JsonObject) -> JsonObject:
+    """The request's params, checked as the agent checks them (fleet_common.datatypes)."""
+    try:
+        return BUILTIN[type_].check_params(params)
+    except ContractError as exc:
+        raise BadParams(exc.detail) from None
 
 
 def _rng(host: Host) -> random.Random:
@@ -116,21 +119,21 @@ def _rng(host: Host) -> random.Random:
 
 
 def _os_info(host: Host, params: JsonObject) -> bytes:
-    _no_params(params)
+    _params("os_info", params)
     now = time.time()
     return dumps({"hostname": host.id, "os": "Linux", "release": "6.1.0-21-amd64",
                   "version": "#1 SMP PREEMPT_DYNAMIC Debian 6.1.90-1 (2024-05-03)",
                   "platform": "Linux-6.1.0-21-amd64-x86_64-with-glibc2.36",
                   "distro": {"id": "debian", "name": "Debian GNU/Linux", "version_id": "12",
                              "pretty_name": "Debian GNU/Linux 12 (bookworm)"},
-                  "arch": "x86_64", "boot_time": host.boot_time, "uptime_s": round(now - host.boot_time, 1),
+                  "arch": "x86_64", "boot_time": iso(host.boot_time), "uptime_s": round(now - host.boot_time, 1),
                   "cpu_count": host.cpus, "cpu_count_physical": max(1, host.cpus // 2),
                   "python_version": "3.11.2", "byteorder": "little",
-                  "users": [{"name": "admin", "terminal": "pts/0", "host": "10.0.0.5", "started": now - 3600}]})
+                  "users": [{"name": "admin", "terminal": "pts/0", "host": "10.0.0.5", "started": iso(now - 3600)}]})
 
 
 def _cpu(host: Host, params: JsonObject) -> bytes:
-    _no_params(params)
+    _params("cpu", params)
     rng = _rng(host)
     per_cpu = [round(rng.uniform(0, 60), 1) for _ in range(host.cpus)]
     busy = round(sum(per_cpu) / len(per_cpu), 1)
@@ -146,7 +149,7 @@ def _cpu(host: Host, params: JsonObject) -> bytes:
 
 
 def _memory(host: Host, params: JsonObject) -> bytes:
-    _no_params(params)
+    _params("memory", params)
     rng = _rng(host)
     used = int(host.mem_total * rng.uniform(0.2, 0.8))
     cached = (host.mem_total - used) // 2
@@ -158,7 +161,7 @@ def _memory(host: Host, params: JsonObject) -> bytes:
 
 
 def _disk(host: Host, params: JsonObject) -> bytes:
-    _no_params(params)
+    _params("disk", params)
     mounts = ("/", "/var", "/home", "/srv")
     parts = []
     for i in range(host.disks):
@@ -181,7 +184,7 @@ def _disk(host: Host, params: JsonObject) -> bytes:
 
 
 def _network(host: Host, params: JsonObject) -> bytes:
-    _no_params(params)
+    _params("network", params)
     n = host.calls
     interfaces = []
     for i in range(host.nics):
@@ -200,22 +203,16 @@ def _network(host: Host, params: JsonObject) -> bytes:
 
 
 def _ping(host: Host, params: JsonObject) -> bytes:
-    _no_params(params)
+    _params("ping", params)
     return b"{}"
 
 
 def _processes(host: Host, params: JsonObject) -> bytes:
-    unknown = sorted(set(params) - {"limit", "sort_by"})
-    if unknown:
-        raise BadParams(f"unknown param(s) {', '.join(repr(k)[:40] for k in unknown)}; accepted: limit, sort_by")
+    checked = _params("processes", params)
     # Without `limit` a simulated host lists every process: the heavy answer the sizing is about
     # (the real agent's default is the top 50; an operator may ask for all).
     limit = params.get("limit", host.processes)
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PROCESS_LIMIT:
-        raise BadParams(f"limit must be a whole number from 1 to {MAX_PROCESS_LIMIT}, not {str(limit)[:40]!r}")
-    sort_by = params.get("sort_by", "cpu_percent")
-    if sort_by not in PROCESS_SORTS:
-        raise BadParams(f"sort_by must be one of {', '.join(PROCESS_SORTS)}, not {str(sort_by)[:40]!r}")
+    sort_by = checked["sort_by"]
     table = process_table(host.profile, host.processes)
     k = host.calls
     cpus, rsss = _CPU_VALUES, _RSS_VALUES

@@ -9,11 +9,11 @@ lists of objects, never objects keyed by names from the host.
 from __future__ import annotations
 
 from . import cpu, disk, memory, network, os_info, ping, processes
-from .base import PRIMERS, REGISTRY, BadParams, Collector, check_params, jsonable, prime_all, register, unregister
+from .base import PRIMERS, REGISTRY, BadParams, Collector, checked_params, jsonable, prime_all, register, unregister
 
 BUILTIN = ("cpu", "disk", "memory", "network", "os_info", "ping", "processes")
 
 __all__ = [
-    "BUILTIN", "PRIMERS", "REGISTRY", "BadParams", "Collector", "check_params", "cpu", "disk", "jsonable",
+    "BUILTIN", "PRIMERS", "REGISTRY", "BadParams", "Collector", "checked_params", "cpu", "disk", "jsonable",
     "memory", "network", "os_info", "ping", "prime_all", "processes", "register", "unregister",
 ]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, Callable, Dict, Iterable, Optional, TypeVar
+from typing import Any, Callable, Dict, Optional, TypeVar
 
+from fleet_common.datatypes import DataType, datatype
+from fleet_common.errors import ContractError
 from fleet_common.topics import check_type
 
 JsonObject = Dict[str, Any]
@@ -52,12 +54,20 @@ def prime_all() -> None:
             pass
 
 
-def check_params(params: JsonObject, allowed: Iterable[str] = ()) -> None:
-    """Raise BadParams if `params` has keys other than `allowed`."""
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        known = ", ".join(sorted(allowed)) or "none"
-        raise BadParams(f"unknown param(s) {', '.join(repr(k)[:40] for k in unknown)}; accepted: {known}")
+def checked_params(type_: str, params: JsonObject) -> JsonObject:
+    """The params of a request of built-in type `type_`, checked against the contract
+    (fleet_common.datatypes) and with their defaults; BadParams naming the param otherwise."""
+    try:
+        return datatype_of(type_).check_params(params)
+    except ContractError as exc:
+        raise BadParams(exc.detail) from None
+
+
+def datatype_of(type_: str) -> DataType:
+    found = datatype(type_)
+    if found is None:
+        raise KeyError(f"{type_!r} is not a built-in type")
+    return found
 
 
 def jsonable(value: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 
 import psutil
 
-from .base import JsonObject, attempt, check_params, register
+from .base import JsonObject, attempt, checked_params, register
 
 MIN_INTERVAL_S = 0.1
 _LINUX = sys.platform.startswith("linux")
@@ -103,7 +103,7 @@ def _load_avg() -> Optional[List[float]]:
 
 @register("cpu", prime=SAMPLER.prime)
 def collect(params: JsonObject) -> JsonObject:
-    check_params(params)
+    checked_params("cpu", params)
     data = SAMPLER.sample()
     stats = attempt(psutil.cpu_stats, {}) or {}
     data.update(

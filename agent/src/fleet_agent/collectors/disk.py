@@ -6,7 +6,7 @@ from typing import List
 
 import psutil
 
-from .base import JsonObject, attempt, check_params, jsonable, register
+from .base import JsonObject, attempt, checked_params, jsonable, register
 
 
 def _partitions() -> List[JsonObject]:
@@ -29,7 +29,7 @@ def _per_disk() -> List[JsonObject]:
 
 @register("disk")
 def collect(params: JsonObject) -> JsonObject:
-    check_params(params)
+    checked_params("disk", params)
     return {
         "partitions": attempt(_partitions, []),
         "io": attempt(lambda: psutil.disk_io_counters(perdisk=False)),

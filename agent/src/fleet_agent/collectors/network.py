@@ -6,7 +6,7 @@ from typing import Any, Dict, List
 
 import psutil
 
-from .base import JsonObject, attempt, check_params, jsonable, register
+from .base import JsonObject, attempt, checked_params, jsonable, register
 
 COUNTERS = ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "errin", "errout", "dropin", "dropout")
 
@@ -41,7 +41,7 @@ def _interfaces() -> List[JsonObject]:
 
 @register("network")
 def collect(params: JsonObject) -> JsonObject:
-    check_params(params)
+    checked_params("network", params)
     return {
         "interfaces": _interfaces(),
         "totals": attempt(lambda: psutil.net_io_counters(pernic=False)),

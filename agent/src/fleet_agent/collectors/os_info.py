@@ -12,7 +12,7 @@ import psutil
 
 from fleet_common.timefmt import iso
 
-from .base import JsonObject, attempt, check_params, register
+from .base import JsonObject, attempt, checked_params, register
 
 
 def _users() -> List[JsonObject]:
@@ -32,7 +32,7 @@ def _distro() -> Optional[JsonObject]:
 
 @register("os_info")
 def collect(params: JsonObject) -> JsonObject:
-    check_params(params)
+    checked_params("os_info", params)
     boot = attempt(psutil.boot_time)
     return {
         "hostname": socket.gethostname(),

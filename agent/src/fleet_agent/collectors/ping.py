@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import JsonObject, check_params, register
+from .base import JsonObject, checked_params, register
 
 
 @register("ping")
 def collect(params: JsonObject) -> JsonObject:
-    check_params(params)
+    checked_params("ping", params)
     return {}

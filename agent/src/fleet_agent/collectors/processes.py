@@ -22,14 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import psutil
 
 from . import procfs
-from .base import BadParams, JsonObject, check_params, register
+from .base import JsonObject, checked_params, register
 
 MIN_INTERVAL_S = 0.1
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 10000
-# sort key -> descending?
+# sort key (fleet_common.datatypes.SORT_KEYS) -> descending?
 SORTS: Dict[str, bool] = {"cpu_percent": True, "rss": True, "create_time": True, "pid": False, "name": False}
-DEFAULT_SORT = "cpu_percent"
 
 
 class _Table:
@@ -337,17 +334,6 @@ class ProcfsTable(_Table):
 TABLE = ProcfsTable() if procfs.available() else ProcessTable()
 
 
-def parse_params(params: JsonObject) -> Tuple[int, str]:
-    check_params(params, ("limit", "sort_by"))
-    limit = params.get("limit", DEFAULT_LIMIT)
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise BadParams(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {str(limit)[:40]!r}")
-    sort_by = params.get("sort_by", DEFAULT_SORT)
-    if sort_by not in SORTS:
-        raise BadParams(f"sort_by must be one of {', '.join(SORTS)}, not {str(sort_by)[:40]!r}")
-    return limit, sort_by
-
-
 def sort_rows(rows: List[JsonObject], sort_by: str) -> List[JsonObject]:
     """Sort by `sort_by` (numbers high first, except pid; names A-Z), missing values last."""
     descending = SORTS[sort_by]
@@ -362,6 +348,7 @@ def sort_rows(rows: List[JsonObject], sort_by: str) -> List[JsonObject]:
 
 @register("processes", prime=TABLE.prime)
 def collect(params: JsonObject) -> JsonObject:
-    limit, sort_by = parse_params(params)
+    checked = checked_params("processes", params)
+    limit, sort_by = checked["limit"], checked["sort_by"]
     rows, total = TABLE.top(sort_by, limit)
     return {"processes": rows, "total": total, "sort_by": sort_by, "limit": limit}
