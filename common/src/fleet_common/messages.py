@@ -14,7 +14,7 @@ from itertools import chain
 from typing import AbstractSet, Any, Dict, Iterable, List, Optional, Set, Tuple
 
 from .errors import ContractError
-from .timefmt import is_valid_id, now_iso, parse_iso
+from .timefmt import is_canonical, is_valid_id, iso, now_iso, parse_iso
 from .topics import ParsedTopic, check_agent_id, check_type
 
 VERSION = 1
@@ -46,14 +46,27 @@ def _int(text: str) -> Any:
     return value if INT_RANGE[0] <= value < INT_RANGE[1] else _finite(text)
 
 
+def _unique(pairs: List[Tuple[str, Any]]) -> JsonObject:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: Set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ContractError("duplicate_key", f"key {twice[:60]!r} appears twice in one object")
+    return obj
+
+
 def _loads_stdlib(payload: bytes) -> Any:
-    """The reference parser: what a payload may be, and why it is refused when it is not."""
+    """The reference parser: what a payload may be, and why it is refused when it is not.
+
+    A key may appear once per object (RFC 8259 leaves repeats to each parser, and parsers
+    differ on which one counts: a message must not mean one thing here and another elsewhere)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ContractError("not_utf8", str(exc)) from None
     try:
-        obj = json.loads(text, parse_constant=_no_constants, parse_float=_finite, parse_int=_int)
+        obj = json.loads(text, parse_constant=_no_constants, parse_float=_finite, parse_int=_int,
+                         object_pairs_hook=_unique)
     except RecursionError:
         raise ContractError("too_deep", f"nesting deeper than {MAX_DEPTH}") from None
     except ValueError as exc:
@@ -71,22 +84,37 @@ try:  # orjson where it is installed (the persister requires it); the agent stay
 
     def _loads(payload: bytes) -> Any:
         try:
-            return orjson.loads(payload)
+            obj = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             # orjson refuses exactly what the reference parser refuses; that one says why
             _loads_stdlib(payload)
             raise ContractError("bad_json", str(exc)) from None
+        return obj
+
+    def _no_repeated_keys(payload: bytes, obj: Any) -> None:
+        """orjson keeps the last of repeated keys without a word. Every key in JSON text is
+        followed by a colon, and so is every key orjson writes back, while colons inside strings
+        are the same in both unless the text escapes one (\\u003a): so the two hold as many colons
+        exactly when no key was dropped. With any \\u escape, the reference parser decides."""
+        if b"\\u" in payload:
+            _loads_stdlib(payload)
+        elif payload.count(b":") != orjson.dumps(obj).count(b":"):
+            _loads_stdlib(payload)  # raises duplicate_key, naming it
 
     JSON_PARSER = "orjson"
 except ImportError:  # pragma: no cover - depends on what is installed
     _loads = _loads_stdlib
     JSON_PARSER = "json"
 
+    def _no_repeated_keys(payload: bytes, obj: Any) -> None:
+        """The reference parser refuses repeated keys as it parses."""
+
 
 def decode_object(payload: bytes) -> JsonObject:
     """UTF-8 JSON object of bounded size and depth, with keys a document store accepts.
 
-    No NaN or infinity, no lone surrogate, integers within 64 bits (larger ones become floats):
+    No NaN or infinity, no lone surrogate, no key twice in one object, integers within 64 bits
+    (larger ones become floats):
     everything that passes can be written to SQLite and MongoDB as it is."""
     if len(payload) == 0:
         raise ContractError("empty_payload")
@@ -96,6 +124,8 @@ def decode_object(payload: bytes) -> JsonObject:
     if not isinstance(obj, dict):
         raise ContractError("not_object", f"payload is a JSON {type(obj).__name__}, not an object")
     _check_parsed(obj, payload)
+    if _loads is not _loads_stdlib:
+        _no_repeated_keys(payload, obj)
     return obj
 
 
@@ -228,20 +258,47 @@ def _same(obj: JsonObject, key: str, expected: str) -> str:
     return expected
 
 
-def _opt_ts(obj: JsonObject, key: str) -> Optional[str]:
+# How far a sender's timestamp may lie from the receiver's clock (`now_s`) before the message
+# is refused (bad_timestamp): a day ahead, 30 days behind (an agent's outbox after a long outage
+# stays inside that; the broker forgets a session after 7 days). A request may expire up to a
+# year ahead (the longest interval a schedule may have), and a status's ts may be any age: a
+# Last Will carries the time of the connect that armed it, and a retained one lives on.
+FUTURE_S = 86400.0
+PAST_S = 30 * 86400.0
+EXPIRES_FUTURE_S = 366 * 86400.0
+MAX_DURATION_MS = 86400000.0
+UNBOUNDED = float("inf")
+
+
+def _opt_ts(obj: JsonObject, key: str, now_s: Optional[float], past_s: float = PAST_S,
+            future_s: float = FUTURE_S) -> Optional[str]:
+    """The timestamp at `key` as canonical text (UTC, milliseconds), checked against the window
+    around `now_s` when one is given."""
     value = obj.get(key)
     if value is None:
         return None
-    parse_iso(value)
-    return str(value)
+    at = parse_iso(value)
+    if now_s is not None and not now_s - past_s <= at <= now_s + future_s:
+        ahead = at > now_s
+        limit = future_s if ahead else past_s
+        raise ContractError("bad_timestamp", f"{key} {str(value)[:40]!r} is more than {_span(limit)} "
+                                             f"{'ahead of' if ahead else 'behind'} this receiver's clock")
+    return value if is_canonical(value) else iso(at)
 
 
-def _number(obj: JsonObject, key: str) -> Optional[float]:
+def _span(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:g} day{'s' if days != 1 else ''}"
+
+
+def _number(obj: JsonObject, key: str, low: float, high: float) -> Optional[float]:
     value = obj.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ContractError(f"bad_{key}", f"{key} must be a number")
+    if not low <= value <= high:
+        raise ContractError(f"bad_{key}", f"{key} {value!r} is outside {low:g} to {high:g}")
     return float(value)
 
 
@@ -276,7 +333,8 @@ class Request:
         return self.expires_at is not None and parse_iso(self.expires_at) <= now_s
 
 
-def parse_request(payload: bytes, topic: ParsedTopic) -> Request:
+def parse_request(payload: bytes, topic: ParsedTopic, now_s: Optional[float] = None) -> Request:
+    """A request on `topic`; with `now_s` (the receiver's clock), its times must lie near it."""
     obj = decode_object(payload)
     assert topic.type is not None
     params = obj.get("params", {})
@@ -286,7 +344,8 @@ def parse_request(payload: bytes, topic: ParsedTopic) -> Request:
         raise ContractError("bad_params", "params must be an object")
     return Request(
         v=_version(obj), id=_id(obj), type=_same(obj, "type", topic.type), params=params,
-        issued_at=_opt_ts(obj, "issued_at"), expires_at=_opt_ts(obj, "expires_at"),
+        issued_at=_opt_ts(obj, "issued_at", now_s),
+        expires_at=_opt_ts(obj, "expires_at", now_s, future_s=EXPIRES_FUTURE_S),
     )
 
 
@@ -324,7 +383,9 @@ class Response:
         return dumps(self.to_dict())
 
 
-def parse_response(payload: bytes, topic: ParsedTopic) -> Response:
+def parse_response(payload: bytes, topic: ParsedTopic, now_s: Optional[float] = None) -> Response:
+    """A response on `topic`. Its envelope only: a built-in type's data is checked against
+    fleet_common.datatypes by whoever stores it. With `now_s`, collected_at must lie near it."""
     obj = decode_object(payload)
     assert topic.type is not None
     status = obj.get("status")
@@ -334,17 +395,20 @@ def parse_response(payload: bytes, topic: ParsedTopic) -> Response:
     if status == "ok":
         if not isinstance(data, dict):
             raise ContractError("bad_data", "an ok response needs data that is an object")
-        error = None
+        if error is not None:
+            raise ContractError("bad_error", "an ok response carries no error (error must be null)")
     else:
         if not isinstance(error, dict) or error.get("code") not in ERROR_CODES:
             raise ContractError("bad_error", f"an error response needs error.code in {', '.join(ERROR_CODES)}")
         if not isinstance(error.get("message", ""), str):
             raise ContractError("bad_error", "error.message must be a string")
-        data = None
+        if data is not None:
+            raise ContractError("bad_data", "an error response carries no data (data must be null)")
     return Response(
         v=_version(obj), id=_id(obj), agent_id=_same(obj, "agent_id", topic.agent_id),
         type=_same(obj, "type", topic.type), status=str(status), data=data, error=error,
-        collected_at=_opt_ts(obj, "collected_at") or now_iso(), duration_ms=_number(obj, "duration_ms"),
+        collected_at=_opt_ts(obj, "collected_at", now_s) or now_iso(),
+        duration_ms=_number(obj, "duration_ms", 0.0, MAX_DURATION_MS),
     )
 
 
@@ -372,7 +436,14 @@ class Status:
         return dumps(self.to_dict())
 
 
-def parse_status(payload: bytes, topic: ParsedTopic) -> Status:
+MAX_TYPES = 256
+STATUS_STRINGS = {"hostname": 255, "platform": 255, "agent_version": 64}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def parse_status(payload: bytes, topic: ParsedTopic, now_s: Optional[float] = None) -> Status:
+    """A birth or Last Will on `topic`. Its strings are short and printable, its types distinct
+    type names; with `now_s`, its ts may not lie ahead of it (any age is fine, see PAST_S)."""
     obj = decode_object(payload)
     online = obj.get("online")
     if not isinstance(online, bool):
@@ -381,16 +452,24 @@ def parse_status(payload: bytes, topic: ParsedTopic) -> Status:
     if types is not None:
         if not isinstance(types, list):
             raise ContractError("bad_types", "types must be a list of type names")
+        if len(types) > MAX_TYPES:
+            raise ContractError("bad_types", f"{len(types)} types; an agent may advertise at most {MAX_TYPES}")
         types = [check_type(t) for t in types]
+        if len(set(types)) != len(types):
+            raise ContractError("bad_types", "a type is listed twice")
     strings = {}
-    for key in ("hostname", "platform", "agent_version"):
+    for key, longest in STATUS_STRINGS.items():
         value = obj.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ContractError(f"bad_{key}", f"{key} must be a string")
+        if value is not None:
+            if not isinstance(value, str):
+                raise ContractError(f"bad_{key}", f"{key} must be a string")
+            if len(value) > longest or _CONTROL.search(value):
+                raise ContractError(f"bad_{key}", f"{key} must be at most {longest} characters, "
+                                                  "none of them control characters")
         strings[key] = value
     known = {"v", "agent_id", "online", "ts", "types", *strings}
     return Status(
         v=_version(obj), agent_id=_same(obj, "agent_id", check_agent_id(topic.agent_id)), online=online,
-        ts=_opt_ts(obj, "ts") or now_iso(), types=types, extra={k: v for k, v in obj.items() if k not in known},
-        **strings,
+        ts=_opt_ts(obj, "ts", now_s, past_s=UNBOUNDED) or now_iso(), types=types,
+        extra={k: v for k, v in obj.items() if k not in known}, **strings,
     )
