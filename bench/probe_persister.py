@@ -15,7 +15,7 @@ from typing import IO, Any, List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_persister.persister import Persister
-from fleet_persister.stores import Batch, Store, open_store
+from fleet_persister.stores import Batch, RejectedRecord, Store, open_store
 
 PROG = "probe-persister"
 
@@ -26,11 +26,15 @@ class RecordingStore:
     def __init__(self, store: Store, out: IO[str]) -> None:
         self._store, self._out = store, out
 
-    def write(self, batch: Batch) -> None:
-        self._store.write(batch)
+    def write(self, batch: Batch) -> List[RejectedRecord]:
+        turned_away = self._store.write(batch)
         now = f"{time.time():.4f} "
         self._out.write("".join(now + item.message.id + "\n" for item in batch.responses))
         self._out.flush()
+        return turned_away
+
+    def refuses(self, exc: BaseException) -> bool:
+        return self._store.refuses(exc)
 
     def mark(self, what: str) -> None:
         self._out.write(f"{time.time():.4f} ={what}\n")

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fleet_common import Request, Response, Status, Topics, iso, new_id
 from fleet_common.config import SECTIONS, load_config
+from fleet_common.datatypes import example
 from fleet_common.health import Heartbeat, check
 from fleetctl import views
 from fleetctl.broker import free_port
@@ -312,7 +313,7 @@ def test_persister_metrics_move_with_traffic(procs: Procs, write_config: Callabl
     for _ in range(3):
         req = Request(id=new_id(), type="cpu", issued_at=iso(time.time()), expires_at=iso(time.time() + 60))
         c.publish(topics.request("web-01", "cpu"), req.payload(), qos=1).wait_for_publish(5)
-        res = Response.ok(req.id, "web-01", "cpu", {"percent": 1.0}, 1.0)
+        res = Response.ok(req.id, "web-01", "cpu", example("cpu", percent=1.0), 1.0)
         c.publish(topics.response("web-01", "cpu"), res.payload(), qos=1).wait_for_publish(5)
     c.publish(topics.response("web-01", "cpu"), b"{not json", qos=1).wait_for_publish(5)
     c.loop_stop()

@@ -22,6 +22,7 @@ from helpers import parse_workers_of, rows
 import fleet_persister.persister as persister_module
 from fleet_common import Request, Response, Status, Topics, iso, new_id
 from fleet_common.config import PersisterConfig, load_config
+from fleet_common.datatypes import example
 from fleet_persister.parsing import ParseStage, Raw, pack, parse_chunk, parse_message, unpack
 from fleet_persister.persister import Persister, parse_workers
 from fleet_persister.stores import Batch, EncodedJSON, Incoming, RejectedRecord, open_store
@@ -30,11 +31,15 @@ from fleet_persister.stores.sqlite import SqliteStore
 T = Topics("fleet")
 
 
+NOW = time.time()
+
+
 def mixed(n: int) -> List[Raw]:
-    """Responses, requests, statuses and bad messages, each with its own receive time."""
+    """Responses (of a type beyond the built-ins, so its data may be anything), requests,
+    statuses and bad messages, each with its own receive time."""
     out: List[Raw] = []
     for i in range(n):
-        agent, now = f"a{i % 7}", 1_790_000_000.0 + i / 1000
+        agent, now = f"a{i % 7}", NOW + i / 1000
         kind = i % 5
         if kind == 0:
             out.append((T.request(agent, "cpu"), Request(id=new_id(), type="cpu").payload(), False, now))
@@ -44,8 +49,8 @@ def mixed(n: int) -> List[Raw]:
             out.append((T.response(agent, "cpu"), b'{"id": "broken', False, now))
         else:
             data = {"rows": [{"pid": j, "name": f"p{j}", "cpu": j / 3} for j in range(i % 13)], "n": i}
-            out.append((T.response(agent, "processes"),
-                        Response.ok(new_id(), agent, "processes", data, 1.0).payload(), False, now))
+            out.append((T.response(agent, "proc_rows"),
+                        Response.ok(new_id(), agent, "proc_rows", data, 1.0).payload(), False, now))
     return out
 
 
@@ -83,11 +88,11 @@ def test_workers_give_what_the_network_thread_gives_in_arrival_order() -> None:
 
 
 def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path) -> None:
-    raws = [r for r in mixed(200) if "/res/processes" in r[0]]
+    raws = [r for r in mixed(200) if "/res/proc_rows" in r[0]]
     plain = [parse_message(T, *raw) for raw in raws]
-    encoded = [unpack(p, True) for p in parse_chunk(T, True, raws)]
+    encoded = [unpack(p, True, raw) for p, raw in zip(parse_chunk(T, True, raws), raws)]
     assert all(isinstance(i.message.data, EncodedJSON) for i in encoded)  # type: ignore[union-attr]
-    assert [unpack(p, False) for p in parse_chunk(T, False, raws)] == plain
+    assert [unpack(p, False, raw) for p, raw in zip(parse_chunk(T, False, raws), raws)] == plain
     a, b = SqliteStore(str(tmp_path / "a.db")), SqliteStore(str(tmp_path / "b.db"))
     try:
         a.write(Batch(responses=plain))  # type: ignore[arg-type]
@@ -97,9 +102,10 @@ def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path
     finally:
         a.close()
         b.close()
-    for item in [parse_message(T, *raw) for raw in mixed(20)]:  # each kind, bad ones too
-        assert comparable(unpack(pack(item, True), True)) == comparable(item)
-        assert unpack(pack(item, False), False) == item
+    for raw in mixed(20):  # each kind, bad ones too
+        item = parse_message(T, *raw)
+        assert comparable(unpack(pack(item, True), True, raw)) == comparable(item)
+        assert unpack(pack(item, False), False, raw) == item
 
 
 def test_put_waits_once_capacity_messages_are_held() -> None:
@@ -179,7 +185,7 @@ def test_parse_workers_default_to_one_per_core_beyond_the_first(monkeypatch: pyt
 
 def test_incoming_received_at_is_when_the_network_thread_took_it() -> None:
     raw = mixed(4)[3]
-    item = unpack(parse_chunk(T, True, [raw])[0], True)
+    item = unpack(parse_chunk(T, True, [raw])[0], True, raw)
     assert isinstance(item, Incoming) and item.received_at == iso(raw[3])
     time.sleep(0.01)
     assert parse_message(T, *raw).received_at == iso(raw[3])
@@ -204,7 +210,7 @@ def test_without_worker_processes_the_persister_parses_on_its_network_thread(
         assert persister.link.wait_connected(20)
         wait_for(lambda: "receiving requests" in caplog.text, 20, what="the subscription")
         topics = cfg.mqtt.topics()
-        reply = Response.ok(new_id(), "web-01", "cpu", {"percent": 3.0}, 1.0)
+        reply = Response.ok(new_id(), "web-01", "cpu", example("cpu", percent=3.0), 1.0)
         persister.link.publish(topics.response("web-01", "cpu"), reply.payload()).wait_for_publish(10)
         db = Path(cfg.persister.sqlite_path)
         wait_for(lambda: rows(db, "SELECT id FROM requests WHERE state = 'ok'"), 20, what="the answer stored")

@@ -4,6 +4,7 @@ and how it stops. The SQLite file is read directly: its layout is part of the co
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sqlite3
 import subprocess
@@ -21,6 +22,8 @@ from helpers import loads, parse_workers_of, rows, running
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_common import Request, Response, Topics, iso, new_id
+from fleet_common.config import load_config
+from fleet_common.datatypes import example
 from fleetctl.broker import EmbeddedBroker, free_port
 
 AGENT = "web-01"
@@ -80,20 +83,21 @@ def test_requests_and_responses_are_stored(start_persister: Callable[..., Any], 
                                            topics: Topics, db: Path, workers: int) -> None:
     """Requests and their responses end as one row each with state, data and latency; unanswered ones expire."""
     start_persister(parse_workers=workers)
-    now = time.time()
+    now = time.time() - 1.0  # the request a second ago, its answer collected 0.25 s after it
     ok, late, lost = new_id(), new_id(), new_id()
     publisher(topics.request(AGENT, "cpu"), request(ok, now).payload())
     publisher(topics.request(AGENT, "cpu"), request(late, now).payload())
     publisher(topics.request(AGENT, "cpu"), request(lost, now - 30, expires_in_s=1).payload())
+    data = example("cpu", percent=12.5)
     publisher(topics.response(AGENT, "cpu"), Response(
-        id=ok, agent_id=AGENT, type="cpu", status="ok", data={"percent": 12.5}, collected_at=iso(now + 0.25)).payload())
+        id=ok, agent_id=AGENT, type="cpu", status="ok", data=data, collected_at=iso(now + 0.25)).payload())
     publisher(topics.response(AGENT, "cpu"), Response.fail(late, AGENT, "cpu", "expired", "too late").payload())
 
     wait_for(lambda: (one(db, ok) or {}).get("state") == "ok", what="the answered request stored as ok")
     row = one(db, ok)
     assert row is not None
     assert row["agent_id"] == AGENT and row["type"] == "cpu" and loads(row["params"]) == {}
-    assert loads(row["data"]) == {"percent": 12.5} and row["error"] is None
+    assert loads(row["data"]) == data and row["error"] is None
     assert row["issued_at"] == iso(now) and row["answered_at"] == iso(now + 0.25)
     assert row["latency_ms"] == pytest.approx(250.0, abs=1.0)
     wait_for(lambda: (one(db, late) or {}).get("state") == "expired", what="error code expired stored as expired")
@@ -119,7 +123,7 @@ def test_bad_payloads_are_rejected_and_persister_goes_on(start_persister: Callab
                                                          db: Path, workers: int) -> None:
     """Each kind of bad response ends in `rejected` with a precise reason; a good one after them is still stored."""
     proc = start_persister(parse_workers=workers)
-    good = Response.ok(new_id(), AGENT, "cpu", {"percent": 1.0}, 1.0).to_dict()
+    good = Response.ok(new_id(), AGENT, "cpu", example("cpu", percent=1.0), 1.0).to_dict()
     for _, bad in BAD_RESPONSES:
         payload = bad if isinstance(bad, bytes) else json.dumps({**good, "id": new_id(), **bad}).encode()
         publisher(topics.response(AGENT, "cpu"), payload)
@@ -142,7 +146,7 @@ def test_same_response_twice_leaves_one_record(start_persister: Callable[..., An
                                                publisher: Callable[..., None], topics: Topics, db: Path) -> None:
     """A response delivered twice (and its request after it) is one record, and nothing is rejected."""
     start_persister()
-    now = time.time()
+    now = time.time() - 1.0
     rid = new_id()
     answer = Response(id=rid, agent_id=AGENT, type="ping", status="ok", data={}, collected_at=iso(now + 0.1))
     publisher(topics.response(AGENT, "ping"), answer.payload())
@@ -236,7 +240,9 @@ def test_a_backlog_is_taken_a_window_at_a_time(start_persister: Callable[..., An
     start_persister(**settings)  # creates the session that keeps the backlog
     assert procs.stop("persister") == 0
     ids = [new_id() for _ in range(1000)]
-    data = {"rows": [{"name": f"process-{i}", "pid": i, "rss": i * 4096, "cpu_percent": 0.5} for i in range(100)]}
+    row = example("processes")["processes"][0]
+    data = example("processes", processes=[{**row, "name": f"process-{i}", "pid": i, "rss": i * 4096}
+                                           for i in range(100)])
     for id_ in ids:
         publisher(topics.response(AGENT, "processes"), Response.ok(id_, AGENT, "processes", data, 1.0).payload())
     heartbeat.unlink(missing_ok=True)
@@ -299,3 +305,59 @@ def test_bad_mongodb_uri_is_one_line_exit_2(write_config: Callable[..., Path]) -
     assert done.returncode == 2
     lines = done.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "persister.mongodb_uri" in lines[0] and "pw" not in lines[0], lines
+
+
+class RefusingStore:
+    """The real SQLite store, refusing every write that holds one chosen request id, as a store
+    refuses a value it cannot hold (ValueError: Store.refuses says a retry cannot help)."""
+
+    def __init__(self, inner: Any, poison: str) -> None:
+        self.inner, self.poison, self.refusals = inner, poison, 0
+
+    def write(self, batch: Any) -> Any:
+        if any(i.message.id == self.poison for i in [*batch.requests, *batch.responses]):
+            self.refusals += 1
+            raise ValueError(f"cannot hold the value of {self.poison}")
+        return self.inner.write(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_message_the_store_refuses_is_isolated_and_the_rest_is_stored(
+        broker: EmbeddedBroker, write_config: Callable[..., Path], publisher: Callable[..., None],
+        topics: Topics, db: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A batch the store refuses for one message's value is split until that message is found: it goes to
+    rejected (store_refused, with the store's error) and is acknowledged; the other messages of the batch
+    are stored, and so is what comes after."""
+    from fleet_persister.persister import Persister
+    from fleet_persister.stores import open_store
+
+    caplog.set_level(logging.INFO, logger="fleet")
+    cfg = load_config(str(write_config(persister={"batch_wait_s": 0.5, "parse_workers": 0})))
+    ids = [new_id() for _ in range(40)]
+    poison = ids[17]
+    store = RefusingStore(open_store(cfg.persister), poison)
+    persister = Persister(cfg, store)  # type: ignore[arg-type]
+    stop = threading.Event()
+    runner = threading.Thread(target=persister.run, args=(stop,), name="persister-under-test")
+    runner.start()
+    try:
+        assert persister.link.wait_connected(20)
+        wait_for(lambda: "receiving requests" in caplog.text, 20, what="the persister's subscriptions")
+        for id_ in ids:
+            publisher(topics.response(AGENT, "ping"), Response.ok(id_, AGENT, "ping", {}, 1.0).payload())
+        wait_for(lambda: len(rows(db, "SELECT id FROM requests")) == 39, 30, what="the 39 others stored")
+        after = new_id()
+        publisher(topics.response(AGENT, "ping"), Response.ok(after, AGENT, "ping", {}, 1.0).payload())
+        wait_for(lambda: one(db, after), 20, what="an answer sent after the refused one")
+    finally:
+        stop.set()
+        runner.join(30)
+    assert {r["id"] for r in rows(db, "SELECT id FROM requests")} == set(ids) - {poison} | {after}
+    dead = rows(db, "SELECT reason, detail, payload, topic FROM rejected")
+    assert [(d["reason"], d["topic"]) for d in dead] == [("store_refused", topics.response(AGENT, "ping"))]
+    assert dead[0]["detail"] == f"ValueError: cannot hold the value of {poison}"
+    assert json.loads(dead[0]["payload"])["id"] == poison
+    assert persister.counters.rejected["store_refused"] == 1 and store.refusals <= 8  # halving, not one by one
+    assert persister.counters.write_failures == 0  # split at once, not retried as if the store were down

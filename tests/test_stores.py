@@ -3,17 +3,20 @@ when FLEET_TEST_MONGODB_URI is set, else mongomock; the test id says which ran).
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import mongomock
 import pymongo
 import pytest
 from conftest import wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fleet_common import Request, Response, Status, iso
 from fleet_persister.stores import Batch, Incoming, RejectedRecord, Stats, Store
@@ -80,12 +83,13 @@ def status(online: bool, received: float, ts: Optional[float] = None, retained: 
 
 
 def test_request_then_response(store: Store) -> None:
-    """A request stored pending is completed by its response: state, data, latency, retention."""
+    """A request stored pending is completed by its response: state, data, latency, and retention
+    counted from when the persister received each (its clock, not the sender's)."""
     store.write(Batch(requests=[req("r1")]))
     pending = store.get_request("r1")
     assert pending is not None and pending.state == "pending" and pending.latency_ms is None
     assert pending.params == {"limit": 5} and pending.expires_at == iso(T0 + 60)
-    assert pending.expire_at == iso(T0 + 3600)
+    assert pending.expire_at == iso(T0 + 0.005 + 3600)
     store.write(Batch(responses=[res("r1")]))
     done = store.get_request("r1")
     assert done is not None
@@ -93,7 +97,8 @@ def test_request_then_response(store: Store) -> None:
     assert done.issued_at == iso(T0) and done.answered_at == iso(T0 + 0.140)
     assert done.latency_ms == pytest.approx(140.0)
     assert done.data == {"percent": 12.5} and done.error is None
-    assert done.expire_at == iso(T0 + 0.140 + 3600)
+    assert done.expire_at == iso(T0 + 0.150 + 3600)
+    assert (done.collected_at, done.received_at) == (iso(T0 + 0.140), iso(T0 + 0.150))
 
 
 def test_response_then_request(store: Store) -> None:
@@ -106,7 +111,7 @@ def test_response_then_request(store: Store) -> None:
     assert done is not None
     assert done.state == "ok" and done.issued_at == iso(T0) and done.params == {"limit": 5}
     assert done.latency_ms == pytest.approx(140.0)
-    assert done.expire_at == iso(T0 + 0.140 + 3600)
+    assert done.expire_at == iso(T0 + 0.150 + 3600)
 
 
 def test_duplicates_leave_one_record(store: Store) -> None:
@@ -363,3 +368,182 @@ def test_sqlite_writers_take_turns_through_a_lock_file(tmp_path: Path) -> None:
     finally:
         other.close()
         s.close()
+
+
+# ----------------------------------------------------------------------------- answers bound to requests
+
+def answer(id_: str, agent: str, type_: str = "cpu", at: float = T0 + 0.140) -> Incoming[Response]:
+    """An answer whose data says who sent it and for which type, so a record can be checked against it."""
+    return Incoming(Response(id=id_, agent_id=agent, type=type_, status="ok", data={"from": agent, "kind": type_},
+                             collected_at=iso(at)), agent, iso(at + 0.010))
+
+
+def holds_own_data(store: Store) -> None:
+    """No record names one agent (or type) while holding another's data."""
+    for type_ in ("cpu", "memory"):
+        for agent in ("web-01", "web-02", "web-03"):
+            for rec in store.history(agent, type_, limit=1000):
+                if rec.data is not None:
+                    assert rec.data == {"from": rec.agent_id, "kind": rec.type}, rec
+
+
+def test_an_answer_from_another_agent_does_not_fill_a_request(store: Store) -> None:
+    """Request-first: another agent's answer carrying the request's id is a dead letter; the record stays the
+    request's, and its own agent's answer still fills it."""
+    store.write(Batch(requests=[req("r1", agent="web-01")]))
+    turned = store.write(Batch(responses=[answer("r1", "web-02")]))
+    assert [(r.reason, json.loads(r.payload)["agent_id"]) for r in turned] == [("request_mismatch", "web-02")]
+    rec = store.get_request("r1")
+    assert rec is not None and (rec.agent_id, rec.state, rec.data) == ("web-01", "pending", None)
+    store.write(Batch(responses=[answer("r1", "web-01")]))
+    rec = store.get_request("r1")
+    assert rec is not None and rec.state == "ok" and rec.data == {"from": "web-01", "kind": "cpu"}
+    assert [d.reason for d in store.rejected()] == ["request_mismatch"]
+    assert "which was sent to agent 'web-01'" in store.rejected()[0].detail
+
+
+def test_an_answer_stored_before_another_agents_request_is_displaced(store: Store) -> None:
+    """Answer-first: an answer stored before its request, from another agent, leaves when the request comes
+    (to rejected, with its data); the request's own agent then fills the record."""
+    store.write(Batch(responses=[answer("r1", "web-02")]))
+    early = store.get_request("r1")
+    assert early is not None and early.agent_id == "web-02"
+    turned = store.write(Batch(requests=[req("r1", agent="web-01")]))
+    assert [r.reason for r in turned] == ["request_mismatch"]
+    dead = json.loads(turned[0].payload)
+    assert (dead["agent_id"], dead["data"]) == ("web-02", {"from": "web-02", "kind": "cpu"})
+    rec = store.get_request("r1")
+    assert rec is not None and (rec.agent_id, rec.state, rec.data, rec.issued_at) == ("web-01", "pending", None,
+                                                                                       iso(T0))
+    store.write(Batch(responses=[answer("r1", "web-01")]))
+    assert store.get_request("r1").data == {"from": "web-01", "kind": "cpu"}  # type: ignore[union-attr]
+    assert store.count_requests() == 1 and [d.reason for d in store.rejected()] == ["request_mismatch"]
+
+
+def test_an_answer_on_another_type_does_not_fill_a_request(store: Store) -> None:
+    """A cpu request is not filled by its own agent's answer on res/memory, in either order."""
+    store.write(Batch(requests=[req("r1")], responses=[answer("r1", AGENT, "memory")]))
+    store.write(Batch(responses=[answer("r2", AGENT, "memory")]))
+    store.write(Batch(requests=[req("r2")]))
+    for id_ in ("r1", "r2"):
+        rec = store.get_request(id_)
+        assert rec is not None and (rec.type, rec.state, rec.data) == ("cpu", "pending", None)
+    assert [d.reason for d in store.rejected()] == ["request_mismatch"] * 2
+
+
+def test_a_request_id_sent_again_to_another_agent_is_a_dead_letter(store: Store) -> None:
+    """The first request of an id decides whose it is; the same id sent to another agent (or for another
+    type) later is recorded in rejected, not silently ignored."""
+    store.write(Batch(requests=[req("r1", agent="web-01")]))
+    turned = store.write(Batch(requests=[req("r1", agent="web-02"), req("r1", type_="memory")]))
+    assert [r.reason for r in turned] == ["request_mismatch", "request_mismatch"]
+    assert "was sent to agent 'web-01' for type 'cpu' already" in turned[0].detail
+    rec = store.get_request("r1")
+    assert rec is not None and (rec.agent_id, rec.type) == ("web-01", "cpu")
+    assert len(store.rejected()) == 2
+
+
+def test_a_retried_write_keeps_one_dead_letter_per_refusal(store: Store) -> None:
+    """Dead letters the store makes have ids made from the message, so writing the batch again
+    (as after a failed attempt) adds none."""
+    store.write(Batch(requests=[req("r1")]))
+    bad = Batch(responses=[answer("r1", "web-02")])
+    store.write(bad)
+    store.write(bad)
+    assert len(store.rejected()) == 1
+
+
+IDS = ("x1", "x2", "x3")
+AGENTS = ("web-01", "web-02", "web-03")
+KINDS = ("cpu", "memory")
+
+
+@st.composite
+def arrivals(draw: Any) -> Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str, str, str]], List[bool]]:
+    """One request per id (the controller's ids are unique) and answers from any agent, for any type and
+    id, arriving in any order and cut into batches anywhere."""
+    owners = {id_: (draw(st.sampled_from(AGENTS)), draw(st.sampled_from(KINDS))) for id_ in IDS}
+    answers = draw(st.lists(st.tuples(st.sampled_from(AGENTS), st.sampled_from(KINDS), st.sampled_from(IDS)),
+                            max_size=8))
+    messages = [("req", a, t, i) for i, (a, t) in owners.items()] + [("res", a, t, i) for a, t, i in answers]
+    order = draw(st.permutations(messages))
+    cuts = draw(st.lists(st.booleans(), min_size=len(order), max_size=len(order)))
+    return owners, order, cuts
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=arrivals())
+def test_whatever_the_order_each_record_is_its_requests_and_holds_only_its_agents_answer(
+        store: Store, case: Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str, str, str]], List[bool]]) -> None:
+    """Generated arrival orders and batchings of requests and answers (answer-first, request-first, foreign
+    answers, wrong types, duplicates): each record ends as its request's, holding its own agent's answer
+    or none, and every foreign answer is a dead letter. The own answer is stored whenever it arrives with
+    or after the request, or before it with no other sender's answer ahead of it (the one case the order
+    decides: two senders answering one id before its request, see README "Bad input")."""
+    owners, order, cuts = case
+    tag = uuid.uuid4().hex[:6]  # the store fixture lives across examples: ids of their own
+    batch, batch_no, arrived = Batch(), 0, []
+    for (kind, agent, type_, id_), cut in zip(order, cuts):
+        if kind == "req":
+            batch.requests.append(req(f"{tag}{id_}", type_=type_, agent=agent))
+        else:
+            batch.responses.append(answer(f"{tag}{id_}", agent, type_))
+        arrived.append((batch_no, kind, agent, type_, id_))
+        if cut:
+            store.write(batch)
+            batch, batch_no = Batch(), batch_no + 1
+    store.write(batch)
+    for id_, (agent, type_) in owners.items():
+        rec = store.get_request(f"{tag}{id_}")
+        at = next(b for b, k, _, _, i in arrived if k == "req" and i == id_)
+        early = [(a, t) for b, k, a, t, i in arrived if k == "res" and i == id_ and b < at]
+        answered = (early[:1] == [(agent, type_)] or
+                    any(k == "res" and (a, t, i) == (agent, type_, id_) and b >= at for b, k, a, t, i in arrived))
+        assert rec is not None and (rec.agent_id, rec.type) == (agent, type_)
+        assert rec.data == ({"from": agent, "kind": type_} if answered else None), (rec, order, cuts)
+        assert rec.state == ("ok" if answered else "pending")
+    foreign = {(a, t, f"{tag}{i}") for k, a, t, i in order if k == "res" and owners[i] != (a, t)}
+    own = {(a, t, f"{tag}{i}") for i, (a, t) in owners.items()}
+    dead = {(p["agent_id"], p["type"], p["id"]) for p in (json.loads(d.payload) for d in store.rejected(10000))
+            if p.get("id", "").startswith(tag)}
+    assert foreign <= dead <= foreign | own
+    holds_own_data(store)
+
+
+# ----------------------------------------------------------------------------- time from the persister
+
+def test_an_agent_clock_an_hour_off_does_not_move_answered_at_or_latency(store: Store) -> None:
+    """answered_at is the agent's collected_at only where it agrees with the request and the persister's
+    receipt; an agent an hour ahead or behind gets the receipt time, and latency stays the real one."""
+    for id_, skew in (("ahead", 3600.0), ("behind", -3600.0), ("right", 0.0)):
+        store.write(Batch(requests=[req(id_)]))
+        r = Response(id=id_, agent_id=AGENT, type="cpu", status="ok", data={"percent": 1.0},
+                     collected_at=iso(T0 + 0.140 + skew))
+        store.write(Batch(responses=[Incoming(r, AGENT, iso(T0 + 0.150))]))
+    ahead, behind, right = (store.get_request(i) for i in ("ahead", "behind", "right"))
+    assert right is not None and right.answered_at == iso(T0 + 0.140) and right.latency_ms == pytest.approx(140)
+    for rec in (ahead, behind):
+        assert rec is not None and rec.answered_at == iso(T0 + 0.150) and rec.latency_ms == pytest.approx(150)
+        assert rec.expire_at == iso(T0 + 0.150 + 3600)
+
+
+def test_an_answer_that_waited_in_an_outbox_keeps_its_collection_time(store: Store) -> None:
+    """An answer collected long before it reached the persister (the agent's outbox after an outage) keeps
+    the time it was collected: the agent's clock agrees with the request's."""
+    store.write(Batch(requests=[req("waited", at=T0 - 1800)]))
+    r = Response(id="waited", agent_id=AGENT, type="cpu", status="ok", data={"percent": 1.0},
+                 collected_at=iso(T0 - 1800 + 0.5))
+    store.write(Batch(responses=[Incoming(r, AGENT, iso(T0))]))
+    rec = store.get_request("waited")
+    assert rec is not None and rec.answered_at == iso(T0 - 1800 + 0.5) and rec.latency_ms == pytest.approx(500)
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"])
+def test_timestamps_at_either_end_of_rfc_3339_are_stored_as_they_are(store: Store, text: str) -> None:
+    """Year 0001 and year 9999 are written and read back with milliseconds, and retention, counted from the
+    persister's receipt, is unaffected."""
+    store.write(Batch(requests=[Incoming(Request(id="edge", type="cpu", issued_at=text, expires_at=text),
+                                         AGENT, iso(T0))]))
+    rec = store.get_request("edge")
+    assert rec is not None and rec.issued_at == text and rec.expires_at == text
+    assert rec.expire_at == iso(T0 + 3600)

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from fleet_common import Request, Response, Topics, iso
 from fleet_common.cli import stop_event
+from fleet_common.datatypes import example
 
 AGENT = "load-0"
 
@@ -70,7 +71,7 @@ def main() -> int:
             id_ = f"ld{tag}x{n:07d}"
             now = time.time()
             req = Request(id=id_, type="cpu", issued_at=iso(now), expires_at=iso(now + 3600)).payload()
-            res = Response.ok(id_, AGENT, "cpu", {"percent": 1.0, "n": n}, 0.5).payload()
+            res = Response.ok(id_, AGENT, "cpu", example("cpu", percent=1.0, n=n), 0.5).payload()
             for _ in range(2 if args.twice else 1):
                 client.publish(topics.request(AGENT, "cpu"), req, qos=1)
                 client.publish(topics.response(AGENT, "cpu"), res, qos=1)

@@ -27,6 +27,7 @@ from test_agent import Client as AgentTestClient
 from test_agent import Msg
 
 from fleet_common import Request, Response, Status, Topics, iso, new_id
+from fleet_common.datatypes import EXAMPLES, example
 from fleet_common.link import publish_properties
 from fleet_common.messages import MAX_DEPTH, MAX_PAYLOAD_BYTES
 from fleet_persister.parsing import MAX_REJECTED_PAYLOAD
@@ -125,7 +126,8 @@ def brackets(depth: int) -> bytes:
 
 
 def response(id_: str, type_: str = "cpu", **fields: Any) -> bytes:
-    body = Response.ok(id_, AGENT, type_, {"percent": 1.0}, 1.0).to_dict()
+    data = example(type_) if type_ in EXAMPLES else {"celsius": 41.5}  # a type beyond the built-ins
+    body = Response.ok(id_, AGENT, type_, data, 1.0).to_dict()
     return json.dumps({**body, **fields}).encode()
 
 
@@ -155,7 +157,6 @@ BAD_RESPONSES: List[Tuple[str, bytes, str]] = [
 BAD_STATUSES: List[Tuple[str, str, bytes, str]] = [
     ("malformed JSON", AGENT, b'{"online": tru', "bad_json"),
     ("non-UTF-8 bytes", AGENT, b'{"online": true, "hostname": "\xc3\x28"}', "not_utf8"),
-    ("empty payload", AGENT, b"", "empty_payload"),
     ("agent id not the topic's", AGENT, Status(agent_id="db-01", online=True).payload(), "agent_id_mismatch"),
     ("key containing .", AGENT, b'{"online": true, "disks": {"/dev/sda.1": 1}}', "bad_key"),
     ("key starting with $", AGENT, b'{"online": true, "$set": {"x": 1}}', "bad_key"),

@@ -35,10 +35,10 @@ class MeasuredStore:
         self.answers: Dict[Tuple[str, str], int] = {}
         self.failing = False
 
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch) -> List[RejectedRecord]:
         started = time.perf_counter()
         try:
-            self.inner.write(batch)
+            turned_away = self.inner.write(batch)
         except Exception:
             self.failing = True
             raise
@@ -50,6 +50,10 @@ class MeasuredStore:
         for p in batch.responses:
             key = (p.message.type, response_state(p.message))
             self.answers[key] = self.answers.get(key, 0) + 1
+        return turned_away
+
+    def refuses(self, exc: BaseException) -> bool:
+        return self.inner.refuses(exc)
 
     def expire_pending(self, now_s: float, grace_s: float) -> int:
         return self.inner.expire_pending(now_s, grace_s)

@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 import orjson
@@ -41,42 +42,56 @@ from fleet_common import (
     parse_status,
 )
 
-from .stores import EncodedJSON, Incoming, RejectedRecord
+from .datacheck import check_data
+from .stores import MAX_REJECTED_PAYLOAD, EncodedJSON, Incoming, RejectedRecord, dead_letter
 
 log = logging.getLogger("fleet.persister")
 
-MAX_REJECTED_PAYLOAD = 2048
 CHUNK = 200  # messages per hand-over to a worker
 CHUNK_WAIT_S = 0.002  # how long a hand-over waits to fill, so that a busy stream goes in chunks
 IN_FLIGHT_PER_WORKER = 3  # chunks handed over and not yet passed on, per worker
 
-Item = Union[Incoming[Request], Incoming[Response], Incoming[Status], RejectedRecord]
+@dataclass(frozen=True)
+class Ignored:
+    """A message that is neither stored nor a dead letter: an empty payload on a status topic
+    clears the agent's retained status, which is legitimate (fleetctl remove-agent's advice)."""
+
+    topic: str
+    why: str
+
+
+Item = Union[Incoming[Request], Incoming[Response], Incoming[Status], RejectedRecord, Ignored]
 # topic, payload, retained, when it was received (epoch s)
 Raw = Tuple[str, bytes, bool, float]
 
 
-def rejected_record(topic: str, payload: bytes, reason: str, received_s: float) -> RejectedRecord:
-    """A dead letter; the raw payload is truncated to 2 KiB and decoded as UTF-8 with
-    errors='replace', so a non-UTF-8 payload shows U+FFFD where its bad bytes were."""
-    return RejectedRecord(id=new_id(), received_at=iso(received_s), topic=topic[:512], reason=reason,
-                          payload=payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", errors="replace"))
+def rejected_record(topic: str, payload: bytes, reason: str, received_s: float, detail: str = "") -> RejectedRecord:
+    """A dead letter; see stores.dead_letter."""
+    return dead_letter(topic, payload, reason, detail, iso(received_s), new_id())
 
 
 def parse_message(topics: Topics, topic: str, payload: bytes, retained: bool, received_s: float) -> Item:
-    """Validate one message; anything wrong with it becomes a RejectedRecord, never an exception."""
+    """Validate one message; anything wrong with it becomes a RejectedRecord, never an exception.
+    Times in it are checked against `received_s`, this persister's clock."""
     now = iso(received_s)
+    source = (topic, payload)
     try:
         where = topics.parse(topic)
         if where.kind == "req":
-            return Incoming(parse_request(payload, where), where.agent_id, now)
+            return Incoming(parse_request(payload, where, received_s), where.agent_id, now, source=source)
         if where.kind == "res":
-            return Incoming(parse_response(payload, where), where.agent_id, now)
-        return Incoming(parse_status(payload, where), where.agent_id, now, retained)
+            response = parse_response(payload, where, received_s)
+            if response.data is not None:
+                check_data(response.type, response.data, len(payload))
+            return Incoming(response, where.agent_id, now, source=source)
+        if not payload:
+            return Ignored(topic, "an empty status clears the retained one")
+        return Incoming(parse_status(payload, where, received_s), where.agent_id, now, retained, source=source)
     except ContractError as exc:
-        reason = exc.reason
+        reason, detail = exc.reason, exc.detail
     except Exception as exc:  # the persister never crashes on input
-        reason = f"invalid:{type(exc).__name__}"
-    return rejected_record(topic, payload, reason, received_s)
+        reason, detail = f"invalid:{type(exc).__name__}", str(exc)
+    return rejected_record(topic, payload, reason, received_s, detail)
 
 
 # Items travel back from a worker as tuples of their fields: pickling the dataclasses
@@ -88,9 +103,12 @@ Packed = Tuple[Any, ...]
 
 
 def pack(item: Item, encode: bool) -> Packed:
-    """An item as a tuple; with `encode`, a response's data as the JSON text SQLite stores."""
+    """An item as a tuple; with `encode`, a response's data as the JSON text SQLite stores.
+    An Incoming's source stays behind: the persister has the raw message already."""
     if isinstance(item, RejectedRecord):
         return (-1, *item.__dict__.values())
+    if isinstance(item, Ignored):
+        return (-2, item.topic, item.why)
     message = item.message
     kind = _KINDS.index(type(message))
     values = tuple(message.__dict__.values())  # a dataclass sets its fields in their order
@@ -99,15 +117,17 @@ def pack(item: Item, encode: bool) -> Packed:
     return (kind, item.agent_id, item.received_at, item.retained, *values)
 
 
-def unpack(packed: Packed, encode: bool) -> Item:
+def unpack(packed: Packed, encode: bool, raw: Raw) -> Item:
     kind = packed[0]
-    if kind < 0:
+    if kind == -1:
         return RejectedRecord(*packed[1:])
+    if kind == -2:
+        return Ignored(*packed[1:])
     values = packed[4:]
     if encode and kind == _RESPONSE and values[_DATA] is not None:
         values = (*values[:_DATA], EncodedJSON(values[_DATA]), *values[_DATA + 1:])
     message: Any = _KINDS[kind](*values)
-    return Incoming(message, packed[1], packed[2], packed[3])
+    return Incoming(message, packed[1], packed[2], packed[3], source=raw[:2])
 
 
 def parse_chunk(topics: Topics, encode: bool, chunk: List[Raw]) -> List[Packed]:
@@ -233,7 +253,7 @@ class ParseStage:
             items: Optional[List[Item]] = None
             if future is not None:
                 try:
-                    items = [unpack(p, self.encode) for p in future.result()]
+                    items = [unpack(p, self.encode, raw) for p, raw in zip(future.result(), raws)]
                 except BrokenProcessPool as exc:
                     self._replace(pool, exc)
                 except Exception as exc:  # the worker is fine; this chunk failed there
@@ -260,4 +280,5 @@ class ParseStage:
             self._pool = self._new_pool()
 
 
-__all__ = ["CHUNK", "Item", "ParseStage", "Raw", "pack", "parse_chunk", "parse_message", "rejected_record", "unpack"]
+__all__ = ["CHUNK", "MAX_REJECTED_PAYLOAD", "Ignored", "Item", "ParseStage", "Raw", "pack", "parse_chunk",
+           "parse_message", "rejected_record", "unpack"]

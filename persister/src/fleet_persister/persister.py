@@ -9,6 +9,7 @@ therefore used by one thread only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -21,12 +22,12 @@ from typing import Any, List, Optional, Tuple
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from fleet_common import Config, Request, Response, Topics, iso, sanitise_agent_id
+from fleet_common import Config, Request, Response, Topics, iso, new_id, sanitise_agent_id
 from fleet_common.config import PersisterConfig
 from fleet_common.link import Backoff, Link
 
-from .parsing import Item, ParseStage, Raw, parse_message
-from .stores import ENCODES_JSON, Batch, RejectedRecord, Store
+from .parsing import Ignored, Item, ParseStage, Raw, parse_message
+from .stores import ENCODES_JSON, Batch, RejectedRecord, Store, refused
 
 log = logging.getLogger("fleet.persister")
 
@@ -52,6 +53,7 @@ class Counters:
     rejected: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     write_failures: int = 0
+    ignored: int = 0
     expired: int = 0
     purged: int = 0
     last_commit_ms: Optional[float] = None
@@ -75,6 +77,28 @@ def parse_workers(pcfg: PersisterConfig) -> int:
     if pcfg.parse_workers is not None:
         return pcfg.parse_workers
     return max(0, min(4, usable_cores() - 1))
+
+
+def _batch_of(items: List[Any]) -> Batch:
+    batch = Batch()
+    for it in items:
+        if isinstance(it, RejectedRecord):
+            batch.rejected.append(it)
+        elif isinstance(it.message, Request):
+            batch.requests.append(it)
+        elif isinstance(it.message, Response):
+            batch.responses.append(it)
+        else:
+            batch.statuses.append(it)
+    return batch
+
+
+def _store_refused(item: Any, exc: Exception) -> RejectedRecord:
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(item, RejectedRecord):  # even its dead letter was refused: keep what surely fits
+        return dataclasses.replace(item, id=new_id(), reason="store_refused", payload="",
+                                   detail=f"{detail}; it was rejected as {item.reason}")
+    return refused(item, "store_refused", detail)
 
 
 class Persister:
@@ -267,10 +291,13 @@ class Persister:
     def _commit(self, taken: List[Received], deadline: Optional[float]) -> bool:
         """Write until it succeeds (nothing is acked before), then ack; False if shutdown gave up."""
         batch = Batch()
+        ignored = 0
         for r in taken:
             it = r.item
             if isinstance(it, RejectedRecord):
                 batch.rejected.append(it)
+            elif isinstance(it, Ignored):
+                ignored += 1
             elif isinstance(it.message, Request):
                 batch.requests.append(it)
             elif isinstance(it.message, Response):
@@ -281,7 +308,7 @@ class Persister:
         while True:
             started = time.monotonic()
             try:
-                self.store.write(batch)
+                turned_away = self._write(batch)
                 break
             except Exception as exc:
                 failures += 1
@@ -296,14 +323,37 @@ class Persister:
                 time.sleep(backoff.next())
         if failures:
             log.info("store write succeeded again after %d failed attempts", failures)
+        for letter in turned_away:
+            self._count(letter)
         c = self.counters
         c.last_commit_ms = round((time.monotonic() - started) * 1000, 3)
         c.last_commit_at = iso(time.time())
         c.batches += 1
-        c.stored += len(taken) - len(batch.rejected)
+        c.ignored += ignored
+        c.stored += len(taken) - len(batch.rejected) - ignored - len(turned_away)
         self._ack(taken)
         log.debug("committed a batch of %d in %.1f ms", len(taken), c.last_commit_ms)
         return True
+
+    def _write(self, batch: Batch) -> List[RejectedRecord]:
+        """Write `batch`, returning the dead letters made of it. A batch the store refuses for a
+        value it cannot hold (Store.refuses: a retry cannot help) is split until the messages at
+        fault are found; each becomes a dead letter (store_refused, with the store's error) and the
+        rest is written. Anything else the store raises is raised: the caller retries it all."""
+        try:
+            return self.store.write(batch)
+        except Exception as exc:
+            if not self.store.refuses(exc):
+                raise
+            items: List[Any] = [*batch.requests, *batch.responses, *batch.statuses, *batch.rejected]
+            if len(items) > 1:
+                half = len(items) // 2
+                return self._write(_batch_of(items[:half])) + self._write(_batch_of(items[half:]))
+            letter = _store_refused(items[0], exc)
+            log.warning("the store refused a message on %s (%s: %s); it goes to the rejected table",
+                        letter.topic, type(exc).__name__, str(exc)[:200])
+            self.store.write(Batch(rejected=[letter]))
+            return [letter]
 
     def _ack(self, taken: List[Received]) -> None:
         client = self.link.client

@@ -10,6 +10,7 @@ from fleet_common.config import PersisterConfig
 from fleet_common.link import Backoff
 
 from .base import (
+    MAX_REJECTED_PAYLOAD,
     AgentRecord,
     Batch,
     EncodedJSON,
@@ -20,6 +21,8 @@ from .base import (
     Store,
     StoreError,
     StoreUnreachable,
+    dead_letter,
+    refused,
 )
 
 log = logging.getLogger("fleet.persister")
@@ -74,5 +77,6 @@ def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
         return store
 
 
-__all__ = ["ENCODES_JSON", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming", "RejectedRecord",
-           "RequestRecord", "Stats", "Store", "StoreError", "StoreUnreachable", "open_store", "open_store_waiting"]
+__all__ = ["ENCODES_JSON", "MAX_REJECTED_PAYLOAD", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming",
+           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreUnreachable", "dead_letter",
+           "open_store", "open_store_waiting", "refused"]

@@ -7,13 +7,15 @@ normalised with `fleet_common.iso`, so they sort as text.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Dict, Generic, List, Mapping, Optional, Protocol, TypeVar
+from typing import Any, Dict, Generic, List, Mapping, Optional, Protocol, Tuple, TypeVar
 
 from fleet_common import FleetError, Request, Response, Status, iso, parse_iso
 from fleet_common.config import PersisterConfig
-from fleet_common.timefmt import is_canonical
+from fleet_common.timefmt import LATEST_S, is_canonical
 
 M = TypeVar("M", Request, Response, Status)
 
@@ -31,19 +33,26 @@ class StoreUnreachable(StoreError):
     unlike a StoreError that names a configuration problem."""
 
 
+# Where a raw message came from: its topic and payload, kept for a dead letter.
+Source = Tuple[str, bytes]
+
+
 @dataclass(frozen=True)
 class Incoming(Generic[M]):
     """A validated message as the persister received it.
 
     `agent_id` comes from the topic (a request payload does not name its agent).
+    `received_at` is the persister's clock: what retention is counted from.
     `retained` marks a status delivered from the broker's retained store on subscribe:
     it is the broker's latest, but not news, so it does not move `last_seen` to now.
+    `source` is the raw message, for the dead letter if the store refuses it.
     """
 
     message: M
     agent_id: str
     received_at: str
     retained: bool = False
+    source: Optional[Source] = field(default=None, compare=False, repr=False)
 
 
 class EncodedJSON(str):
@@ -51,16 +60,46 @@ class EncodedJSON(str):
     text writes it as it is. Only stores that say so receive one (see `ENCODES_JSON`)."""
 
 
+MAX_REJECTED_PAYLOAD = 2048
+
+
 @dataclass(frozen=True)
 class RejectedRecord:
     """A dead letter. `id` makes a retried batch idempotent; `payload` is the raw bytes,
-    truncated to MAX_REJECTED_PAYLOAD, decoded as UTF-8 with errors='replace'."""
+    truncated to MAX_REJECTED_PAYLOAD, decoded as UTF-8 with errors='replace'; `reason` is a
+    short stable code (what metrics count), `detail` says exactly what was wrong."""
 
     id: str
     received_at: str
     topic: str
     reason: str
     payload: str
+    detail: str = ""
+
+
+def dead_letter(topic: str, payload: bytes, reason: str, detail: str, received_at: str,
+                id_: Optional[str] = None) -> RejectedRecord:
+    """A dead letter for a raw message. Without `id_`, the id is made from the message and the
+    reason, so a store that writes it twice (a retried bulk write) keeps one."""
+    if id_ is None:
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (reason.encode(), topic.encode("utf-8", "replace"), received_at.encode(), payload):
+            digest.update(len(part).to_bytes(8, "big") + part)
+        id_ = digest.hexdigest()
+    return RejectedRecord(id=id_, received_at=received_at, topic=topic[:512], reason=reason,
+                          payload=payload[:MAX_REJECTED_PAYLOAD].decode("utf-8", errors="replace"),
+                          detail=detail[:1000])
+
+
+def refused(item: Incoming[Any], reason: str, detail: str) -> RejectedRecord:
+    """The dead letter of a message the store will not apply; its raw form if the persister kept
+    it, else the message written out again."""
+    topic, payload = item.source or ("", _json_bytes(item.message.to_dict()))
+    return dead_letter(topic, payload, reason, detail, item.received_at)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, default=str, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "replace")
 
 
 @dataclass
@@ -88,6 +127,8 @@ class RequestRecord:
     data: Optional[Dict[str, Any]]
     error: Optional[Dict[str, Any]]
     expire_at: Optional[str]
+    collected_at: Optional[str] = None  # as the agent's clock said
+    received_at: Optional[str] = None  # when a persister received the answer, by its clock
 
 
 @dataclass(frozen=True)
@@ -123,9 +164,19 @@ class Stats:
 class Store(Protocol):
     """The only writer is the persister; fleetctl and dashboards use the read side."""
 
-    def write(self, batch: Batch) -> None:
-        """Apply the whole batch in one transaction (SQLite) or one idempotent bulk write
-        (MongoDB); raising means nothing was acknowledged and the batch will be retried."""
+    def write(self, batch: Batch) -> List[RejectedRecord]:
+        """Apply the whole batch in one transaction (SQLite) or idempotent bulk writes
+        (MongoDB); raising means nothing was acknowledged and the batch will be retried.
+
+        An answer is stored against a request only if it comes from the request's agent and
+        type (see `resolve`); what the store turns away that way is written to `rejected` in
+        the same write and returned, so the persister can count it."""
+
+    def refuses(self, exc: BaseException) -> bool:
+        """True if `exc`, raised by write(), says the store cannot take this data (a value it
+        cannot hold: a retry cannot help); False for what may pass later (locked, unreachable,
+        or not known to be about the data). The persister splits a batch refused so until it
+        finds the messages at fault; anything else it retries as it is."""
 
     def expire_pending(self, now_s: float, grace_s: float) -> int:
         """Mark pending requests whose expires_at < now - grace as expired; return how many."""
@@ -164,6 +215,10 @@ class Store(Protocol):
 
 # Rules shared by the implementations.
 
+# Errors a store raises about a value it cannot hold, whichever the store: a retry cannot help.
+DATA_ERRORS = (ValueError, TypeError, OverflowError, UnicodeError, RecursionError)
+
+
 def norm_ts(text: Optional[str]) -> Optional[str]:
     """Any RFC 3339 timestamp as UTC with milliseconds, so stored times compare as text."""
     if text is None or is_canonical(text):
@@ -171,14 +226,114 @@ def norm_ts(text: Optional[str]) -> Optional[str]:
     return iso(parse_iso(text))
 
 
-def retention_until(base: str, type_: str, retention_s: Mapping[str, int]) -> str:
-    return iso(parse_iso(base) + retention_s.get(type_, retention_s["default"]))
+def retention_until(received_at: str, type_: str, retention_s: Mapping[str, int]) -> str:
+    """When a record received at `received_at` (the persister's clock, never the sender's) may go."""
+    return iso(min(parse_iso(received_at) + retention_s.get(type_, retention_s["default"]), LATEST_S))
+
+
+# How far the clocks of controller, agent and persister may disagree before an agent's
+# collected_at is no longer believed (see answer_time).
+CLOCK_TOLERANCE_S = 2.0
+
+
+def answer_time(collected_at: Optional[str], received_at: str, issued_at: Optional[str] = None) -> str:
+    """When the request was answered. The agent's collected_at, where its clock agrees with the
+    others: not after the persister received the answer, not before the request was issued
+    (either by more than CLOCK_TOLERANCE_S); else when the persister received it. So an answer
+    that waited in an agent's outbox keeps its time, and an agent whose clock is an hour off
+    gets the persister's instead of a time an hour away."""
+    received = parse_iso(received_at)
+    if collected_at is None:
+        return received_at
+    collected = parse_iso(collected_at)
+    if collected > received + CLOCK_TOLERANCE_S:
+        return received_at
+    if issued_at is not None:
+        issued = parse_iso(issued_at)
+        if collected < issued - CLOCK_TOLERANCE_S:
+            return received_at
+        collected = max(collected, issued)
+    return iso(min(collected, received))
 
 
 def latency_ms(issued_at: Optional[str], answered_at: Optional[str]) -> Optional[float]:
     if issued_at is None or answered_at is None:
         return None
-    return round((parse_iso(answered_at) - parse_iso(issued_at)) * 1000.0, 3)
+    return round(max(0.0, parse_iso(answered_at) - parse_iso(issued_at)) * 1000.0, 3)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose a stored request record is: the agent and type its request was sent to, or, until
+    the request is seen (an answer may arrive first), those of the answer stored first."""
+
+    agent_id: str
+    type: str
+    requested: bool
+
+
+@dataclass
+class Resolved:
+    """A batch sorted by `resolve`: what to apply, which stored answers its requests displace
+    (stored record ids), and the dead letters of what it turns away."""
+
+    requests: List[Incoming[Request]] = field(default_factory=list)
+    responses: List[Incoming[Response]] = field(default_factory=list)
+    displaced: Dict[str, Owner] = field(default_factory=dict)
+    refused: List[RejectedRecord] = field(default_factory=list)
+
+
+def resolve(batch: Batch, owners: Dict[str, Owner]) -> Resolved:
+    """Bind every message of `batch` to its request record, given the owners of the records
+    already stored (`owners`, updated in place). The request decides: a record belongs to the
+    agent and type its request was sent to. So, whichever arrives first:
+
+    - an answer from another agent, or on another type, is refused (`request_mismatch`);
+    - an answer stored before its request arrived, from another agent or type than the
+      request's, is displaced to `rejected` when the request comes;
+    - a request id already sent to another agent or for another type is refused.
+
+    No record ever holds one agent's answer under another agent's request."""
+    out = Resolved()
+    for item in batch.requests:
+        id_, mine = item.message.id, Owner(item.agent_id, item.message.type, True)
+        found = owners.get(id_)
+        if found is None or (found.agent_id, found.type) == (mine.agent_id, mine.type):
+            owners[id_] = mine
+            out.requests.append(item)
+        elif not found.requested:
+            out.displaced[id_] = mine
+            owners[id_] = mine
+            out.requests.append(item)
+        else:
+            out.refused.append(refused(item, "request_mismatch", f"request id {id_} was sent to agent "
+                                       f"{found.agent_id!r} for type {found.type!r} already"))
+    for res in batch.responses:
+        id_, mine = res.message.id, Owner(res.agent_id, res.message.type, False)
+        found = owners.get(id_)
+        if found is None:
+            owners[id_] = mine
+            out.responses.append(res)
+        elif (found.agent_id, found.type) == (mine.agent_id, mine.type):
+            out.responses.append(res)
+        else:
+            whose = "was sent to" if found.requested else "was answered first by"
+            out.refused.append(refused(res, "request_mismatch", f"answer from agent {mine.agent_id!r} for type "
+                                       f"{mine.type!r} to request {id_}, which {whose} agent {found.agent_id!r} "
+                                       f"for type {found.type!r}"))
+    return out
+
+
+def displaced_letter(record: RequestRecord, request: Owner) -> RejectedRecord:
+    """The dead letter of a stored answer whose request turned out to be another agent's or type's."""
+    envelope = {"v": 1, "id": record.id, "agent_id": record.agent_id, "type": record.type,
+                "status": "error" if record.state in ("error", "expired") else "ok", "data": record.data,
+                "error": record.error, "collected_at": record.collected_at}
+    detail = (f"answer from agent {record.agent_id!r} for type {record.type!r}, stored before request "
+              f"{record.id} arrived, which was sent to agent {request.agent_id!r} for type {request.type!r}")
+    topic = f"<answer to {record.id}, stored and then displaced>"
+    return dead_letter(topic, _json_bytes(envelope), "request_mismatch", detail,
+                       record.received_at or record.answered_at or "")
 
 
 def response_state(response: Response) -> str:

@@ -15,23 +15,31 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional
 
+from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, DocumentTooLarge, PyMongoError, WriteError
 
 from fleet_common import iso, parse_iso
 
 from .base import (
+    DATA_ERRORS,
     DEFAULT_RETENTION_S,
     EXPIRED_ERROR,
     AgentRecord,
     Batch,
+    Incoming,
+    Owner,
     RejectedRecord,
     RequestRecord,
     Stats,
     StoreError,
     StoreUnreachable,
+    answer_time,
+    displaced_letter,
     latency_ms,
     norm_ts,
+    refused,
+    resolve,
     response_state,
     retention_until,
     seen_at,
@@ -39,6 +47,10 @@ from .base import (
 )
 
 Doc = Dict[str, Any]
+DUPLICATE_KEY = 11000
+# Server errors that pass with time (a primary stepping down, a shutdown, a time limit): not
+# about the document, so a batch that meets one is retried as it is, not split.
+TRANSIENT_CODES = frozenset({6, 7, 50, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
 
 
 def to_date(text: str) -> datetime:
@@ -118,40 +130,63 @@ class MongoStore:
                         "check persister.mongodb_uri and that mongod is running and reachable") from None
 
     # write side
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch) -> List[RejectedRecord]:
         try:
-            self._write(batch)
+            return self._write(batch)
         except OverflowError:
             # BSON holds integers of 64 bits with a sign; JSON (and SQLite) hold up to 2**64 - 1.
             # Rare (a counter past 2**63), so found here, not checked on every message: such
             # integers are written as floats, as larger ones already are, and the batch again.
-            self._write(_fit_ints(batch))
+            return self._write(_fit_ints(batch))
 
-    def _write(self, batch: Batch) -> None:
-        requests: List[Any] = []
-        agents: List[Any] = []
+    def refuses(self, exc: BaseException) -> bool:
+        if isinstance(exc, (*DATA_ERRORS, InvalidDocument, DocumentTooLarge)):
+            return True
+        if isinstance(exc, (BulkWriteError, WriteError)):  # the server refused a document
+            details = exc.details or {}
+            codes = [e.get("code") for e in details.get("writeErrors", [])] or [getattr(exc, "code", None)]
+            return not any(code in TRANSIENT_CODES for code in codes)
+        return False
+
+    def _write(self, batch: Batch) -> List[RejectedRecord]:
+        ids = sorted({i.message.id for i in batch.requests} | {i.message.id for i in batch.responses})
+        owners = {d["_id"]: Owner(d["agent_id"], d["type"], d.get("issued_at") is not None)
+                  for d in self.requests.find({"_id": {"$in": ids}}, {"agent_id": 1, "type": 1, "issued_at": 1})} \
+            if ids else {}
+        resolved = resolve(batch, owners)
+        turned_away = list(resolved.refused)
+        if resolved.displaced:
+            turned_away += self._displace(resolved.displaced)
         ret = self.retention_s
-        for item in batch.requests:
+        ops: List[Any] = []
+        sources: List[Incoming[Any]] = []  # the message of each op, to name one the server refuses
+        for item in resolved.requests:
             r = item.message
             issued = norm_ts(r.issued_at) or item.received_at
-            change: Doc = {"params": r.params}
-            if r.expires_at is not None:
-                change["expires_at"] = norm_ts(r.expires_at)
-            requests.append(UpdateOne({"_id": r.id}, {"$set": change, "$setOnInsert": {
-                "id": r.id, "agent_id": item.agent_id, "type": r.type, "issued_at": issued, "state": "pending",
-                "answered_at": None, "latency_ms": None, "data": None, "error": None,
-                "expire_at": to_date(retention_until(issued, r.type, ret))}}, upsert=True))
-            # a response stored first left issued_at empty: fill it, never overwrite it
-            requests.append(UpdateOne({"_id": r.id, "issued_at": None}, {"$set": {"issued_at": issued}}))
-        for res in batch.responses:
+            mine = {"_id": r.id, "agent_id": item.agent_id, "type": r.type}
+            ops.append(UpdateOne(mine, {"$setOnInsert": {
+                "id": r.id, "params": r.params, "issued_at": issued, "expires_at": norm_ts(r.expires_at),
+                "state": "pending", "answered_at": None, "latency_ms": None, "data": None, "error": None,
+                "collected_at": None, "received_at": None,
+                "expire_at": to_date(retention_until(item.received_at, r.type, ret))}}, upsert=True))
+            # an answer stored first left the request's fields empty: fill them, never overwrite them
+            ops.append(UpdateOne({**mine, "issued_at": None}, {"$set": {
+                "issued_at": issued, "params": r.params, "expires_at": norm_ts(r.expires_at)}}))
+            sources += [item, item]
+        agents: List[Any] = []
+        for res in resolved.responses:
             p = res.message
-            answered = norm_ts(p.collected_at) or res.received_at
-            requests.append(UpdateOne({"_id": p.id}, {"$set": {
-                "state": response_state(p), "answered_at": answered, "data": p.data, "error": p.error,
-                "expire_at": to_date(retention_until(answered, p.type, ret))}, "$setOnInsert": {
-                "id": p.id, "agent_id": p.agent_id, "type": p.type, "params": None, "issued_at": None,
-                "expires_at": None, "latency_ms": None}}, upsert=True))
+            collected = norm_ts(p.collected_at)
+            ops.append(UpdateOne({"_id": p.id, "agent_id": p.agent_id, "type": p.type}, {"$set": {
+                "state": response_state(p), "answered_at": answer_time(collected, res.received_at), "data": p.data,
+                "error": p.error, "collected_at": collected, "received_at": res.received_at,
+                "expire_at": to_date(retention_until(res.received_at, p.type, ret))}, "$setOnInsert": {
+                "id": p.id, "params": None, "issued_at": None, "expires_at": None, "latency_ms": None}},
+                upsert=True))
+            sources.append(res)
             agents.append(self._seen(p.agent_id, res.received_at))
+        if ops:
+            turned_away += self._bulk(ops, sources)
         for st in batch.statuses:
             s = st.message
             agents.append(self._seen(s.agent_id, seen_at(st)))
@@ -162,15 +197,45 @@ class MongoStore:
             agents.append(UpdateOne({"_id": s.agent_id, "$or": [{"status_at": None},
                                                                  {"status_at": {"$lte": st.received_at}}]},
                                     {"$set": change}))
-        if requests:
-            self.requests.bulk_write(requests, ordered=True)
         if agents:
             self.agents_c.bulk_write(agents, ordered=True)
-        if batch.rejected:
+        self._insert_rejected([*batch.rejected, *turned_away])
+        self._complete_pairs([i.message.id for i in resolved.requests] + [i.message.id for i in resolved.responses])
+        return turned_away
+
+    def _bulk(self, ops: List[Any], sources: List[Incoming[Any]]) -> List[RejectedRecord]:
+        """The request upserts: unordered, so that one the server turns away does not stop the rest.
+        Every upsert names the record's agent and type, so a record that another persister gave
+        to another agent meanwhile fails its insert with a duplicate key: that message is refused."""
+        try:
+            self.requests.bulk_write(ops, ordered=False)
+            return []
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                raise
+        out: Dict[int, RejectedRecord] = {}
+        for e in errors:
+            item = sources[e["index"]]
+            out[id(item)] = refused(item, "request_mismatch", f"request id {item.message.id} belongs to another "
+                                    f"agent or type than {item.agent_id!r}/{item.message.type!r} (written meanwhile)")
+        return list(out.values())
+
+    def _displace(self, displaced: Dict[str, Owner]) -> List[RejectedRecord]:
+        """Move stored answers whose request names another agent or type to rejected: the dead
+        letters first (their ids are made from them, so doing it twice keeps one), then the delete."""
+        docs = list(self.requests.find({"_id": {"$in": sorted(displaced)}, "issued_at": None}))
+        letters = [displaced_letter(self._request(d), displaced[d["_id"]]) for d in docs]
+        self._insert_rejected(letters)
+        if docs:
+            self.requests.delete_many({"_id": {"$in": [d["_id"] for d in docs]}, "issued_at": None})
+        return letters
+
+    def _insert_rejected(self, letters: List[RejectedRecord]) -> None:
+        if letters:
             self.rejected_c.bulk_write([UpdateOne({"_id": r.id}, {"$setOnInsert": {
-                "received_at": r.received_at, "topic": r.topic, "reason": r.reason, "payload": r.payload}},
-                upsert=True) for r in batch.rejected], ordered=True)
-        self._complete_pairs([i.message.id for i in batch.requests] + [i.message.id for i in batch.responses])
+                "received_at": r.received_at, "topic": r.topic, "reason": r.reason, "payload": r.payload,
+                "detail": r.detail}}, upsert=True) for r in letters], ordered=True)
 
     @staticmethod
     def _seen(agent_id: str, at: str) -> Any:
@@ -182,9 +247,12 @@ class MongoStore:
         if not ids:
             return
         docs = self.requests.find({"_id": {"$in": sorted(set(ids))}, "issued_at": {"$ne": None},
-                                   "answered_at": {"$ne": None}}, {"issued_at": 1, "answered_at": 1})
-        ops = [UpdateOne({"_id": d["_id"]}, {"$set": {"latency_ms": latency_ms(d["issued_at"], d["answered_at"])}})
-               for d in docs]
+                                   "received_at": {"$ne": None}}, {"issued_at": 1, "collected_at": 1, "received_at": 1})
+        ops = []
+        for d in docs:
+            answered = answer_time(d.get("collected_at"), d["received_at"], d["issued_at"])
+            ops.append(UpdateOne({"_id": d["_id"]}, {"$set": {
+                "answered_at": answered, "latency_ms": latency_ms(d["issued_at"], answered)}}))
         if ops:
             self.requests.bulk_write(ops, ordered=False)
 
@@ -243,7 +311,7 @@ class MongoStore:
     def rejected(self, limit: int = 100) -> List[RejectedRecord]:
         cursor = self.rejected_c.find().sort([("received_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
         return [RejectedRecord(id=d["_id"], received_at=d["received_at"], topic=d["topic"], reason=d["reason"],
-                               payload=d["payload"]) for d in cursor]
+                               payload=d["payload"], detail=d.get("detail", "")) for d in cursor]
 
     def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
                        state: Optional[str] = None) -> int:
@@ -265,4 +333,5 @@ class MongoStore:
         return RequestRecord(id=d["_id"], agent_id=d["agent_id"], type=d["type"], params=d.get("params"),
                              issued_at=d.get("issued_at"), expires_at=d.get("expires_at"), state=d["state"],
                              answered_at=d.get("answered_at"), latency_ms=d.get("latency_ms"), data=d.get("data"),
-                             error=d.get("error"), expire_at=from_date(d.get("expire_at")))
+                             error=d.get("error"), expire_at=from_date(d.get("expire_at")),
+                             collected_at=d.get("collected_at"), received_at=d.get("received_at"))

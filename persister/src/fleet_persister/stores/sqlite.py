@@ -20,17 +20,21 @@ from fleet_common import iso
 from fleet_common.link import Backoff
 
 from .base import (
+    DATA_ERRORS,
     DEFAULT_RETENTION_S,
     EXPIRED_ERROR,
     AgentRecord,
     Batch,
     EncodedJSON,
+    Owner,
     RejectedRecord,
     RequestRecord,
     Stats,
     StoreError,
+    answer_time,
+    displaced_letter,
     latency_ms,
-    norm_ts,
+    resolve,
     response_state,
     retention_until,
     seen_at,
@@ -39,18 +43,20 @@ from .base import (
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
-    id          TEXT PRIMARY KEY,
-    agent_id    TEXT NOT NULL,
-    type        TEXT NOT NULL,
-    params      TEXT,
-    issued_at   TEXT,
-    expires_at  TEXT,
-    state       TEXT NOT NULL DEFAULT 'pending',
-    answered_at TEXT,
-    latency_ms  REAL,
-    data        TEXT,
-    error       TEXT,
-    expire_at   TEXT
+    id           TEXT PRIMARY KEY,
+    agent_id     TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    params       TEXT,
+    issued_at    TEXT,
+    expires_at   TEXT,
+    state        TEXT NOT NULL DEFAULT 'pending',
+    answered_at  TEXT,
+    latency_ms   REAL,
+    data         TEXT,
+    error        TEXT,
+    expire_at    TEXT,
+    collected_at TEXT,
+    received_at  TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_history ON requests (agent_id, type, COALESCE(issued_at, answered_at));
 CREATE INDEX IF NOT EXISTS requests_time ON requests (COALESCE(issued_at, answered_at));
@@ -72,27 +78,36 @@ CREATE TABLE IF NOT EXISTS rejected (
     received_at TEXT NOT NULL,
     topic       TEXT NOT NULL,
     reason      TEXT NOT NULL,
-    payload     TEXT NOT NULL
+    payload     TEXT NOT NULL,
+    detail      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS rejected_received_at ON rejected (received_at);
 """
+# Columns added since the first release: a database made before gets them when it is opened.
+ADDED_COLUMNS = {"requests": ("collected_at TEXT", "received_at TEXT"),
+                 "rejected": ("detail TEXT NOT NULL DEFAULT ''",)}
 
+# The request decides whose a record is (base.resolve); these conditions make sure of it
+# in SQL too: an upsert never changes a record of another agent or type.
 UPSERT_REQUEST = """
 INSERT INTO requests (id, agent_id, type, params, issued_at, expires_at, state, expire_at)
 VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
 ON CONFLICT (id) DO UPDATE SET
-    params = excluded.params,
+    params = COALESCE(requests.params, excluded.params),
     issued_at = COALESCE(requests.issued_at, excluded.issued_at),
-    expires_at = COALESCE(excluded.expires_at, requests.expires_at),
+    expires_at = COALESCE(requests.expires_at, excluded.expires_at),
     expire_at = COALESCE(requests.expire_at, excluded.expire_at)
+WHERE requests.agent_id = excluded.agent_id AND requests.type = excluded.type
 """
 
 UPSERT_RESPONSE = """
-INSERT INTO requests (id, agent_id, type, state, answered_at, data, error, expire_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO requests (id, agent_id, type, state, answered_at, data, error, expire_at, collected_at, received_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     state = excluded.state, answered_at = excluded.answered_at, data = excluded.data,
-    error = excluded.error, expire_at = excluded.expire_at
+    error = excluded.error, expire_at = excluded.expire_at, collected_at = excluded.collected_at,
+    received_at = excluded.received_at
+WHERE requests.agent_id = excluded.agent_id AND requests.type = excluded.type
 """
 
 SEEN_AGENT = """
@@ -106,8 +121,11 @@ UPDATE agents SET online = ?, hostname = COALESCE(?, hostname), platform = COALE
 WHERE agent_id = ? AND (status_at IS NULL OR status_at <= ?)
 """
 
+INSERT_REJECTED = ("INSERT OR IGNORE INTO rejected (id, received_at, topic, reason, payload, detail) "
+                   "VALUES (?, ?, ?, ?, ?, ?)")
+
 REQUEST_COLUMNS = ("id, agent_id, type, params, issued_at, expires_at, state, answered_at, latency_ms, "
-                   "data, error, expire_at")
+                   "data, error, expire_at, collected_at, received_at")
 AGENT_COLUMNS = "agent_id, online, first_seen, last_seen, hostname, platform, agent_version, types, status_at"
 CHUNK = 500
 
@@ -124,6 +142,15 @@ def _unjson(text: Optional[str]) -> Any:
     return None if text is None else orjson.loads(text)
 
 
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Bring a database made by an earlier release up to SCHEMA."""
+    for table, columns in ADDED_COLUMNS.items():
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
     for i in range(0, len(items), CHUNK):
         yield items[i:i + CHUNK]
@@ -136,14 +163,16 @@ WRITER_CHECKPOINT_PAGES = 16384  # 64 MiB of WAL at 4 KiB pages
 
 @dataclass
 class _Rows:
-    """A batch as SQL parameters, made before the write transaction."""
+    """A batch as SQL parameters, made before the write transaction, by request id."""
 
-    requests: List[Tuple[Any, ...]] = field(default_factory=list)
-    responses: List[Tuple[Any, ...]] = field(default_factory=list)
-    seen: List[Tuple[Any, ...]] = field(default_factory=list)
+    requests: Dict[int, Tuple[Any, ...]] = field(default_factory=dict)
+    responses: Dict[int, Tuple[Any, ...]] = field(default_factory=dict)
     statuses: List[Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = field(default_factory=list)
     rejected: List[Tuple[Any, ...]] = field(default_factory=list)
-    ids: List[str] = field(default_factory=list)
+
+
+def _rejected_row(r: RejectedRecord) -> Tuple[Any, ...]:
+    return (r.id, r.received_at, r.topic, r.reason, r.payload, r.detail)
 
 
 class SqliteStore:
@@ -184,6 +213,7 @@ class SqliteStore:
                 if mode.lower() != "wal" and self._file != ":memory:":
                     raise sqlite3.OperationalError(f"database is locked (journal mode stays {mode})")
                 db.executescript(SCHEMA)
+                _add_columns(db)
                 return db
             except sqlite3.OperationalError as exc:
                 db.close()
@@ -223,7 +253,7 @@ class SqliteStore:
             db.close()
 
     # write side
-    def write(self, batch: Batch) -> None:
+    def write(self, batch: Batch) -> List[RejectedRecord]:
         rows = self._rows(batch)  # before the transaction: it holds the database's one write lock
         with self._lock:
             if self._checkpointer is None:
@@ -232,11 +262,17 @@ class SqliteStore:
             with self._writers_turn():
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._apply(rows)
+                    turned_away = self._apply(batch, rows)
                     self._db.execute("COMMIT")
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
+        return turned_away
+
+    def refuses(self, exc: BaseException) -> bool:
+        # OperationalError (locked, busy, disk full, I/O) is about the database, not the data
+        return isinstance(exc, (*DATA_ERRORS, sqlite3.IntegrityError, sqlite3.DataError, sqlite3.InterfaceError,
+                                sqlite3.ProgrammingError))
 
     @contextmanager
     def _writers_turn(self) -> Iterator[None]:
@@ -269,46 +305,66 @@ class SqliteStore:
         out = _Rows()
         for item in batch.requests:
             r = item.message
-            issued = norm_ts(r.issued_at) or item.received_at
-            out.requests.append((r.id, item.agent_id, r.type, _json(r.params), issued, norm_ts(r.expires_at),
-                                 retention_until(issued, r.type, ret)))
-        last_heard: Dict[str, str] = {}
+            out.requests[id(item)] = (r.id, item.agent_id, r.type, _json(r.params), r.issued_at or item.received_at,
+                                      r.expires_at, retention_until(item.received_at, r.type, ret))
         for res in batch.responses:
             p = res.message
-            answered = norm_ts(p.collected_at) or res.received_at
-            out.responses.append((p.id, p.agent_id, p.type, response_state(p), answered, _json(p.data),
-                                  _json(p.error), retention_until(answered, p.type, ret)))
-            last_heard[p.agent_id] = max(res.received_at, last_heard.get(p.agent_id, ""))
-        out.seen = [(agent_id, at, at) for agent_id, at in last_heard.items()]
+            out.responses[id(res)] = (p.id, p.agent_id, p.type, response_state(p),
+                                      answer_time(p.collected_at, res.received_at), _json(p.data), _json(p.error),
+                                      retention_until(res.received_at, p.type, ret), p.collected_at, res.received_at)
         for st in batch.statuses:
             s, seen = st.message, seen_at(st)
             out.statuses.append(((s.agent_id, seen, seen),
                                  (int(s.online), s.hostname, s.platform, s.agent_version, _json(s.types),
                                   st.received_at, s.agent_id, st.received_at)))
-        out.rejected = [(r.id, r.received_at, r.topic, r.reason, r.payload) for r in batch.rejected]
-        out.ids = [i.message.id for i in batch.requests] + [i.message.id for i in batch.responses]
+        out.rejected = [_rejected_row(r) for r in batch.rejected]
         return out
 
-    def _apply(self, rows: _Rows) -> None:
+    def _apply(self, batch: Batch, rows: _Rows) -> List[RejectedRecord]:
         db = self._db
-        db.executemany(UPSERT_REQUEST, rows.requests)
-        db.executemany(UPSERT_RESPONSE, rows.responses)
-        db.executemany(SEEN_AGENT, rows.seen)
+        ids = sorted({i.message.id for i in batch.requests} | {i.message.id for i in batch.responses})
+        owners = {id_: Owner(agent, type_, bool(requested)) for chunk in _chunks(ids) for id_, agent, type_, requested
+                  in db.execute("SELECT id, agent_id, type, issued_at IS NOT NULL FROM requests WHERE id IN "
+                                f"({','.join('?' * len(chunk))})", chunk)}
+        resolved = resolve(batch, owners)
+        turned_away = list(resolved.refused)
+        if resolved.displaced:
+            turned_away += self._displace(resolved.displaced)
+        db.executemany(UPSERT_REQUEST, [rows.requests[id(i)] for i in resolved.requests])
+        db.executemany(UPSERT_RESPONSE, [rows.responses[id(i)] for i in resolved.responses])
+        last_heard: Dict[str, str] = {}
+        for res in resolved.responses:
+            last_heard[res.agent_id] = max(res.received_at, last_heard.get(res.agent_id, ""))
+        db.executemany(SEEN_AGENT, [(agent_id, at, at) for agent_id, at in last_heard.items()])
         for seen, status in rows.statuses:
             db.execute(SEEN_AGENT, seen)
             db.execute(APPLY_STATUS, status)
-        db.executemany("INSERT OR IGNORE INTO rejected (id, received_at, topic, reason, payload) "
-                       "VALUES (?, ?, ?, ?, ?)", rows.rejected)
-        self._complete_pairs(rows.ids)
+        db.executemany(INSERT_REJECTED, rows.rejected + [_rejected_row(r) for r in turned_away])
+        self._complete_pairs([i.message.id for i in resolved.requests] + [i.message.id for i in resolved.responses])
+        return turned_away
+
+    def _displace(self, displaced: Dict[str, Owner]) -> List[RejectedRecord]:
+        """Move stored answers whose request names another agent or type to rejected."""
+        ids = sorted(displaced)
+        records = [self._request(row) for chunk in _chunks(ids) for row in self._db.execute(
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id IN ({','.join('?' * len(chunk))}) "
+            "AND issued_at IS NULL", chunk)]
+        self._db.executemany("DELETE FROM requests WHERE id = ? AND issued_at IS NULL", [(r.id,) for r in records])
+        return [displaced_letter(r, displaced[r.id]) for r in records]
 
     def _complete_pairs(self, ids: List[str]) -> None:
-        """Latency of every request in the batch whose request and response are both stored now."""
+        """answered_at and latency of every request in the batch whose request and answer are both
+        stored now: the answer's time is checked against the request's (base.answer_time)."""
         for chunk in _chunks(sorted(set(ids))):
             rows = self._db.execute(
-                f"SELECT id, issued_at, answered_at FROM requests WHERE id IN ({','.join('?' * len(chunk))}) "
-                "AND issued_at IS NOT NULL AND answered_at IS NOT NULL", chunk).fetchall()
-            self._db.executemany("UPDATE requests SET latency_ms = ? WHERE id = ?",
-                                 [(latency_ms(issued, answered), id_) for id_, issued, answered in rows])
+                "SELECT id, issued_at, collected_at, received_at FROM requests WHERE id IN "
+                f"({','.join('?' * len(chunk))}) AND issued_at IS NOT NULL AND received_at IS NOT NULL",
+                chunk).fetchall()
+            updates = []
+            for id_, issued, collected, received in rows:
+                answered = answer_time(collected, received, issued)
+                updates.append((answered, latency_ms(issued, answered), id_))
+            self._db.executemany("UPDATE requests SET answered_at = ?, latency_ms = ? WHERE id = ?", updates)
 
     def expire_pending(self, now_s: float, grace_s: float) -> int:
         with self._lock:
@@ -388,7 +444,7 @@ class SqliteStore:
 
     def rejected(self, limit: int = 100) -> List[RejectedRecord]:
         return [RejectedRecord(*row) for row in self._query(
-            "SELECT id, received_at, topic, reason, payload FROM rejected "
+            "SELECT id, received_at, topic, reason, payload, detail FROM rejected "
             "ORDER BY received_at DESC, id DESC LIMIT ?", (limit,))]
 
     def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
@@ -415,7 +471,9 @@ class SqliteStore:
 
     @staticmethod
     def _request(row: Sequence[Any]) -> RequestRecord:
-        id_, agent_id, type_, params, issued, expires, state, answered, latency, data, error, expire_at = row
+        (id_, agent_id, type_, params, issued, expires, state, answered, latency, data, error, expire_at,
+         collected, received) = row
         return RequestRecord(id=id_, agent_id=agent_id, type=type_, params=_unjson(params), issued_at=issued,
                              expires_at=expires, state=state, answered_at=answered, latency_ms=latency,
-                             data=_unjson(data), error=_unjson(error), expire_at=expire_at)
+                             data=_unjson(data), error=_unjson(error), expire_at=expire_at, collected_at=collected,
+                             received_at=received)
