@@ -373,6 +373,26 @@ def test_add_agent_writes_a_private_config_and_never_shows_the_password(tmp_path
         assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
+def test_bad_prefix_writes_nothing(tmp_path) -> None:
+    """add-agent and add-user with an invalid --prefix fail in one line and leave passwd, acl and
+    roles.yaml as they were (no password line for a password never shown), and make no broker folder."""
+    etc, out, fresh = tmp_path / "etc", tmp_path / "new.yaml", tmp_path / "fresh"
+    fleetctl("add-user", "ops-1", "--role", "operator", "--broker-dir", str(etc), "--no-reload")
+    fleetctl("add-agent", "web-01", "--broker-dir", str(etc), "--no-reload")
+    before = {f.name: f.read_bytes() for f in etc.iterdir() if f.is_file()}
+    commands = (["add-agent", "web-02"], ["add-agent", "web-01", "--rotate"],
+                ["add-user", "ops-2", "--role", "operator"], ["add-user", "ops-1", "--role", "operator", "--rotate"])
+    for args in commands:
+        for bad in ("fleet/#", "a//b", "+"):
+            for root in (etc, fresh):
+                done = fleetctl(*args, "--prefix", bad, "--broker-dir", str(root), "--no-reload", "--out", str(out),
+                                check=False)
+                assert {f.name: f.read_bytes() for f in etc.iterdir() if f.is_file()} == before, (args, bad)
+                assert not out.exists() and not fresh.exists(), (args, bad)
+                assert done.returncode == 2 and "prefix" in done.stderr and "Traceback" not in done.stderr, \
+                    done.stderr
+
+
 def test_acl_is_generated_per_service_user_for_the_prefix(tmp_path) -> None:
     """The ACL holds the %u agent patterns and one user block per service user for the configured
     prefix; remove-user takes the block out again."""

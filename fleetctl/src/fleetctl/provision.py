@@ -189,6 +189,17 @@ def _locked(files: BrokerFiles) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _check_prefix(prefix: str) -> str:
+    """Checked before anything is written: a password line whose ACL cannot be written would be
+    a password nobody was ever shown."""
+    try:
+        Topics(prefix)
+    except FleetError:
+        raise ProvisionError(f"--prefix {prefix!r} is not a topic prefix: one or more topic levels of "
+                             "[A-Za-z0-9_.-] separated by '/'") from None
+    return prefix
+
+
 def _check_name(name: str) -> str:
     try:
         return check_agent_id(name)
@@ -200,6 +211,7 @@ def _check_name(name: str) -> str:
 def add_agent(files: BrokerFiles, agent_id: str, prefix: str, rotate: bool = False) -> str:
     """Add (or with `rotate`, re-key) an agent; returns its new password."""
     _check_name(agent_id)
+    _check_prefix(prefix)
     with _locked(files):
         users, roles = read_passwd(files.passwd), read_roles(files)
         if agent_id in roles:
@@ -215,6 +227,7 @@ def add_agent(files: BrokerFiles, agent_id: str, prefix: str, rotate: bool = Fal
 
 
 def remove_agent(files: BrokerFiles, agent_id: str, prefix: str) -> None:
+    _check_prefix(prefix)
     with _locked(files):
         users, roles = read_passwd(files.passwd), read_roles(files)
         if agent_id in roles:
@@ -229,6 +242,7 @@ def remove_agent(files: BrokerFiles, agent_id: str, prefix: str) -> None:
 def add_user(files: BrokerFiles, name: str, role: str, prefix: str, rotate: bool = False) -> str:
     """Add (or with `rotate`, re-key) a service user with `role`; returns its new password."""
     _check_name(name)
+    _check_prefix(prefix)
     if role not in ROLES:
         raise ProvisionError(f"role {role!r} is not one of {', '.join(ROLES)}")
     with _locked(files):
@@ -248,6 +262,7 @@ def add_user(files: BrokerFiles, name: str, role: str, prefix: str, rotate: bool
 
 
 def remove_user(files: BrokerFiles, name: str, prefix: str) -> None:
+    _check_prefix(prefix)
     with _locked(files):
         users, roles = read_passwd(files.passwd), read_roles(files)
         if name not in roles:
@@ -460,13 +475,15 @@ def run_provision(args: argparse.Namespace, cfg: Config) -> Optional[int]:
         rows = list_users(files)
         print("\n".join(f"{name:<32} {role}" for name, role in rows) or f"no users in {files.passwd}")
         return 0
-    prefix = args.prefix or cfg.mqtt.topic_prefix
+    prefix = _check_prefix(args.prefix or cfg.mqtt.topic_prefix)
     if args.command in ("add-agent", "add-user"):
         name, role = (args.agent, "agent") if args.command == "add-agent" else (args.name, args.role)
         address = _address(args, cfg, prefix)  # before any change: a bad option must not half-provision
         out = Path(args.out) if args.out else None
         if out is not None and out.exists():
             raise ProvisionError(f"{out} already exists; choose another --out path or remove it")
+        if out is not None and not out.parent.is_dir():
+            raise ProvisionError(f"{out.parent} is not a folder; create it or choose another --out path")
         if role == "agent":
             password = add_agent(files, name, prefix, rotate=args.rotate)
         else:
