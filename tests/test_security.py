@@ -313,6 +313,50 @@ def test_service_roles_get_what_they_need_and_no_more(secure, clients) -> None:
     assert not controller.got.wait(QUIET_S), "the controller read an answer"
 
 
+def test_service_users_cannot_pose_as_agents(secure, clients, procs) -> None:
+    """Controller, persister and operator users get PUBACK 135 for a retained status and an answer under
+    their own name and under a real agent's, and a running persister stores no phantom agent or answer."""
+    p, db = secure.prefix, secure.tmp / "fleet.db"
+    secure.provision("add-user", "persister-2", "--role", "persister")  # persister-1 is the running one
+    procs.start_persister(secure.config("persister-1"))
+    for name in ("controller-1", "persister-2", "operator-1"):
+        forger = connected(clients, secure, name)
+        for who in (name, "host-a"):
+            status = {"v": 1, "agent_id": who, "online": True, "types": ["cpu"]}
+            assert forger.publish(f"{p}/{who}/status", status, retain=True) == NOT_AUTHORIZED, (name, who)
+            assert forger.publish(f"{p}/{who}/res/cpu", response(f"forged-{name}-{who}", who)) == NOT_AUTHORIZED, \
+                (name, who)
+    agent = connected(clients, secure, "host-a")
+    assert agent.publish(f"{p}/host-a/res/cpu", response("marker", "host-a")) == 0  # sent last, stored last
+    wait_for(lambda: rows(db, "select id from requests where id='marker'"), 30, what="the real agent's answer stored")
+    assert rows(db, "select id from requests where id like 'forged%'") == []
+    assert rows(db, "select agent_id from agents") == [{"agent_id": "host-a"}]  # known by its answer
+    assert rows(db, "select * from rejected") == []
+    watcher = connected(clients, secure, "controller-1")
+    watcher.subscribe(f"{p}/+/status")
+    assert not watcher.got.wait(QUIET_S), [m.topic for m in watcher.messages]  # no phantom's retained status
+
+
+def test_service_users_receive_no_requests_addressed_to_their_name(secure, clients) -> None:
+    """A request to a service user's name reaches no one: not the controller, persister or operator of
+    that name (the agent patterns would let them read it), while an agent gets its own."""
+    p = secure.prefix
+    secure.provision("add-user", "persister-2", "--role", "persister")
+    targets = {name: connected(clients, secure, name) for name in ("controller-1", "persister-2", "operator-1")}
+    for name, target in targets.items():
+        target.subscribe(f"{p}/{name}/req/+")
+    agent = connected(clients, secure, "host-a")
+    agent.subscribe(f"{p}/host-a/req/+")
+    for name in targets:  # each sent by a user allowed to send requests other than the target itself
+        sender = targets["operator-1" if name != "operator-1" else "controller-1"]
+        assert sender.publish(f"{p}/{name}/req/cpu", request(f"to-{name}")) in (0, 16)
+    assert targets["operator-1"].publish(f"{p}/host-a/req/cpu", request("to-host-a")) == 0
+    assert agent.got.wait(5), "the agent did not receive its own request"
+    time.sleep(QUIET_S)
+    for name, target in targets.items():
+        assert target.messages == [], (name, [m.topic for m in target.messages])
+
+
 # ----------------------------------------------------------------------------- TLS
 
 def test_tls_verifies_the_broker_and_refuses_plain_mqtt(secure, clients, tmp_path) -> None:

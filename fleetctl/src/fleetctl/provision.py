@@ -56,6 +56,12 @@ ROLE_RULES: Dict[str, Tuple[Tuple[str, str], ...]] = {
 ROLES = tuple(ROLE_RULES)
 # Every user may act as the agent whose id is its user name, and only as that agent.
 AGENT_PATTERNS = (("read", f"%u/{REQ}/#"), ("write", f"%u/{RES}/#"), ("write", f"%u/{STATUS}"))
+# ...except service users. Mosquitto 2.0 checks a user's own block before the patterns and puts
+# its `deny` lines first, so this one line per service user takes its name's topics away from
+# the patterns: without it operator alice could publish a retained fleet/alice/status and
+# answers on fleet/alice/res/#, a phantom agent the persister would store. Per-agent blocks
+# instead would make Mosquitto search every user per ACL line and per connect.
+SERVICE_DENY = "{name}/#"
 
 PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes; Mosquitto reads the count from each line
 SALT_BYTES = 12
@@ -167,8 +173,11 @@ def render_acl(prefix: str, roles: Mapping[str, str]) -> str:
         "# use_username_as_clientid): read its own requests, write its own responses and status.",
         *(f"pattern {access} {prefix}/{topic}" for access, topic in AGENT_PATTERNS),
     ]
+    if roles:
+        lines += ["", "# Service users: what their role needs. A service user is never an agent: Mosquitto checks",
+                  "# its `topic deny` line before anything else, so the patterns above give it nothing."]
     for name, role in sorted(roles.items()):
-        lines += ["", f"# role: {role}", f"user {name}"]
+        lines += ["", f"# role: {role}", f"user {name}", f"topic deny {prefix}/{SERVICE_DENY.format(name=name)}"]
         lines += [f"topic {access} {prefix}/{topic}" for access, topic in ROLE_RULES[role]]
     return "\n".join(lines) + "\n"
 
