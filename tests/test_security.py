@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import stat
 import subprocess
@@ -355,6 +356,28 @@ def test_service_users_receive_no_requests_addressed_to_their_name(secure, clien
     time.sleep(QUIET_S)
     for name, target in targets.items():
         assert target.messages == [], (name, [m.topic for m in target.messages])
+
+
+def test_rewrite_acl_upgrades_an_old_acl_that_list_users_points_out(secure, clients) -> None:
+    """An ACL written by an older fleetctl (no deny lines) lets operator-1 pose as an agent; list-users
+    says in one line to run rewrite-acl, which regenerates the file and reloads the running broker."""
+    p, acl = secure.prefix, secure.files.acl
+    current = acl.read_text()
+    acl.write_text("".join(line for line in current.splitlines(True) if not line.startswith("topic deny")))
+    os.kill(int(secure.pid_file.read_text()), signal.SIGHUP)
+    opts = ["--broker-dir", str(secure.files.root), "--prefix", p]
+    listed = fleetctl("list-users", *opts)
+    notes = [line for line in listed.stderr.splitlines() if "rewrite-acl" in line]
+    assert len(notes) == 1 and str(acl) in notes[0], listed.stderr
+    operator = connected(clients, secure, "operator-1")
+    status = {"v": 1, "agent_id": "operator-1", "online": True}
+    wait_for(lambda: operator.publish(f"{p}/operator-1/status", status) in (0, 16), 5, what="the old ACL loaded")
+
+    done = fleetctl("rewrite-acl", *opts, "--pid-file", str(secure.pid_file))
+    assert "reloaded the broker" in done.stderr and acl.read_text() == current
+    assert "rewrite-acl" not in fleetctl("list-users", *opts).stderr
+    wait_for(lambda: operator.publish(f"{p}/operator-1/status", status) == NOT_AUTHORIZED, 5,
+             what="the rewritten ACL refusing operator-1's status")
 
 
 # ----------------------------------------------------------------------------- TLS
