@@ -59,7 +59,8 @@ class Counters:
 
 
 def client_id(cfg: Config) -> str:
-    return cfg.persister.client_id or f"persister-{sanitise_agent_id()}"[:64]
+    """persister.client_id, else mqtt.client_id, else one made from the host name."""
+    return cfg.persister.client_id or cfg.mqtt.client_id or f"persister-{sanitise_agent_id()}"[:64]
 
 
 def usable_cores() -> int:
