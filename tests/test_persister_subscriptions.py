@@ -7,12 +7,14 @@ import secrets
 from typing import List
 
 import paho.mqtt.client as mqtt
+import pytest
 from conftest import wait_for
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fleet_common import load_config
+from fleet_common import ConfigError, load_config
+from fleet_common.config import PersisterConfig
 from fleet_persister.persister import client_id
 
 
@@ -48,3 +50,18 @@ def test_persister_client_id_precedence(tmp_path, monkeypatch) -> None:
     assert client_id(both) == "p"
     assert client_id(load_config(None, env={"FLEET_MQTT_CLIENT_ID": "m"})) == "m"
     assert client_id(load_config(None, env={})).startswith("persister-")
+
+
+def test_share_group_is_required_secret_and_named_in_errors(tmp_path, monkeypatch) -> None:
+    """Shared subscriptions are off by default; on, they need a share group of 16+ [A-Za-z0-9_-],
+    and a missing or guessable one is a config error naming persister.share_group and how to make one."""
+    monkeypatch.chdir(tmp_path)  # no ./config.yaml
+    assert PersisterConfig().shared_subscription is False
+    on = {"FLEET_PERSISTER_SHARED_SUBSCRIPTION": "true"}
+    for group in (None, "persisters", "a" * 15, "has space in it 123", "dollar$dollar$dollar"):
+        env = on if group is None else {**on, "FLEET_PERSISTER_SHARE_GROUP": group}
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, env=env)
+        assert caught.value.key == "persister.share_group" and "fleetctl add-user" in str(caught.value)
+    good = secrets.token_urlsafe(18)
+    assert load_config(None, env={**on, "FLEET_PERSISTER_SHARE_GROUP": good}).persister.share_group == good

@@ -25,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fleet_common import BUILTIN_TYPES, load_config
 from fleet_common.config import MqttConfig, TlsConfig
 from fleet_common.link import Link
+from fleet_common.topics import SHARE_GROUP, Topics
 from fleetctl.broker import EmbeddedBroker, find_mosquitto, free_port
 from fleetctl.provision import BrokerFiles, check_password, read_passwd, render_acl, render_prod_config
 
@@ -380,6 +381,78 @@ def test_rewrite_acl_upgrades_an_old_acl_that_list_users_points_out(secure, clie
              what="the rewritten ACL refusing operator-1's status")
 
 
+# ----------------------------------------------------------------------------- shared-subscription hijack
+
+HIJACK_ANSWERS = 60
+
+
+def plain_persister_config(sb: SecureBroker, name: str) -> Path:
+    """The config add-user wrote for persister `name`, without its share settings: the default."""
+    path = sb.config(name, file=f"{name}-plain")
+    data = yaml.safe_load(path.read_text())
+    for key in ("shared_subscription", "share_group"):
+        del data["persister"][key]
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def answers_stored_under_hijack(sb: SecureBroker, made: List[Client], group: str) -> int:
+    """Agent host-a joins share group `group` on the persisters' filters (and subscribes to everything)
+    while host-b and host-c publish HIJACK_ANSWERS answers; returns how many of them were stored."""
+    p, db = sb.prefix, sb.tmp / "fleet.db"
+    attacker = connected(made, sb, "host-a")
+    attacker.subscribe(Topics.shared(f"{p}/+/res/+", group), Topics.shared(f"{p}/+/req/+", group), f"{p}/#")
+    senders = [connected(made, sb, agent) for agent in ("host-b", "host-c")]
+    for i in range(HIJACK_ANSWERS):
+        agent = ("host-b", "host-c")[i % 2]
+        assert senders[i % 2].publish(f"{p}/{agent}/res/cpu", response(f"hj-{i}", agent)) == 0
+
+    def stored() -> int:
+        return len(rows(db, "select id from requests where id like 'hj-%'"))
+
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < QUIET_S * 2 and stored() < HIJACK_ANSWERS:  # until it stops growing
+        if stored() != last:
+            last, since = stored(), time.monotonic()
+        time.sleep(0.1)
+    assert attacker.messages == [], "the agent read what is not its own"
+    return stored()
+
+
+def test_hijacked_share_group_loses_nothing_with_plain_persister(secure, clients, procs) -> None:
+    """An agent on $share/persisters/... (the old fixed group) cannot make the default, plain persister
+    miss an answer: every one of them is stored."""
+    secure.provision("add-agent", "host-c")
+    procs.start_persister(plain_persister_config(secure, "persister-1"))
+    assert answers_stored_under_hijack(secure, clients, SHARE_GROUP) == HIJACK_ANSWERS
+
+
+def test_hijacked_share_group_loses_nothing_with_secret_group(secure, clients, procs) -> None:
+    """Two persisters on the secret share group add-user gives them split the answers and store every
+    one, while an agent on $share/persisters/... gets none of them to drop."""
+    secure.provision("add-agent", "host-c")
+    secure.provision("add-user", "persister-2", "--role", "persister")
+    group = secure.user_config("persister-1")["persister"]["share_group"]
+    assert secure.user_config("persister-2")["persister"]["share_group"] == group and len(group) >= 16
+    for name in ("persister-1", "persister-2"):
+        procs.start_persister(secure.config(name), name)
+    assert answers_stored_under_hijack(secure, clients, SHARE_GROUP) == HIJACK_ANSWERS
+    for name in ("persister-1", "persister-2"):
+        assert "committed a batch" in procs.log(name), f"{name} stored nothing: the share was not split"
+
+
+def test_hijack_by_an_agent_that_knows_the_group_loses_answers(secure, clients, procs) -> None:
+    """The limit of the guard: an agent that knows the secret group takes a share of the answers and
+    Mosquitto 2.0.11 drops them (it cannot read them), so the group must stay secret."""
+    secure.provision("add-agent", "host-c")
+    secure.provision("add-user", "persister-2", "--role", "persister")
+    for name in ("persister-1", "persister-2"):
+        procs.start_persister(secure.config(name), name)
+    group = secure.user_config("persister-1")["persister"]["share_group"]
+    stored = answers_stored_under_hijack(secure, clients, group)
+    assert 0 < stored < HIJACK_ANSWERS, stored
+
+
 # ----------------------------------------------------------------------------- TLS
 
 def test_tls_verifies_the_broker_and_refuses_plain_mqtt(secure, clients, tmp_path) -> None:
@@ -458,6 +531,25 @@ def test_bad_prefix_writes_nothing(tmp_path) -> None:
                 assert not out.exists() and not fresh.exists(), (args, bad)
                 assert done.returncode == 2 and "prefix" in done.stderr and "Traceback" not in done.stderr, \
                     done.stderr
+
+
+def test_persister_users_get_one_secret_share_group(tmp_path) -> None:
+    """add-user --role persister makes the deployment's share group once (a private file in the broker
+    folder) and writes it, with shared_subscription on, into every persister config it emits."""
+    etc = tmp_path / "etc"
+    made = []
+    for name, extra in (("persister-1", []), ("persister-2", []), ("persister-1", ["--rotate"])):
+        out = tmp_path / f"{name}{'-rotated' if extra else ''}.yaml"
+        fleetctl("add-user", name, "--role", "persister", *extra, "--broker-dir", str(etc), "--no-reload",
+                 "--no-tls", "--out", str(out))
+        made.append(load_config(str(out)).persister)
+    group = (etc / "share-group").read_text().strip()
+    assert stat.S_IMODE((etc / "share-group").stat().st_mode) == 0o600 and len(group) >= 16
+    assert [(m.client_id, m.shared_subscription, m.share_group) for m in made] == \
+        [("persister-1", True, group), ("persister-2", True, group), ("persister-1", True, group)]
+    fleetctl("add-user", "ctl-0", "--role", "controller", "--broker-dir", str(etc), "--no-reload", "--no-tls",
+             "--out", str(tmp_path / "ctl-0.yaml"))
+    assert group not in (tmp_path / "ctl-0.yaml").read_text()
 
 
 def test_acl_is_generated_per_service_user_for_the_prefix(tmp_path) -> None:

@@ -5,6 +5,7 @@ The broker directory (fleetctl --broker-dir, default /etc/mosquitto/fleet) holds
     passwd       one `name:$7$...` line per user (the mosquitto_passwd format)
     roles.yaml   service users and their role: {persister-1: persister, ...}
     acl          generated from roles.yaml and the topic prefix; never edit by hand
+    share-group  the persisters' secret share group, made with the first persister user
     certs/       fleetctl make-certs
 
 Every user name is also its MQTT client id (use_username_as_clientid), so user names
@@ -33,7 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import yaml
 
-from fleet_common.config import Config
+from fleet_common.config import SHARE_GROUP_RE, Config
 from fleet_common.errors import FleetError
 from fleet_common.topics import REQ, RES, STATUS, Topics, check_agent_id
 
@@ -48,7 +49,7 @@ DEFAULT_TLS_PORT = 8883
 ROLE_RULES: Dict[str, Tuple[Tuple[str, str], ...]] = {
     # schedules requests; learns the fleet from the retained statuses
     "controller": (("write", f"+/{REQ}/#"), ("read", f"+/{STATUS}")),
-    # stores everything; subscribes with $share/persisters/..., which the read rules cover
+    # stores everything; reads plainly or through $share/<secret group>/..., which these rules cover
     "persister": (("read", f"+/{REQ}/#"), ("read", f"+/{RES}/#"), ("read", f"+/{STATUS}")),
     # fleetctl request and mosquitto_rr by hand: ask, read the answers, see who is online
     "operator": (("write", f"+/{REQ}/#"), ("read", f"+/{RES}/#"), ("read", f"+/{STATUS}")),
@@ -92,6 +93,10 @@ class BrokerFiles:
     @property
     def certs(self) -> Path:
         return self.root / "certs"
+
+    @property
+    def share_group(self) -> Path:
+        return self.root / "share-group"
 
 
 # ----------------------------------------------------------------------------- passwords
@@ -276,6 +281,8 @@ def add_user(files: BrokerFiles, name: str, role: str, prefix: str, rotate: bool
         if name in users and not rotate:
             raise ProvisionError(f"user {name!r} already exists; pass --rotate to give it a new password, "
                                  "or remove-user it first")
+        if role == "persister":
+            ensure_share_group(files)  # under the lock: two first persisters get one group
         password = new_password()
         users[name] = hash_password(password)
         roles[name] = role
@@ -283,6 +290,20 @@ def add_user(files: BrokerFiles, name: str, role: str, prefix: str, rotate: bool
         write_passwd(files.passwd, users)
         write_acl(files, prefix)
     return password
+
+
+def ensure_share_group(files: BrokerFiles) -> str:
+    """The deployment's share group for persisters: made once (mode 0600), then reused, so every
+    persister user's config names the same one. A secret, because any client that knows it can
+    join the group and have the broker drop the messages it hands that client."""
+    path = files.share_group
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(18) + "\n", new_mode=0o600)  # 24 characters, 144 bits
+    group = path.read_text(encoding="utf-8").strip()
+    if not SHARE_GROUP_RE.match(group):
+        raise ProvisionError(f"{path} does not hold a share group (16 or more characters of [A-Za-z0-9_-]); "
+                             "remove it and re-provision every persister user with --rotate to make a new one")
+    return group
 
 
 def remove_user(files: BrokerFiles, name: str, prefix: str) -> None:
@@ -317,8 +338,10 @@ class BrokerAddress:
     ca_file: Optional[str]  # None: plain MQTT (the localhost listener)
 
 
-def client_config(name: str, role: str, password: str, broker: BrokerAddress) -> Dict[str, Any]:
-    """The config file of a new user: its mqtt section and, per role, its own id."""
+def client_config(name: str, role: str, password: str, broker: BrokerAddress,
+                  share_group: Optional[str] = None) -> Dict[str, Any]:
+    """The config file of a new user: its mqtt section and, per role, its own id (and for a
+    persister the deployment's share group, so more persisters split the load)."""
     mqtt: Dict[str, Any] = {"host": broker.host, "port": broker.port, "topic_prefix": broker.prefix,
                             "username": name, "password": password}
     if broker.ca_file is not None:
@@ -328,6 +351,8 @@ def client_config(name: str, role: str, password: str, broker: BrokerAddress) ->
         data["agent"] = {"id": name}
     elif role in ("controller", "persister"):
         data[role] = {"client_id": name}  # the broker forces it anyway; this keeps the logs honest
+    if role == "persister" and share_group is not None:
+        data[role].update(shared_subscription=True, share_group=share_group)
     return data
 
 
@@ -524,7 +549,8 @@ def run_provision(args: argparse.Namespace, cfg: Config) -> Optional[int]:
             password = add_agent(files, name, prefix, rotate=args.rotate)
         else:
             password = add_user(files, name, role, prefix, rotate=args.rotate)
-        text = emit_config(client_config(name, role, password, address), out)
+        group = ensure_share_group(files) if role == "persister" else None
+        text = emit_config(client_config(name, role, password, address, group), out)
         if text:
             print(text, end="")
         verb = "re-keyed" if args.rotate else "added"

@@ -108,14 +108,19 @@ class Persister:
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
         self._generation += 1
         qos1 = SubscribeOptions(qos=1)
-        # Shared, so several persisters split the load; plain when configured, because
-        # Mosquitto 2.0 does not restore shared subscriptions from its persistence file
-        # (see README, "Reliability").
-        share = Topics.shared if self.pcfg.shared_subscription else (lambda topic_filter: topic_filter)
-        client.subscribe([(share(self.topics.all_requests()), qos1),
-                          (share(self.topics.all_responses()), qos1),
-                          # retained status is delivered only on a plain subscription
-                          (self.topics.all_status(), qos1)])
+        wanted = self._data_filters()
+        # retained status is delivered only on a plain subscription
+        client.subscribe([(f, qos1) for f in wanted] + [(self.topics.all_status(), qos1)])
+
+    def _data_filters(self) -> List[str]:
+        """Requests and responses: plain by default (every message reaches this persister), or in
+        the configured share group so several split the load. The group is a secret: Mosquitto 2.0
+        lets anyone join a group and drops what it hands a member that may not read it."""
+        plain = [self.topics.all_requests(), self.topics.all_responses()]
+        if not self.pcfg.shared_subscription:
+            return plain
+        assert self.pcfg.share_group is not None  # load_config requires it
+        return [Topics.shared(f, self.pcfg.share_group) for f in plain]
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if any(r.is_failure for r in reasons):
