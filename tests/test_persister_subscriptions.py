@@ -3,12 +3,15 @@ kept by the broker holds when those settings change; a real Mosquitto (dev.conf)
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
-from typing import List
+from typing import Any, Callable, List
 
 import paho.mqtt.client as mqtt
 import pytest
-from conftest import wait_for
+from conftest import Procs, wait_for
+from helpers import rows
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -29,6 +32,27 @@ def mqtt_client(port: int, cid: str, clean_start: bool = True) -> tuple:
     c.loop_start()
     wait_for(lambda: present, 10, what=f"CONNACK for {cid}")
     return c, present[0]
+
+
+def publish_answers(port: int, prefix: str, ids: List[str]) -> None:
+    c, _ = mqtt_client(port, f"pub-{secrets.token_hex(4)}")
+    try:
+        for req_id in ids:
+            payload = {"v": 1, "id": req_id, "agent_id": "host-r", "type": "cpu", "status": "ok",
+                       "data": {"percent": 1.0}, "error": None, "collected_at": "2026-11-26T04:30:00.140Z",
+                       "duration_ms": 1.0}
+            c.publish(f"{prefix}/host-r/res/cpu", json.dumps(payload), qos=1).wait_for_publish(5)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def received_at_stop(procs: Procs, name: str) -> int:
+    """What the persister counted as received, from the summary it logs when it stops."""
+    assert procs.stop(name) == 0, f"{name} did not stop cleanly"
+    found = re.findall(r"stopped: received (\d+),", procs.log(name))
+    assert found, f"{name} logged no summary"
+    return int(found[-1])
 
 
 def test_persister_uses_mqtt_client_id(broker, write_config, procs) -> None:
@@ -65,3 +89,35 @@ def test_share_group_is_required_secret_and_named_in_errors(tmp_path, monkeypatc
         assert caught.value.key == "persister.share_group" and "fleetctl add-user" in str(caught.value)
     good = secrets.token_urlsafe(18)
     assert load_config(None, env={**on, "FLEET_PERSISTER_SHARE_GROUP": good}).persister.share_group == good
+
+
+@pytest.mark.slow
+def test_switching_shared_subscription_on_a_resumed_session_delivers_once(broker, prefix, write_config, procs,
+                                                                          tmp_path) -> None:
+    """Plain to shared and back on one kept session: the persister receives each message once (its
+    own count), what was queued while it was stopped included, and stores every one."""
+    port, db, group = broker.port, tmp_path / "fleet.db", secrets.token_urlsafe(18)
+    base = {"client_id": f"resume-{secrets.token_hex(3)}"}
+    plain = write_config("plain", persister={**base, "shared_subscription": False})
+    shared = write_config("shared", persister={**base, "shared_subscription": True, "share_group": group})
+    # back to plain: the group stays named for a run so the session can leave it
+    plain_again = write_config("plain-again", persister={**base, "shared_subscription": False, "share_group": group})
+
+    def stored(n: int) -> Callable[[], Any]:
+        return lambda: len(rows(db, "select id from requests where id like 'sw-%'")) >= n
+
+    procs.start_persister(plain, "p1")
+    publish_answers(port, prefix, [f"sw-a{i}" for i in range(10)])
+    wait_for(stored(10), 30, what="the first answers stored")
+    assert received_at_stop(procs, "p1") == 10
+    total = 10
+    for name, cfg in (("p2", shared), ("p3", plain_again)):
+        publish_answers(port, prefix, [f"sw-q{name}{i}" for i in range(20)])  # queued in the kept session
+        procs.start_persister(cfg, name)
+        wait_for(lambda n=name: "left the subscriptions of other settings" in procs.log(n), 20,
+                 what=f"{name} leaving the old subscriptions")
+        publish_answers(port, prefix, [f"sw-b{name}{i}" for i in range(20)])
+        total += 40
+        wait_for(stored(total), 30, what=f"every answer stored by {name}")
+        assert received_at_stop(procs, name) == 40, procs.log(name)
+    assert len(rows(db, "select id from requests where id like 'sw-%'")) == total

@@ -18,7 +18,7 @@ AGENT_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 # The fixed share group of earlier versions. Anyone can guess it, so persisters no longer use it
-# (persister.share_group is a per-deployment secret).
+# (persister.share_group is a per-deployment secret); a resumed session still leaves it.
 SHARE_GROUP = "persisters"
 
 REQ = "req"

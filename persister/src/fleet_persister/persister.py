@@ -24,6 +24,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from fleet_common import Config, Request, Response, Topics, iso, sanitise_agent_id
 from fleet_common.config import PersisterConfig
 from fleet_common.link import Backoff, Link
+from fleet_common.topics import SHARE_GROUP
 
 from .parsing import Item, ParseStage, Raw, parse_message
 from .stores import ENCODES_JSON, Batch, RejectedRecord, Store
@@ -94,6 +95,8 @@ class Persister:
         self.link.on_connect_hooks.append(self._subscribe)
         self.link.client.on_message = self._on_message
         self.link.client.on_subscribe = self._on_subscribe
+        self.link.client.on_unsubscribe = self._on_unsubscribe
+        self._unsubscribing: Tuple[Optional[int], List[str]] = (None, [])  # (mid, filters) of the last UNSUBSCRIBE
         self._generation = 0
         self._accepting = threading.Event()
         self._accepting.set()
@@ -111,6 +114,12 @@ class Persister:
         wanted = self._data_filters()
         # retained status is delivered only on a plain subscription
         client.subscribe([(f, qos1) for f in wanted] + [(self.topics.all_status(), qos1)])
+        if session_present:
+            # A session kept from a run with other settings still holds their subscriptions, and
+            # each would deliver every message once more. Left only after the new ones are in
+            # place, so nothing falls in between; what the session has queued is delivered anyway.
+            stale = [f for f in self._data_filters_in_any_form() if f not in wanted]
+            self._unsubscribing = (client.unsubscribe(stale)[1], stale)
 
     def _data_filters(self) -> List[str]:
         """Requests and responses: plain by default (every message reaches this persister), or in
@@ -121,6 +130,21 @@ class Persister:
             return plain
         assert self.pcfg.share_group is not None  # load_config requires it
         return [Topics.shared(f, self.pcfg.share_group) for f in plain]
+
+    def _data_filters_in_any_form(self) -> List[str]:
+        """Every form of them this session can have had that can be named: plain, the fixed group of
+        earlier versions, and the configured group (a group since changed cannot be named)."""
+        plain = [self.topics.all_requests(), self.topics.all_responses()]
+        groups = [SHARE_GROUP] + ([self.pcfg.share_group] if self.pcfg.share_group else [])
+        return plain + [Topics.shared(f, group) for group in groups for f in plain]
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        sent_mid, filters = self._unsubscribing
+        if mid != sent_mid:
+            return
+        left = [f for f, r in zip(filters, reasons) if r.value == 0]  # the rest: 17, no such subscription
+        log.log(logging.INFO if left else logging.DEBUG, "left the subscriptions of other settings that the "
+                "resumed session held: %s", ", ".join(left) or "none")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if any(r.is_failure for r in reasons):
