@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import stat
 import subprocess
@@ -24,6 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from fleet_common import BUILTIN_TYPES, load_config
 from fleet_common.config import MqttConfig, TlsConfig
 from fleet_common.link import Link
+from fleet_common.topics import SHARE_GROUP, Topics
 from fleetctl.broker import EmbeddedBroker, find_mosquitto, free_port
 from fleetctl.provision import BrokerFiles, check_password, read_passwd, render_acl, render_prod_config
 
@@ -313,6 +315,144 @@ def test_service_roles_get_what_they_need_and_no_more(secure, clients) -> None:
     assert not controller.got.wait(QUIET_S), "the controller read an answer"
 
 
+def test_service_users_cannot_pose_as_agents(secure, clients, procs) -> None:
+    """Controller, persister and operator users get PUBACK 135 for a retained status and an answer under
+    their own name and under a real agent's, and a running persister stores no phantom agent or answer."""
+    p, db = secure.prefix, secure.tmp / "fleet.db"
+    secure.provision("add-user", "persister-2", "--role", "persister")  # persister-1 is the running one
+    procs.start_persister(secure.config("persister-1"))
+    for name in ("controller-1", "persister-2", "operator-1"):
+        forger = connected(clients, secure, name)
+        for who in (name, "host-a"):
+            status = {"v": 1, "agent_id": who, "online": True, "types": ["cpu"]}
+            assert forger.publish(f"{p}/{who}/status", status, retain=True) == NOT_AUTHORIZED, (name, who)
+            assert forger.publish(f"{p}/{who}/res/cpu", response(f"forged-{name}-{who}", who)) == NOT_AUTHORIZED, \
+                (name, who)
+    agent = connected(clients, secure, "host-a")
+    assert agent.publish(f"{p}/host-a/res/cpu", response("marker", "host-a")) == 0  # sent last, stored last
+    wait_for(lambda: rows(db, "select id from requests where id='marker'"), 30, what="the real agent's answer stored")
+    assert rows(db, "select id from requests where id like 'forged%'") == []
+    assert rows(db, "select agent_id from agents") == [{"agent_id": "host-a"}]  # known by its answer
+    assert rows(db, "select * from rejected") == []
+    watcher = connected(clients, secure, "controller-1")
+    watcher.subscribe(f"{p}/+/status")
+    assert not watcher.got.wait(QUIET_S), [m.topic for m in watcher.messages]  # no phantom's retained status
+
+
+def test_service_users_receive_no_requests_addressed_to_their_name(secure, clients) -> None:
+    """A request to a service user's name reaches no one: not the controller, persister or operator of
+    that name (the agent patterns would let them read it), while an agent gets its own."""
+    p = secure.prefix
+    secure.provision("add-user", "persister-2", "--role", "persister")
+    targets = {name: connected(clients, secure, name) for name in ("controller-1", "persister-2", "operator-1")}
+    for name, target in targets.items():
+        target.subscribe(f"{p}/{name}/req/+")
+    agent = connected(clients, secure, "host-a")
+    agent.subscribe(f"{p}/host-a/req/+")
+    for name in targets:  # each sent by a user allowed to send requests other than the target itself
+        sender = targets["operator-1" if name != "operator-1" else "controller-1"]
+        assert sender.publish(f"{p}/{name}/req/cpu", request(f"to-{name}")) in (0, 16)
+    assert targets["operator-1"].publish(f"{p}/host-a/req/cpu", request("to-host-a")) == 0
+    assert agent.got.wait(5), "the agent did not receive its own request"
+    time.sleep(QUIET_S)
+    for name, target in targets.items():
+        assert target.messages == [], (name, [m.topic for m in target.messages])
+
+
+def test_rewrite_acl_upgrades_an_old_acl_that_list_users_points_out(secure, clients) -> None:
+    """An ACL written by an older fleetctl (no deny lines) lets operator-1 pose as an agent; list-users
+    says in one line to run rewrite-acl, which regenerates the file and reloads the running broker."""
+    p, acl = secure.prefix, secure.files.acl
+    current = acl.read_text()
+    acl.write_text("".join(line for line in current.splitlines(True) if not line.startswith("topic deny")))
+    os.kill(int(secure.pid_file.read_text()), signal.SIGHUP)
+    opts = ["--broker-dir", str(secure.files.root), "--prefix", p]
+    listed = fleetctl("list-users", *opts)
+    notes = [line for line in listed.stderr.splitlines() if "rewrite-acl" in line]
+    assert len(notes) == 1 and str(acl) in notes[0], listed.stderr
+    operator = connected(clients, secure, "operator-1")
+    status = {"v": 1, "agent_id": "operator-1", "online": True}
+    wait_for(lambda: operator.publish(f"{p}/operator-1/status", status) in (0, 16), 5, what="the old ACL loaded")
+
+    done = fleetctl("rewrite-acl", *opts, "--pid-file", str(secure.pid_file))
+    assert "reloaded the broker" in done.stderr and acl.read_text() == current
+    assert "rewrite-acl" not in fleetctl("list-users", *opts).stderr
+    wait_for(lambda: operator.publish(f"{p}/operator-1/status", status) == NOT_AUTHORIZED, 5,
+             what="the rewritten ACL refusing operator-1's status")
+
+
+# ----------------------------------------------------------------------------- shared-subscription hijack
+
+HIJACK_ANSWERS = 60
+
+
+def plain_persister_config(sb: SecureBroker, name: str) -> Path:
+    """The config add-user wrote for persister `name`, without its share settings: the default."""
+    path = sb.config(name, file=f"{name}-plain")
+    data = yaml.safe_load(path.read_text())
+    for key in ("shared_subscription", "share_group"):
+        del data["persister"][key]
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def answers_stored_under_hijack(sb: SecureBroker, made: List[Client], group: str) -> int:
+    """Agent host-a joins share group `group` on the persisters' filters (and subscribes to everything)
+    while host-b and host-c publish HIJACK_ANSWERS answers; returns how many of them were stored."""
+    p, db = sb.prefix, sb.tmp / "fleet.db"
+    attacker = connected(made, sb, "host-a")
+    attacker.subscribe(Topics.shared(f"{p}/+/res/+", group), Topics.shared(f"{p}/+/req/+", group), f"{p}/#")
+    senders = [connected(made, sb, agent) for agent in ("host-b", "host-c")]
+    for i in range(HIJACK_ANSWERS):
+        agent = ("host-b", "host-c")[i % 2]
+        assert senders[i % 2].publish(f"{p}/{agent}/res/cpu", response(f"hj-{i}", agent)) == 0
+
+    def stored() -> int:
+        return len(rows(db, "select id from requests where id like 'hj-%'"))
+
+    last, since = -1, time.monotonic()
+    while time.monotonic() - since < QUIET_S * 2 and stored() < HIJACK_ANSWERS:  # until it stops growing
+        if stored() != last:
+            last, since = stored(), time.monotonic()
+        time.sleep(0.1)
+    assert attacker.messages == [], "the agent read what is not its own"
+    return stored()
+
+
+def test_hijacked_share_group_loses_nothing_with_plain_persister(secure, clients, procs) -> None:
+    """An agent on $share/persisters/... (the old fixed group) cannot make the default, plain persister
+    miss an answer: every one of them is stored."""
+    secure.provision("add-agent", "host-c")
+    procs.start_persister(plain_persister_config(secure, "persister-1"))
+    assert answers_stored_under_hijack(secure, clients, SHARE_GROUP) == HIJACK_ANSWERS
+
+
+def test_hijacked_share_group_loses_nothing_with_secret_group(secure, clients, procs) -> None:
+    """Two persisters on the secret share group add-user gives them split the answers and store every
+    one, while an agent on $share/persisters/... gets none of them to drop."""
+    secure.provision("add-agent", "host-c")
+    secure.provision("add-user", "persister-2", "--role", "persister")
+    group = secure.user_config("persister-1")["persister"]["share_group"]
+    assert secure.user_config("persister-2")["persister"]["share_group"] == group and len(group) >= 16
+    for name in ("persister-1", "persister-2"):
+        procs.start_persister(secure.config(name), name)
+    assert answers_stored_under_hijack(secure, clients, SHARE_GROUP) == HIJACK_ANSWERS
+    for name in ("persister-1", "persister-2"):
+        assert "committed a batch" in procs.log(name), f"{name} stored nothing: the share was not split"
+
+
+def test_hijack_by_an_agent_that_knows_the_group_loses_answers(secure, clients, procs) -> None:
+    """The limit of the guard: an agent that knows the secret group takes a share of the answers and
+    Mosquitto 2.0.11 drops them (it cannot read them), so the group must stay secret."""
+    secure.provision("add-agent", "host-c")
+    secure.provision("add-user", "persister-2", "--role", "persister")
+    for name in ("persister-1", "persister-2"):
+        procs.start_persister(secure.config(name), name)
+    group = secure.user_config("persister-1")["persister"]["share_group"]
+    stored = answers_stored_under_hijack(secure, clients, group)
+    assert 0 < stored < HIJACK_ANSWERS, stored
+
+
 # ----------------------------------------------------------------------------- TLS
 
 def test_tls_verifies_the_broker_and_refuses_plain_mqtt(secure, clients, tmp_path) -> None:
@@ -371,6 +511,45 @@ def test_add_agent_writes_a_private_config_and_never_shows_the_password(tmp_path
                        (["add-agent", "bad/name"], "not a valid name")):
         bad = fleetctl(*args, "--broker-dir", str(etc), "--no-reload", check=False)
         assert bad.returncode == 2 and says in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_bad_prefix_writes_nothing(tmp_path) -> None:
+    """add-agent and add-user with an invalid --prefix fail in one line and leave passwd, acl and
+    roles.yaml as they were (no password line for a password never shown), and make no broker folder."""
+    etc, out, fresh = tmp_path / "etc", tmp_path / "new.yaml", tmp_path / "fresh"
+    fleetctl("add-user", "ops-1", "--role", "operator", "--broker-dir", str(etc), "--no-reload")
+    fleetctl("add-agent", "web-01", "--broker-dir", str(etc), "--no-reload")
+    before = {f.name: f.read_bytes() for f in etc.iterdir() if f.is_file()}
+    commands = (["add-agent", "web-02"], ["add-agent", "web-01", "--rotate"],
+                ["add-user", "ops-2", "--role", "operator"], ["add-user", "ops-1", "--role", "operator", "--rotate"])
+    for args in commands:
+        for bad in ("fleet/#", "a//b", "+"):
+            for root in (etc, fresh):
+                done = fleetctl(*args, "--prefix", bad, "--broker-dir", str(root), "--no-reload", "--out", str(out),
+                                check=False)
+                assert {f.name: f.read_bytes() for f in etc.iterdir() if f.is_file()} == before, (args, bad)
+                assert not out.exists() and not fresh.exists(), (args, bad)
+                assert done.returncode == 2 and "prefix" in done.stderr and "Traceback" not in done.stderr, \
+                    done.stderr
+
+
+def test_persister_users_get_one_secret_share_group(tmp_path) -> None:
+    """add-user --role persister makes the deployment's share group once (a private file in the broker
+    folder) and writes it, with shared_subscription on, into every persister config it emits."""
+    etc = tmp_path / "etc"
+    made = []
+    for name, extra in (("persister-1", []), ("persister-2", []), ("persister-1", ["--rotate"])):
+        out = tmp_path / f"{name}{'-rotated' if extra else ''}.yaml"
+        fleetctl("add-user", name, "--role", "persister", *extra, "--broker-dir", str(etc), "--no-reload",
+                 "--no-tls", "--out", str(out))
+        made.append(load_config(str(out)).persister)
+    group = (etc / "share-group").read_text().strip()
+    assert stat.S_IMODE((etc / "share-group").stat().st_mode) == 0o600 and len(group) >= 16
+    assert [(m.client_id, m.shared_subscription, m.share_group) for m in made] == \
+        [("persister-1", True, group), ("persister-2", True, group), ("persister-1", True, group)]
+    fleetctl("add-user", "ctl-0", "--role", "controller", "--broker-dir", str(etc), "--no-reload", "--no-tls",
+             "--out", str(tmp_path / "ctl-0.yaml"))
+    assert group not in (tmp_path / "ctl-0.yaml").read_text()
 
 
 def test_acl_is_generated_per_service_user_for_the_prefix(tmp_path) -> None:

@@ -258,8 +258,9 @@ def test_7_duplicates_two_persisters_and_redelivery_leave_one_record(
     """Every message published twice, two persisters on the shared subscription, one of them
     killed with SIGKILL (QoS 1 redelivery): one record per produced pair."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
+    shared = {"shared_subscription": True, "share_group": f"group-{prefix}-0123456789"}
     for name in ("p1", "p2"):
-        cfg = write_config(tmp_path, name, fbroker.port, prefix, persister={"client_id": f"persister-{name}"})
+        cfg = write_config(tmp_path, name, fbroker.port, prefix, persister={"client_id": f"persister-{name}", **shared})
         procs.start(name, "fleet-persister", "--config", str(cfg))
         wait_persister_ready(procs, name)
     loads.append(Load(tmp_path, fbroker.port, prefix, twice=True))

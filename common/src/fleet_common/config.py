@@ -19,6 +19,10 @@ from .errors import ConfigError
 from .topics import TYPE_RE, Topics, check_agent_id
 
 BUILTIN_TYPES = ("cpu", "disk", "memory", "network", "os_info", "ping", "processes")
+# A share group name is a secret: Mosquitto 2.0 lets any client join any group and drops the
+# messages it hands a member that may not read them, so a guessable group lets one agent's
+# credentials make a share of every answer go unstored.
+SHARE_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{16,}$")
 DEFAULT_SCHEDULE = {"os_info": 3600, "cpu": 60, "memory": 60, "disk": 300,
                     "network": 60, "processes": 300, "ping": 60}
 
@@ -90,7 +94,8 @@ class PersisterConfig:
     batch_wait_s: float = 0.2
     receive_maximum: int = 1000
     parse_workers: Optional[int] = None  # None: one per core beyond the first, up to 4
-    shared_subscription: bool = True
+    shared_subscription: bool = False
+    share_group: Optional[str] = None  # required when shared: a per-deployment secret (SHARE_GROUP_RE)
     session_expiry_s: int = 604800
     client_id: Optional[str] = None
     expire_grace_s: float = 5.0
@@ -259,6 +264,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("persister.store", f"{cfg.persister.store!r} must be 'sqlite' or 'mongodb'")
     if "default" not in cfg.persister.retention_s:
         raise ConfigError("persister.retention_s.default", "is required")
+    _validate_share_group(cfg.persister)
     if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log.level", f"{cfg.log.level!r} must be debug, info, warning or error")
     for section in ("controller", "persister"):
@@ -271,6 +277,18 @@ def _validate(cfg: Config) -> None:
                           "(set FLEET_DASHBOARD_OPERATOR_TOKEN to a long random string)")
     if cfg.log.format not in ("text", "json"):
         raise ConfigError("log.format", f"{cfg.log.format!r} must be 'text' or 'json'")
+
+
+def _validate_share_group(pcfg: PersisterConfig) -> None:
+    make_one = ("`fleetctl add-user NAME --role persister` writes the deployment's group into the config it makes, "
+                "or make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(18))'")
+    if pcfg.share_group is None:
+        if pcfg.shared_subscription:
+            raise ConfigError("persister.share_group", "is required when persister.shared_subscription is true: "
+                              "a secret group name shared by this deployment's persisters; " + make_one)
+    elif not SHARE_GROUP_RE.match(pcfg.share_group):
+        raise ConfigError("persister.share_group", "must be at least 16 characters of [A-Za-z0-9_-] "
+                          "(a secret: any client that knows it can make messages go unstored); " + make_one)
 
 
 def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None,

@@ -17,6 +17,8 @@ from .errors import ContractError
 AGENT_ID_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+# The fixed share group of earlier versions. Anyone can guess it, so persisters no longer use it
+# (persister.share_group is a per-deployment secret); a resumed session still leaves it.
 SHARE_GROUP = "persisters"
 
 REQ = "req"
@@ -91,6 +93,7 @@ class Topics:
 
     @staticmethod
     def shared(topic_filter: str, group: str = SHARE_GROUP) -> str:
+        """The filter as a member of share group `group`: the only place a `$share/...` string is made."""
         return f"$share/{group}/{topic_filter}"
 
     def parse(self, topic: str) -> ParsedTopic:

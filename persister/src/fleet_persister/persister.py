@@ -25,6 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from fleet_common import Config, Request, Response, Topics, iso, new_id, sanitise_agent_id
 from fleet_common.config import PersisterConfig
 from fleet_common.link import Backoff, Link
+from fleet_common.topics import SHARE_GROUP
 
 from .parsing import Ignored, Item, ParseStage, Raw, parse_message
 from .stores import ENCODES_JSON, Batch, RejectedRecord, Store, refused
@@ -61,7 +62,8 @@ class Counters:
 
 
 def client_id(cfg: Config) -> str:
-    return cfg.persister.client_id or f"persister-{sanitise_agent_id()}"[:64]
+    """persister.client_id, else mqtt.client_id, else one made from the host name."""
+    return cfg.persister.client_id or cfg.mqtt.client_id or f"persister-{sanitise_agent_id()}"[:64]
 
 
 def usable_cores() -> int:
@@ -117,6 +119,8 @@ class Persister:
         self.link.on_connect_hooks.append(self._subscribe)
         self.link.client.on_message = self._on_message
         self.link.client.on_subscribe = self._on_subscribe
+        self.link.client.on_unsubscribe = self._on_unsubscribe
+        self._unsubscribing: Tuple[Optional[int], List[str]] = (None, [])  # (mid, filters) of the last UNSUBSCRIBE
         self._generation = 0
         self._accepting = threading.Event()
         self._accepting.set()
@@ -131,14 +135,40 @@ class Persister:
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
         self._generation += 1
         qos1 = SubscribeOptions(qos=1)
-        # Shared, so several persisters split the load; plain when configured, because
-        # Mosquitto 2.0 does not restore shared subscriptions from its persistence file
-        # (see README, "Reliability").
-        share = Topics.shared if self.pcfg.shared_subscription else (lambda topic_filter: topic_filter)
-        client.subscribe([(share(self.topics.all_requests()), qos1),
-                          (share(self.topics.all_responses()), qos1),
-                          # retained status is delivered only on a plain subscription
-                          (self.topics.all_status(), qos1)])
+        wanted = self._data_filters()
+        # retained status is delivered only on a plain subscription
+        client.subscribe([(f, qos1) for f in wanted] + [(self.topics.all_status(), qos1)])
+        if session_present:
+            # A session kept from a run with other settings still holds their subscriptions, and
+            # each would deliver every message once more. Left only after the new ones are in
+            # place, so nothing falls in between; what the session has queued is delivered anyway.
+            stale = [f for f in self._data_filters_in_any_form() if f not in wanted]
+            self._unsubscribing = (client.unsubscribe(stale)[1], stale)
+
+    def _data_filters(self) -> List[str]:
+        """Requests and responses: plain by default (every message reaches this persister), or in
+        the configured share group so several split the load. The group is a secret: Mosquitto 2.0
+        lets anyone join a group and drops what it hands a member that may not read it."""
+        plain = [self.topics.all_requests(), self.topics.all_responses()]
+        if not self.pcfg.shared_subscription:
+            return plain
+        assert self.pcfg.share_group is not None  # load_config requires it
+        return [Topics.shared(f, self.pcfg.share_group) for f in plain]
+
+    def _data_filters_in_any_form(self) -> List[str]:
+        """Every form of them this session can have had that can be named: plain, the fixed group of
+        earlier versions, and the configured group (a group since changed cannot be named)."""
+        plain = [self.topics.all_requests(), self.topics.all_responses()]
+        groups = [SHARE_GROUP] + ([self.pcfg.share_group] if self.pcfg.share_group else [])
+        return plain + [Topics.shared(f, group) for group in groups for f in plain]
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        sent_mid, filters = self._unsubscribing
+        if mid != sent_mid:
+            return
+        left = [f for f, r in zip(filters, reasons) if r.value == 0]  # the rest: 17, no such subscription
+        log.log(logging.INFO if left else logging.DEBUG, "left the subscriptions of other settings that the "
+                "resumed session held: %s", ", ".join(left) or "none")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if any(r.is_failure for r in reasons):
