@@ -18,6 +18,8 @@ from paho.mqtt.properties import Properties
 
 from fleet_common import ConfigError, load_config
 from fleet_common.config import PersisterConfig
+from fleet_common.datatypes import example
+from fleet_common.timefmt import now_iso
 from fleet_persister.persister import client_id
 
 
@@ -39,7 +41,7 @@ def publish_answers(port: int, prefix: str, ids: List[str]) -> None:
     try:
         for req_id in ids:
             payload = {"v": 1, "id": req_id, "agent_id": "host-r", "type": "cpu", "status": "ok",
-                       "data": {"percent": 1.0}, "error": None, "collected_at": "2026-11-26T04:30:00.140Z",
+                       "data": example("cpu", percent=1.0), "error": None, "collected_at": now_iso(),
                        "duration_ms": 1.0}
             c.publish(f"{prefix}/host-r/res/cpu", json.dumps(payload), qos=1).wait_for_publish(5)
     finally:

@@ -24,7 +24,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_common import BUILTIN_TYPES, load_config
 from fleet_common.config import MqttConfig, TlsConfig
+from fleet_common.datatypes import example
 from fleet_common.link import Link
+from fleet_common.timefmt import now_iso
 from fleet_common.topics import SHARE_GROUP, Topics
 from fleetctl.broker import EmbeddedBroker, find_mosquitto, free_port
 from fleetctl.provision import BrokerFiles, check_password, read_passwd, render_acl, render_prod_config
@@ -210,8 +212,8 @@ def request(req_id: str) -> Dict[str, Any]:
 
 
 def response(req_id: str, agent: str) -> Dict[str, Any]:
-    return {"v": 1, "id": req_id, "agent_id": agent, "type": "cpu", "status": "ok", "data": {"percent": 1.0},
-            "error": None, "collected_at": "2026-11-26T04:30:00.140Z", "duration_ms": 1.0}
+    return {"v": 1, "id": req_id, "agent_id": agent, "type": "cpu", "status": "ok", "data": example("cpu", percent=1.0),
+            "error": None, "collected_at": now_iso(), "duration_ms": 1.0}
 
 
 # ----------------------------------------------------------------------------- authentication
