@@ -257,6 +257,7 @@ def test_config_env_overrides_scalars(tmp_path) -> None:
     ("mqtt:\n  port: many\n", {}, "mqtt.port"),
     ("mqttt: {}\n", {}, "mqttt"),
     ("controller:\n  schedule: {cpu: 0}\n", {}, "controller.schedule.cpu"),
+    ("controller:\n  schedule: {cpu: 40000000}\n", {}, "controller.schedule.cpu"),
     ("controller:\n  shard: 2/2\n", {}, "controller.shard"),
     ("persister:\n  store: postgres\n", {}, "persister.store"),
     ("", {"FLEET_AGENT_IDD": "x"}, "agent.idd"),

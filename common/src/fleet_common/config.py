@@ -16,6 +16,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import yaml
 
 from .errors import ConfigError
+from .messages import EXPIRES_FUTURE_S
 from .topics import TYPE_RE, Topics, check_agent_id
 
 BUILTIN_TYPES = ("cpu", "disk", "memory", "network", "os_info", "ping", "processes")
@@ -255,6 +256,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"controller.schedule.{name}", "is not a valid request type name")
         if seconds < 1:
             raise ConfigError(f"controller.schedule.{name}", "interval must be at least 1 second")
+        if seconds > EXPIRES_FUTURE_S:
+            # a request expires one interval after it is sent, and receivers refuse an expiry further ahead
+            raise ConfigError(f"controller.schedule.{name}", f"interval must be at most {EXPIRES_FUTURE_S:.0f} "
+                                                             "seconds (366 days)")
     if not re.match(r"^\d+/[1-9]\d*$", cfg.controller.shard) or \
             cfg.controller.shard_index()[0] >= cfg.controller.shard_index()[1]:
         raise ConfigError("controller.shard", f"{cfg.controller.shard!r} must be 'i/n' with 0 <= i < n")
