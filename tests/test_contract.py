@@ -74,6 +74,63 @@ def test_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
         parse_iso("yesterday")
 
 
+@pytest.mark.parametrize("text", ["0001-01-01T00:00:00.000Z", "0999-05-01T12:00:00.000Z", "9999-12-31T23:59:59.999Z"])
+def test_years_0001_to_9999_are_written_with_four_digits_and_read_back(text: str) -> None:
+    """Both ends of what RFC 3339 can hold survive a round trip (strftime wrote year 1 as '1')."""
+    assert iso(parse_iso(text)) == text
+
+
+@pytest.mark.parametrize("text", ["9999-12-31T23:59:59.999-01:00", "0001-01-01T00:30:00+01:00",
+                                  "0000-06-01T00:00:00.000Z", "2026-02-30T00:00:00.000Z"])
+def test_a_time_no_store_could_write_back_is_refused(text: str) -> None:
+    """A time that lies outside the years 0001-9999 once in UTC is bad_timestamp when parsed, not a
+    ValueError when the store formats it (which stopped every write of its batch)."""
+    with pytest.raises(ContractError) as info:
+        parse_iso(text)
+    assert info.value.reason == "bad_timestamp"
+
+
+WHEN = 1_795_671_360.0  # the receiver's clock in the window tests
+
+
+@pytest.mark.parametrize(("field", "offset_s", "ok"), [
+    ("collected_at", 0.0, True), ("collected_at", 86_399.0, True), ("collected_at", 86_401.0, False),
+    ("collected_at", -30 * 86_400 + 1.0, True), ("collected_at", -30 * 86_400 - 1.0, False),
+])
+def test_response_times_must_lie_within_a_day_ahead_and_30_days_behind(field: str, offset_s: float,
+                                                                        ok: bool) -> None:
+    """With the receiver's clock given, collected_at outside the window is bad_timestamp; without a
+    clock (the agent's own parsing) only the format is checked."""
+    payload = json.dumps({"id": "x", "status": "ok", "data": {}, field: iso(WHEN + offset_s)}).encode()
+    parse_response(payload, RES)
+    verdict = None
+    try:
+        parse_response(payload, RES, now_s=WHEN)
+    except ContractError as exc:
+        verdict = exc.reason
+    assert verdict == (None if ok else "bad_timestamp")
+
+
+def test_a_request_may_expire_up_to_a_year_ahead_and_a_status_be_of_any_age() -> None:
+    """expires_at has a year of room (the longest schedule interval); a Last Will's ts any age."""
+    topic = ParsedTopic("req", "web-01", "cpu")
+    year = 366 * 86_400
+    parse_request(json.dumps({"id": "x", "expires_at": iso(WHEN + year - 1)}).encode(), topic, now_s=WHEN)
+    with pytest.raises(ContractError):
+        parse_request(json.dumps({"id": "x", "expires_at": iso(WHEN + year + 1)}).encode(), topic, now_s=WHEN)
+    with pytest.raises(ContractError):
+        parse_request(json.dumps({"id": "x", "issued_at": iso(WHEN + 2 * 86_400)}).encode(), topic, now_s=WHEN)
+    will = Status(agent_id="web-01", online=False, ts="1999-01-01T00:00:00.000Z").payload()
+    assert parse_status(will, ParsedTopic("status", "web-01", None), now_s=WHEN).ts == "1999-01-01T00:00:00.000Z"
+
+
+def test_timestamps_come_out_in_the_canonical_form() -> None:
+    """An offset or fewer digits in the payload become UTC with milliseconds in the parsed message."""
+    payload = b'{"id": "x", "issued_at": "2026-11-26T06:36:00+01:00", "expires_at": "2026-11-26T05:37:00.5Z"}'
+    req = parse_request(payload, ParsedTopic("req", "web-01", "cpu"))
+    assert (req.issued_at, req.expires_at) == ("2026-11-26T05:36:00.000Z", "2026-11-26T05:37:00.500Z")
+
+
 def test_request_defaults_and_payload() -> None:
     """Only id is required; v, params and type default as the design says."""
     req = parse_request(b'{"id": "abc"}', ParsedTopic("req", "web-01", "cpu"))
@@ -115,6 +172,14 @@ def test_response_round_trip() -> None:
     (b'{"id":"x","status":"ok","data":{"rows":[{"ok":[{"$x":1}]}]}}', "bad_key"),
     (b'{"id":"x","status":"ok","data":{"k\\u0000":1}}', "bad_key"),
     (b'{"id":"x","status":"ok","data":{"load":1}} trailing', "bad_json"),
+    (b'{"id":"x","id":"y","status":"ok","data":{}}', "duplicate_key"),
+    (b'{"id":"x","status":"ok","data":{"rows":[{"a":1,"a":2}]}}', "duplicate_key"),
+    (b'{"id":"x","status":"ok","data":{"a":"1:2","\\u0061":"3"}}', "duplicate_key"),
+    (b'{"id":"x","status":"ok","data":{"a":"\\u003a"},"data":{"b":1}}', "duplicate_key"),
+    (b'{"id":"x","status":"ok","data":{},"error":{"code":"timeout"}}', "bad_error"),
+    (b'{"id":"x","status":"error","data":{},"error":{"code":"timeout"}}', "bad_data"),
+    (b'{"id":"x","status":"ok","data":{},"duration_ms":-1}', "bad_duration_ms"),
+    (b'{"id":"x","status":"ok","data":{},"duration_ms":1e12}', "bad_duration_ms"),
     (b'\xef\xbb\xbf{"id":"x","status":"ok","data":{}}', "bad_json"),
 ])
 @pytest.mark.parametrize("parser", ["installed", "stdlib"])
@@ -127,6 +192,15 @@ def test_bad_responses_are_refused_with_a_precise_reason(payload: bytes, reason:
     with pytest.raises(ContractError) as info:
         parse_response(payload, RES)
     assert info.value.reason == reason
+
+
+def test_colons_and_escapes_in_strings_are_no_repeated_keys() -> None:
+    """The repeated-key check counts colons: ones inside strings, escaped ones and unicode escapes
+    elsewhere must not be taken for a dropped key."""
+    for payload in (b'{"id":"x","status":"ok","data":{"t":"04:30:00","u":"\\u003a:","k\\u00e9":1}}',
+                    b'{"id":"x","status":"ok","data":{"q":"a\\":b","n":[{"a":"::"}]}}',
+                    b'{ "id" : "x" , "status" : "ok" , "data" : { "a" : 1 } }'):
+        assert parse_response(payload, RES).status == "ok", payload
 
 
 def test_the_persister_parses_with_orjson() -> None:

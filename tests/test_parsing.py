@@ -104,8 +104,8 @@ def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path
         b.close()
     for raw in mixed(20):  # each kind, bad ones too
         item = parse_message(T, *raw)
-        assert comparable(unpack(pack(item, True), True, raw)) == comparable(item)
-        assert unpack(pack(item, False), False, raw) == item
+        assert comparable(unpack(pack(parse_message(T, *raw, encode=True)), True, raw)) == comparable(item)
+        assert unpack(pack(item), False, raw) == item
 
 
 def test_put_waits_once_capacity_messages_are_held() -> None:

@@ -93,7 +93,7 @@ class PersisterConfig:
     retention_s: Dict[str, int] = field(default_factory=lambda: {"default": 2592000, "processes": 86400})
     batch_size: int = 500
     batch_wait_s: float = 0.2
-    receive_maximum: int = 1000
+    receive_maximum: int = 3000
     parse_workers: Optional[int] = None  # None: one per core beyond the first, up to 4
     shared_subscription: bool = False
     share_group: Optional[str] = None  # required when shared: a per-deployment secret (SHARE_GROUP_RE)

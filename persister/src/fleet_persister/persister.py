@@ -129,6 +129,7 @@ class Persister:
         self._next_sweep = 0.0
         self._sweep_failing = False
         self.workers = parse_workers(self.pcfg)
+        self.encode = self.pcfg.store in ENCODES_JSON  # data as the JSON text the store keeps
         self.stage: Optional[ParseStage] = None
 
     # network thread
@@ -202,7 +203,7 @@ class Persister:
 
     def parse(self, topic: str, payload: bytes, retained: bool, received_s: float) -> Item:
         """Validate one message; anything wrong with it becomes a RejectedRecord, never an exception."""
-        item = parse_message(self.topics, topic, payload, retained, received_s)
+        item = parse_message(self.topics, topic, payload, retained, received_s, encode=self.encode)
         self._count(item)
         return item
 
@@ -243,7 +244,7 @@ class Persister:
             # batch: the stage holds that less one batch (or half of it), the queue one batch.
             rm, bs = self.pcfg.receive_maximum, self.pcfg.batch_size
             try:
-                self.stage = ParseStage(self.topics, self.workers, self.pcfg.store in ENCODES_JSON,
+                self.stage = ParseStage(self.topics, self.workers, self.encode,
                                         self._passed_on, max(rm - bs, rm // 2, 1)).start()
                 self.queue = queue.Queue(maxsize=bs)
             except (OSError, RuntimeError) as exc:  # e.g. no /dev/shm for multiprocessing's locks

@@ -11,7 +11,7 @@ import hashlib
 import json
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Dict, Generic, List, Mapping, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Dict, Generic, List, Mapping, NamedTuple, Optional, Protocol, Tuple, TypeVar
 
 from fleet_common import FleetError, Request, Response, Status, iso, parse_iso
 from fleet_common.config import PersisterConfig
@@ -226,9 +226,25 @@ def norm_ts(text: Optional[str]) -> Optional[str]:
     return iso(parse_iso(text))
 
 
+_EXPIRY_HEADS: Dict[Tuple[str, int], str] = {}
+
+
 def retention_until(received_at: str, type_: str, retention_s: Mapping[str, int]) -> str:
-    """When a record received at `received_at` (the persister's clock, never the sender's) may go."""
-    return iso(min(parse_iso(received_at) + retention_s.get(type_, retention_s["default"]), LATEST_S))
+    """When a record received at `received_at` (the persister's clock, never the sender's) may go.
+    Retention is whole seconds, so the milliseconds are received_at's: the rest is cached per
+    second, as the writer computes one per message."""
+    keep = retention_s.get(type_, retention_s["default"])
+    if not is_canonical(received_at):
+        return iso(min(parse_iso(received_at) + keep, LATEST_S))
+    key = (received_at[:19], keep)
+    head = _EXPIRY_HEADS.get(key)
+    if head is None:
+        if len(_EXPIRY_HEADS) > 1024:
+            _EXPIRY_HEADS.clear()
+        head = _EXPIRY_HEADS[key] = iso(min(parse_iso(received_at[:19] + ".000Z") + keep, LATEST_S))[:19]
+    if head >= "9999-12-31T23:59:59":  # the last second the text can hold: exactly
+        return iso(min(parse_iso(received_at) + keep, LATEST_S))
+    return head + received_at[19:]
 
 
 # How far the clocks of controller, agent and persister may disagree before an agent's
@@ -242,10 +258,13 @@ def answer_time(collected_at: Optional[str], received_at: str, issued_at: Option
     (either by more than CLOCK_TOLERANCE_S); else when the persister received it. So an answer
     that waited in an agent's outbox keeps its time, and an agent whose clock is an hour off
     gets the persister's instead of a time an hour away."""
-    received = parse_iso(received_at)
     if collected_at is None:
         return received_at
-    collected = parse_iso(collected_at)
+    # Stored times are canonical text, which sorts as time does: the usual case, collected after
+    # the request was issued and before the answer was received, needs no parsing.
+    if collected_at <= received_at and (issued_at is None or issued_at <= collected_at):
+        return collected_at
+    received, collected = parse_iso(received_at), parse_iso(collected_at)
     if collected > received + CLOCK_TOLERANCE_S:
         return received_at
     if issued_at is not None:
@@ -262,8 +281,7 @@ def latency_ms(issued_at: Optional[str], answered_at: Optional[str]) -> Optional
     return round(max(0.0, parse_iso(answered_at) - parse_iso(issued_at)) * 1000.0, 3)
 
 
-@dataclass(frozen=True)
-class Owner:
+class Owner(NamedTuple):
     """Whose a stored request record is: the agent and type its request was sent to, or, until
     the request is seen (an answer may arrive first), those of the answer stored first."""
 
@@ -298,7 +316,7 @@ def resolve(batch: Batch, owners: Dict[str, Owner]) -> Resolved:
     for item in batch.requests:
         id_, mine = item.message.id, Owner(item.agent_id, item.message.type, True)
         found = owners.get(id_)
-        if found is None or (found.agent_id, found.type) == (mine.agent_id, mine.type):
+        if found is None or found[:2] == mine[:2]:
             owners[id_] = mine
             out.requests.append(item)
         elif not found.requested:
@@ -314,7 +332,7 @@ def resolve(batch: Batch, owners: Dict[str, Owner]) -> Resolved:
         if found is None:
             owners[id_] = mine
             out.responses.append(res)
-        elif (found.agent_id, found.type) == (mine.agent_id, mine.type):
+        elif found[:2] == mine[:2]:
             out.responses.append(res)
         else:
             whose = "was sent to" if found.requested else "was answered first by"

@@ -29,11 +29,13 @@ from .base import (
     Owner,
     RejectedRecord,
     RequestRecord,
+    Resolved,
     Stats,
     StoreError,
     answer_time,
     displaced_letter,
     latency_ms,
+    norm_ts,
     resolve,
     response_state,
     retention_until,
@@ -101,12 +103,13 @@ WHERE requests.agent_id = excluded.agent_id AND requests.type = excluded.type
 """
 
 UPSERT_RESPONSE = """
-INSERT INTO requests (id, agent_id, type, state, answered_at, data, error, expire_at, collected_at, received_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO requests (id, agent_id, type, state, answered_at, data, error, expire_at, collected_at, received_at,
+                      latency_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     state = excluded.state, answered_at = excluded.answered_at, data = excluded.data,
     error = excluded.error, expire_at = excluded.expire_at, collected_at = excluded.collected_at,
-    received_at = excluded.received_at
+    received_at = excluded.received_at, latency_ms = excluded.latency_ms
 WHERE requests.agent_id = excluded.agent_id AND requests.type = excluded.type
 """
 
@@ -305,13 +308,16 @@ class SqliteStore:
         out = _Rows()
         for item in batch.requests:
             r = item.message
-            out.requests[id(item)] = (r.id, item.agent_id, r.type, _json(r.params), r.issued_at or item.received_at,
-                                      r.expires_at, retention_until(item.received_at, r.type, ret))
+            out.requests[id(item)] = (r.id, item.agent_id, r.type, _json(r.params),
+                                      norm_ts(r.issued_at) or item.received_at, norm_ts(r.expires_at),
+                                      retention_until(item.received_at, r.type, ret))
         for res in batch.responses:
             p = res.message
+            collected = norm_ts(p.collected_at)
             out.responses[id(res)] = (p.id, p.agent_id, p.type, response_state(p),
-                                      answer_time(p.collected_at, res.received_at), _json(p.data), _json(p.error),
-                                      retention_until(res.received_at, p.type, ret), p.collected_at, res.received_at)
+                                      answer_time(collected, res.received_at), _json(p.data), _json(p.error),
+                                      retention_until(res.received_at, p.type, ret), collected, res.received_at,
+                                      None)
         for st in batch.statuses:
             s, seen = st.message, seen_at(st)
             out.statuses.append(((s.agent_id, seen, seen),
@@ -323,15 +329,17 @@ class SqliteStore:
     def _apply(self, batch: Batch, rows: _Rows) -> List[RejectedRecord]:
         db = self._db
         ids = sorted({i.message.id for i in batch.requests} | {i.message.id for i in batch.responses})
-        owners = {id_: Owner(agent, type_, bool(requested)) for chunk in _chunks(ids) for id_, agent, type_, requested
-                  in db.execute("SELECT id, agent_id, type, issued_at IS NOT NULL FROM requests WHERE id IN "
-                                f"({','.join('?' * len(chunk))})", chunk)}
-        resolved = resolve(batch, owners)
+        stored = {row[0]: row for chunk in _chunks(ids) for row in db.execute(
+            "SELECT id, agent_id, type, issued_at, collected_at, received_at FROM requests WHERE id IN "
+            f"({','.join('?' * len(chunk))})", chunk)}
+        resolved = resolve(batch, {id_: Owner(agent, type_, issued is not None)
+                                   for id_, agent, type_, issued, _, _ in stored.values()})
         turned_away = list(resolved.refused)
         if resolved.displaced:
             turned_away += self._displace(resolved.displaced)
+            stored = {id_: row for id_, row in stored.items() if id_ not in resolved.displaced}
         db.executemany(UPSERT_REQUEST, [rows.requests[id(i)] for i in resolved.requests])
-        db.executemany(UPSERT_RESPONSE, [rows.responses[id(i)] for i in resolved.responses])
+        db.executemany(UPSERT_RESPONSE, self._answers(resolved, rows, stored))
         last_heard: Dict[str, str] = {}
         for res in resolved.responses:
             last_heard[res.agent_id] = max(res.received_at, last_heard.get(res.agent_id, ""))
@@ -340,8 +348,31 @@ class SqliteStore:
             db.execute(SEEN_AGENT, seen)
             db.execute(APPLY_STATUS, status)
         db.executemany(INSERT_REJECTED, rows.rejected + [_rejected_row(r) for r in turned_away])
-        self._complete_pairs([i.message.id for i in resolved.requests] + [i.message.id for i in resolved.responses])
         return turned_away
+
+    def _answers(self, resolved: Resolved, rows: _Rows, stored: Dict[str, Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+        """The response rows, with answered_at and latency where the request is known (stored, or in
+        this batch); and for answers stored before the request that came now, their update."""
+        issued = {id_: row[3] for id_, row in stored.items() if row[3] is not None}
+        for item in resolved.requests:
+            issued.setdefault(item.message.id, rows.requests[id(item)][4])
+        out, answered = [], set()
+        for res in resolved.responses:
+            row, id_ = rows.responses[id(res)], res.message.id
+            answered.add(id_)
+            when = issued.get(id_)
+            if when is not None:  # the answer's time checked against the request's (base.answer_time)
+                at = answer_time(row[8], row[9], when)
+                row = (*row[:4], at, *row[5:10], latency_ms(when, at))
+            out.append(row)
+        late = [(id_, row[4], row[5]) for id_, row in stored.items()
+                if row[3] is None and row[5] is not None and id_ in issued and id_ not in answered]
+        updates = []
+        for id_, collected, received in late:  # the answer came first; its request now
+            at = answer_time(collected, received, issued[id_])
+            updates.append((at, latency_ms(issued[id_], at), id_))
+        self._db.executemany("UPDATE requests SET answered_at = ?, latency_ms = ? WHERE id = ?", updates)
+        return out
 
     def _displace(self, displaced: Dict[str, Owner]) -> List[RejectedRecord]:
         """Move stored answers whose request names another agent or type to rejected."""
@@ -351,20 +382,6 @@ class SqliteStore:
             "AND issued_at IS NULL", chunk)]
         self._db.executemany("DELETE FROM requests WHERE id = ? AND issued_at IS NULL", [(r.id,) for r in records])
         return [displaced_letter(r, displaced[r.id]) for r in records]
-
-    def _complete_pairs(self, ids: List[str]) -> None:
-        """answered_at and latency of every request in the batch whose request and answer are both
-        stored now: the answer's time is checked against the request's (base.answer_time)."""
-        for chunk in _chunks(sorted(set(ids))):
-            rows = self._db.execute(
-                "SELECT id, issued_at, collected_at, received_at FROM requests WHERE id IN "
-                f"({','.join('?' * len(chunk))}) AND issued_at IS NOT NULL AND received_at IS NOT NULL",
-                chunk).fetchall()
-            updates = []
-            for id_, issued, collected, received in rows:
-                answered = answer_time(collected, received, issued)
-                updates.append((answered, latency_ms(issued, answered), id_))
-            self._db.executemany("UPDATE requests SET answered_at = ?, latency_ms = ? WHERE id = ?", updates)
 
     def expire_pending(self, now_s: float, grace_s: float) -> int:
         with self._lock:
