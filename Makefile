@@ -7,12 +7,16 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DISTS  := common agent controller persister fleetctl sim dashboard
 
-.PHONY: run test lint typecheck unit bench clean deps mosquitto chromium
+.PHONY: run test test-fast lint typecheck unit bench clean deps mosquitto chromium
 
 run: deps
 	$(BIN)/fleetctl up
 
 test: deps lint typecheck unit
+
+# The unit and contract tests alone (no broker, no processes started): well under a minute.
+test-fast: deps
+	$(BIN)/pytest -m "not slow and not faults"
 
 lint: deps
 	$(BIN)/ruff check .

@@ -22,6 +22,17 @@ DEV_CONF = ROOT / "broker_config" / "dev.conf"
 BIN = Path(sys.executable).parent
 
 
+# Fixtures that start real processes or a broker: a test that uses one is `slow`, so that
+# `make test-fast` (-m "not slow") runs the unit and contract tests alone.
+REAL_PARTS = {"broker", "procs", "write_config", "secure", "stack", "fbroker"}
+
+
+def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+    for item in items:
+        if REAL_PARTS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_report_header(config: Any) -> List[str]:
     uri = os.environ.get("FLEET_TEST_MONGODB_URI")
     which = f"a real MongoDB server at {uri}" if uri else "mongomock (FLEET_TEST_MONGODB_URI is not set)"
