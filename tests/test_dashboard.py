@@ -13,12 +13,17 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from conftest import BIN, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from strategies import conforming
 
 from fleet_common import Request, Response, Status, iso
 from fleet_common.cli import run_main
 from fleet_common.config import Config, ConfigError, load_config
+from fleet_common.datatypes import BUILTIN as DATATYPES
 from fleet_dashboard.app import create_app
 from fleet_dashboard.data import network_series
+from fleet_persister.datacheck import check_data
 from fleet_persister.stores import Batch, Incoming, RejectedRecord, RequestRecord
 from fleet_persister.stores.sqlite import SqliteStore
 from fleetctl import cli
@@ -234,3 +239,27 @@ def test_fleet_dashboard_serves_and_its_check_follows_it(tmp_path, store, procs)
     assert "web-01" in html and "gone-01" in html
     assert procs.stop("dashboard") == 0
     assert check() == 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:
+    """The dashboard relies on the per-type contract: whatever data of cpu, memory, disk and network
+    fleet_common.datatypes accepts (generated, nulls and extra fields included), the fleet page, the
+    agent page and the series behind its charts answer 200."""
+    folder = tmp_path_factory.mktemp("contract")
+    s = SqliteStore(str(folder / "fleet.db"))
+    try:
+        hello(s, "web-01", True, NOW - 30)
+        for n in range(3):
+            for type_ in ("cpu", "memory", "disk", "network"):
+                value = data.draw(conforming(DATATYPES[type_].data))
+                check_data(type_, value, 0)
+                answer(s, "web-01", type_, value, time.time() - 300 + 60 * n, n)
+        web = client(folder, s)
+        for path in ("/", "/api/fleet", "/agent/web-01", "/api/agent/web-01/series?range=1h"):
+            page = web.get(path)
+            assert page.status_code == 200, (path, page.data[:300])
+    finally:
+        s.close()
