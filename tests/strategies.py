@@ -12,9 +12,14 @@ from fleet_common.datatypes import Arr, Bool, Num, Obj, Shape, Str, Timestamp
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2 ** 63), 2 ** 63 - 1),
                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8))
-ANY_JSON = st.recursive(JSON_SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=3), st.dictionaries(st.text(st.characters(categories=("L",)), max_size=6), inner,
-                                                 max_size=3)), max_leaves=8)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    keys = st.text(st.characters(categories=("L",)), max_size=6)
+    return st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3)
+
+
+ANY_JSON = st.recursive(JSON_SCALARS, _containers, max_leaves=8)
 
 
 def conforming(shape: Shape) -> st.SearchStrategy[Any]:
