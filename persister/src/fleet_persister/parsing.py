@@ -42,6 +42,7 @@ from fleet_common import (
     parse_request,
     parse_status,
 )
+from fleet_common.datatypes import BUILTIN
 from fleet_common.messages import response_of, unique_keys
 
 from .datacheck import check_data
@@ -98,6 +99,10 @@ def parse_message(topics: Topics, topic: str, payload: bytes, retained: bool, re
 def _response(payload: bytes, where: ParsedTopic, received_s: float, encode: bool) -> Response:
     """parse_response, then the data's check; the data is encoded once, for the check that no key
     is repeated and, with `encode`, for the store."""
+    assert where.type is not None
+    builtin = BUILTIN.get(where.type)
+    if builtin is not None and len(payload) > builtin.max_payload_bytes:
+        builtin.check_data({}, len(payload))  # refused before it costs a parse
     obj = decode_object(payload, check_keys_unique=False)
     data = obj.get("data")
     text = orjson.dumps(data) if isinstance(data, dict) else None
