@@ -52,6 +52,22 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: 
         time.sleep(interval_s)
 
 
+@pytest.fixture(scope="module")
+def mongomock_accepts_sort() -> Iterator[None]:
+    """pymongo >= 4.11 passes `sort` to every bulk update; mongomock 4.3 does not know it yet."""
+    import mongomock
+
+    builder: Any = mongomock.collection.BulkOperationBuilder
+    original = builder.add_update
+
+    def add_update(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
+        return original(self, *args, **kwargs)
+
+    builder.add_update = add_update
+    yield
+    builder.add_update = original
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
     if find_mosquitto() is None:

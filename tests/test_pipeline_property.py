@@ -39,24 +39,12 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     if request.param == "sqlite":
         s: Any = SqliteStore(str(tmp_path / "fleet.db"))
     else:
-        import test_stores  # noqa: F401 - its fixture teaches mongomock the `sort` pymongo passes
-
         s = MongoStore(mongomock.MongoClient(), database=f"prop_{uuid.uuid4().hex[:8]}")
     yield s
     s.close()
 
 
-@pytest.fixture(autouse=True)
-def _mongomock_accepts_sort() -> Iterator[None]:
-    builder: Any = mongomock.collection.BulkOperationBuilder
-    original = builder.add_update
-
-    def add_update(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
-        return original(self, *args, **kwargs)
-
-    builder.add_update = add_update
-    yield
-    builder.add_update = original
+pytestmark = pytest.mark.usefixtures("mongomock_accepts_sort")
 
 
 def times(now: float) -> st.SearchStrategy[Any]:

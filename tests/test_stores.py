@@ -29,18 +29,7 @@ T0 = float(int(time.time()))  # near now: a real or mongomock TTL index deletes 
 AGENT = "web-01"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def mongomock_accepts_sort() -> Iterator[None]:
-    """pymongo >= 4.11 passes `sort` to every bulk update; mongomock 4.3 does not know it yet."""
-    builder: Any = mongomock.collection.BulkOperationBuilder
-    original = builder.add_update
-
-    def add_update(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
-        return original(self, *args, **kwargs)
-
-    builder.add_update = add_update
-    yield
-    builder.add_update = original
+pytestmark = pytest.mark.usefixtures("mongomock_accepts_sort")
 
 
 @pytest.fixture(params=["sqlite", "mongodb"], ids=["sqlite", "mongodb[real]" if MONGO_URI else "mongodb[mongomock]"])

@@ -82,6 +82,7 @@ def parse_workers(pcfg: PersisterConfig) -> int:
 
 
 def _batch_of(items: List[Any]) -> Batch:
+    """Stored items (parsed messages and dead letters) sorted into a Batch, in arrival order."""
     batch = Batch()
     for it in items:
         if isinstance(it, RejectedRecord):
@@ -321,20 +322,9 @@ class Persister:
 
     def _commit(self, taken: List[Received], deadline: Optional[float]) -> bool:
         """Write until it succeeds (nothing is acked before), then ack; False if shutdown gave up."""
-        batch = Batch()
-        ignored = 0
-        for r in taken:
-            it = r.item
-            if isinstance(it, RejectedRecord):
-                batch.rejected.append(it)
-            elif isinstance(it, Ignored):
-                ignored += 1
-            elif isinstance(it.message, Request):
-                batch.requests.append(it)
-            elif isinstance(it.message, Response):
-                batch.responses.append(it)
-            else:
-                batch.statuses.append(it)
+        items = [r.item for r in taken if not isinstance(r.item, Ignored)]
+        ignored = len(taken) - len(items)
+        batch = _batch_of(items)
         backoff, failures = Backoff(0.1, 5.0), 0
         while True:
             started = time.monotonic()
