@@ -43,7 +43,7 @@ from fleet_common import (
     parse_status,
 )
 from fleet_common.datatypes import BUILTIN
-from fleet_common.messages import response_of, unique_keys
+from fleet_common.messages import MAX_PAYLOAD_BYTES, response_of, unique_keys
 
 from .datacheck import check_data
 from .stores import MAX_REJECTED_PAYLOAD, EncodedJSON, Incoming, RejectedRecord, dead_letter
@@ -101,8 +101,8 @@ def _response(payload: bytes, where: ParsedTopic, received_s: float, encode: boo
     is repeated and, with `encode`, for the store."""
     assert where.type is not None
     builtin = BUILTIN.get(where.type)
-    if builtin is not None and len(payload) > builtin.max_payload_bytes:
-        builtin.check_data({}, len(payload))  # refused before it costs a parse
+    if builtin is not None and builtin.max_payload_bytes < len(payload) <= MAX_PAYLOAD_BYTES:
+        builtin.check_data({}, len(payload))  # refused before it costs a parse (larger: too_large)
     obj = decode_object(payload, check_keys_unique=False)
     data = obj.get("data")
     text = orjson.dumps(data) if isinstance(data, dict) else None
