@@ -23,6 +23,7 @@ from helpers import loads, rows
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet_common import BUILTIN_TYPES, load_config
+from fleet_common.brokerwatch import TOPICS as BROKER_TOPICS
 from fleet_common.config import MqttConfig, TlsConfig
 from fleet_common.datatypes import example
 from fleet_common.link import Link
@@ -315,6 +316,20 @@ def test_service_roles_get_what_they_need_and_no_more(secure, clients) -> None:
     wait_for(lambda: len(persister.messages) >= 2, 5, what="the persister got the request and the answer")
     assert sorted(m.topic for m in persister.messages) == [f"{p}/host-b/req/cpu", f"{p}/host-b/res/cpu"]
     assert not controller.got.wait(QUIET_S), "the controller read an answer"
+
+
+def test_only_the_persister_and_controller_read_the_brokers_drop_counts(secure, clients) -> None:
+    """The $SYS topics the persister and the controller follow (fleet_common.brokerwatch) are theirs
+    to read: its retained $SYS/broker/version reaches them, and no agent or operator."""
+    readers = {name: connected(clients, secure, name) for name in ("persister-1", "controller-1")}
+    others = {name: connected(clients, secure, name) for name in ("operator-1", "host-a")}
+    for c in [*readers.values(), *others.values()]:
+        c.subscribe(*BROKER_TOPICS)
+    for name, c in readers.items():
+        assert c.got.wait(5), f"{name} did not get $SYS/broker/version"
+        assert {m.topic for m in c.messages} >= {"$SYS/broker/version"}
+    for name, c in others.items():
+        assert not c.got.wait(QUIET_S), f"{name} read {c.messages[0].topic}"
 
 
 def test_service_users_cannot_pose_as_agents(secure, clients, procs) -> None:

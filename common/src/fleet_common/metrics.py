@@ -8,7 +8,7 @@ controller and the persister, not of fleet-common (the agent stays small and exp
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol
 
 from .errors import ConfigError
 
@@ -62,4 +62,19 @@ def serve_metrics(section: str, section_cfg: Any, registry: Collector) -> Metric
     return HttpMetrics(registry, section_cfg.metrics_host, section_cfg.metrics_port, section)
 
 
-__all__ = ["HttpMetrics", "MetricsServer", "NoMetrics", "serve_metrics"]
+def broker_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:
+    """The broker's own figures as its $SYS tree gave them (see brokerwatch.BrokerWatch)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    yield GaugeMetricFamily("fleet_broker_messages_dropped",
+                            "Messages the broker dropped since it started (a client's queue was full), "
+                            "from $SYS/broker/publish/messages/dropped", value=snapshot.get("dropped") or 0)
+    if snapshot.get("stored") is not None:
+        yield GaugeMetricFamily("fleet_broker_messages_stored",
+                                "Messages the broker holds, from $SYS/broker/store/messages/count",
+                                value=snapshot["stored"])
+    yield GaugeMetricFamily("fleet_broker_sys_tree", "1 if the broker publishes the $SYS tree these come from",
+                            value=1 if snapshot.get("sys") else 0)
+
+
+__all__ = ["HttpMetrics", "MetricsServer", "NoMetrics", "broker_families", "serve_metrics"]

@@ -66,6 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "status":
         print(views.render_status(views.status_rows(cfg, args.since), args.json))
+        for line in views.broker_warnings(cfg):
+            print(line, file=sys.stderr)
         return 0
     if args.command == "request":
         started = time.monotonic()

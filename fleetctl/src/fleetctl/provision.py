@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import yaml
 
+from fleet_common.brokerwatch import TOPICS as BROKER_TOPICS
 from fleet_common.config import SHARE_GROUP_RE, Config
 from fleet_common.errors import FleetError
 from fleet_common.topics import REQ, RES, STATUS, Topics, check_agent_id
@@ -46,11 +47,14 @@ DEFAULT_PID_FILE = "/run/mosquitto/mosquitto.pid"
 DEFAULT_TLS_PORT = 8883
 
 # What each service role may do, as (access, topic filter under the prefix).
+# The broker's own figures on messages it dropped (fleet_common.brokerwatch): topics of their own,
+# not under the prefix.
+SYS_READ = tuple(("read", topic) for topic in BROKER_TOPICS)
 ROLE_RULES: Dict[str, Tuple[Tuple[str, str], ...]] = {
     # schedules requests; learns the fleet from the retained statuses
-    "controller": (("write", f"+/{REQ}/#"), ("read", f"+/{STATUS}")),
+    "controller": (("write", f"+/{REQ}/#"), ("read", f"+/{STATUS}"), *SYS_READ),
     # stores everything; reads plainly or through $share/<secret group>/..., which these rules cover
-    "persister": (("read", f"+/{REQ}/#"), ("read", f"+/{RES}/#"), ("read", f"+/{STATUS}")),
+    "persister": (("read", f"+/{REQ}/#"), ("read", f"+/{RES}/#"), ("read", f"+/{STATUS}"), *SYS_READ),
     # fleetctl request and mosquitto_rr by hand: ask, read the answers, see who is online
     "operator": (("write", f"+/{REQ}/#"), ("read", f"+/{RES}/#"), ("read", f"+/{STATUS}")),
 }
@@ -183,7 +187,8 @@ def render_acl(prefix: str, roles: Mapping[str, str]) -> str:
                   "# its `topic deny` line before anything else, so the patterns above give it nothing."]
     for name, role in sorted(roles.items()):
         lines += ["", f"# role: {role}", f"user {name}", f"topic deny {prefix}/{SERVICE_DENY.format(name=name)}"]
-        lines += [f"topic {access} {prefix}/{topic}" for access, topic in ROLE_RULES[role]]
+        lines += [f"topic {access} {topic if topic.startswith('$') else f'{prefix}/{topic}'}"
+                  for access, topic in ROLE_RULES[role]]
     return "\n".join(lines) + "\n"
 
 

@@ -6,8 +6,11 @@ import json
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
+from fleet_common import health
+from fleet_common.brokerwatch import ADVICE
 from fleet_common.config import Config
 from fleet_common.timefmt import parse_iso
 from fleet_persister.stores import open_store
@@ -63,6 +66,29 @@ def render_status(rows: List[Dict[str, Any]], as_json: bool) -> str:
     online = sum(1 for r in rows if r["online"])
     return (table(["AGENT", "STATE", "LAST SEEN", "ANSWERED/ISSUED", "MEDIAN LATENCY", "PLATFORM"], body)
             + f"\n\n{online} of {len(rows)} agents online")
+
+
+def broker_warnings(cfg: Config) -> List[str]:
+    """A line if the broker has dropped messages, as a running persister or controller on this
+    machine last saw in the broker's $SYS tree (their heartbeat files); nothing otherwise."""
+    seen: List[Tuple[int, str]] = []
+    for service, path in (("fleet-persister", cfg.persister.heartbeat_path),
+                          ("fleet-controller", cfg.controller.heartbeat_path)):
+        code, why = health.check(path)
+        if code and not why.startswith("unhealthy"):
+            continue  # not running here, or stale: what it saw is no news
+        try:
+            beat = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+            dropped = int((beat.get("counters") or {}).get("broker", {}).get("dropped") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            continue
+        if dropped:
+            seen.append((dropped, service))
+    if not seen:
+        return []
+    dropped, service = max(seen)
+    return [f"warning: the broker has dropped {dropped} messages since it started (its $SYS tree, as "
+            f"{service} saw it): answers lost on their way to the persister. {ADVICE[0].upper()}{ADVICE[1:]}."]
 
 
 def status_frame(cfg: Config, since_s: float, as_json: bool) -> str:

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fleet_common.metrics import broker_families
+
 from .persister import Persister
 from .stores import AgentRecord, Batch, RejectedRecord, RequestRecord, Stats, Store
 from .stores.base import response_state
@@ -102,7 +104,8 @@ def snapshot(persister: Persister) -> Dict[str, Any]:
     stage = persister.stage
     out.update(backlog=persister.queue.qsize() + (stage.held() if stage else 0),
                connected=persister.link.connected.is_set(), mqtt_reconnects=persister.link.reconnects,
-               parse_workers=persister.workers, parse_worker_restarts=stage.restarts if stage else 0)
+               parse_workers=persister.workers, parse_worker_restarts=stage.restarts if stage else 0,
+               broker=persister.broker.snapshot())
     return out
 
 
@@ -149,6 +152,7 @@ class PersisterCollector(Collector):
         if s["last_commit_ms"] is not None:
             yield GaugeMetricFamily("fleet_persister_last_commit_seconds", "Duration of the latest commit",
                                     value=s["last_commit_ms"] / 1000.0)
+        yield from broker_families(s["broker"])
 
     def _per_type(self) -> Iterator[Metric]:
         requests, answers = dict(self.store.requests), dict(self.store.answers)

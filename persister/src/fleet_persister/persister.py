@@ -23,6 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleet_common import Config, Request, Response, Topics, iso, new_id, sanitise_agent_id
+from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import PersisterConfig
 from fleet_common.link import Backoff, Link
 from fleet_common.topics import SHARE_GROUP
@@ -117,7 +118,10 @@ class Persister:
         self.link = Link(cfg.mqtt, client_id(cfg), clean_start=False,
                          session_expiry_s=self.pcfg.session_expiry_s,
                          receive_maximum=self.pcfg.receive_maximum, manual_ack=True, logger=log)
+        self.broker = BrokerWatch(log, ADVICE)
+        self.broker.attach(self.link.client)
         self.link.on_connect_hooks.append(self._subscribe)
+        self.link.on_connect_hooks.append(self.broker.subscribe)
         self.link.client.on_message = self._on_message
         self.link.client.on_subscribe = self._on_subscribe
         self.link.client.on_unsubscribe = self._on_unsubscribe
@@ -173,6 +177,8 @@ class Persister:
                 "resumed session held: %s", ", ".join(left) or "none")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if mid == self.broker.subscribe_mid:
+            return
         if any(r.is_failure for r in reasons):
             log.error("broker refused a subscription: %s", reasons)
         else:
