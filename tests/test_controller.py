@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import threading
@@ -149,8 +148,9 @@ def test_sigterm_while_disconnected_exits_0(tmp_path: Path) -> None:
 
 def test_a_broker_that_stops_acknowledging_gets_no_more_requests(fake_fleet: FakeFleet, broker: Any,
                                                                  write_config: Any, procs: Any) -> None:
-    """The broker frozen (SIGSTOP): once max_unacked_requests are unacknowledged the controller skips
-    requests, saying so once, rather than queueing them without end; thawed, it dispatches again."""
+    """The broker frozen (SIGSTOP): once its window (here max_unacked_requests) is unacknowledged
+    the controller sends nothing more, saying so once, rather than queueing requests without end;
+    thawed, it catches up and goes on."""
     agents = [f"web-{i:03d}" for i in range(100)]
     for agent_id in agents:
         fake_fleet.birth(agent_id, ["cpu"])
@@ -162,14 +162,12 @@ def test_a_broker_that_stops_acknowledging_gets_no_more_requests(fake_fleet: Fak
     try:
         wait_for(lambda: "has not acknowledged 150 requests" in procs.log("controller"), timeout_s=10,
                  what="the controller to notice")
-        time.sleep(1.5)  # 150 more would be due meanwhile
+        time.sleep(3.0)  # each agent falls due three times more meanwhile (it waits once: test_pacing)
     finally:
         broker.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: "the broker caught up" in procs.log("controller"), what="dispatching again")
     log = procs.log("controller")
     assert log.count("has not acknowledged") == 1, "said once, not per request"
-    skipped = int(re.search(r"\((\d+) skipped so far\)", log).group(1))  # type: ignore[union-attr]
-    assert skipped >= 100
     seen = len(fake_fleet.requests)
     wait_for(lambda: len(fake_fleet.requests) >= seen + 200, what="requests flowing again")
     assert procs.stop("controller") == 0

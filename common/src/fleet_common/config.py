@@ -72,6 +72,7 @@ class ControllerConfig:
     shard: str = "0/1"
     tick_s: float = 0.5
     max_unacked_requests: int = 50000
+    max_dispatch_per_s: int = 2000
     client_id: Optional[str] = None
     heartbeat_path: str = "data/fleet-controller.heartbeat.json"
     heartbeat_interval_s: float = 5.0
@@ -265,6 +266,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("controller.shard", f"{cfg.controller.shard!r} must be 'i/n' with 0 <= i < n")
     if cfg.controller.max_unacked_requests < 1:
         raise ConfigError("controller.max_unacked_requests", "must be at least 1")
+    if cfg.controller.max_dispatch_per_s < 1:
+        raise ConfigError("controller.max_dispatch_per_s", "must be at least 1 request a second")
     if cfg.persister.store not in ("sqlite", "mongodb"):
         raise ConfigError("persister.store", f"{cfg.persister.store!r} must be 'sqlite' or 'mongodb'")
     if "default" not in cfg.persister.retention_s:

@@ -108,14 +108,23 @@ class Link:
                  session_expiry_s: int = 0, receive_maximum: Optional[int] = None,
                  manual_ack: bool = False, will: Optional[Tuple[str, bytes]] = None,
                  username: Optional[str] = None, logger: Optional[logging.Logger] = None,
-                 max_inflight: int = 1000, max_unacked: int = 0) -> None:
+                 max_inflight: int = 1000, max_unacked: int = 0, count_unacked: bool = False) -> None:
         """`max_inflight` QoS 1 messages are sent before their acks, the rest wait in paho (0: no
-        limit); `max_unacked` bounds both together, and publish() past it fails (0: no bound)."""
+        limit); `max_unacked` bounds both together, and publish() past it fails (0: no bound).
+        With `count_unacked`, the link counts what the broker has not acknowledged yet (it takes
+        paho's on_publish), for wait_for_room()."""
         self.cfg, self.client_id = cfg, client_id
         self.log = logger or logging.getLogger("fleet.link")
         self.clean_start, self.session_expiry_s, self.receive_maximum = clean_start, session_expiry_s, receive_maximum
         self.on_connect_hooks: List[OnConnect] = []
         self.connected = threading.Event()
+        # What the broker's CONNACK allows in flight from us (MQTT 5 Receive Maximum; Mosquitto
+        # says its max_inflight_messages): a client that sends more has them queued, and past
+        # max_queued_messages dropped, at the broker.
+        self.server_receive_maximum = 65535
+        self.unacked = 0
+        self._room = threading.Condition()
+        self._max_unacked = max_unacked
         self.reconnects = 0
         self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self._failures = 0
@@ -134,6 +143,8 @@ class Link:
         c.on_connect_fail = self._on_connect_fail
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(max_unacked)
+        if count_unacked:
+            c.on_publish = self._on_publish
         self.client = c
         self._jitter()
 
@@ -180,7 +191,26 @@ class Link:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 properties: Optional[Properties] = None) -> mqtt.MQTTMessageInfo:
-        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            with self._room:
+                self.unacked += 1
+        return info
+
+    def window(self) -> int:
+        """How many QoS 1 publishes may wait for their acks: the broker's Receive Maximum, or
+        max_unacked where that is smaller."""
+        return min(self.server_receive_maximum, self._max_unacked or self.server_receive_maximum)
+
+    def wait_for_room(self, timeout_s: float) -> bool:
+        """Wait until fewer than window() publishes are unacknowledged (count_unacked links)."""
+        with self._room:
+            return self._room.wait_for(lambda: self.unacked < self.window(), max(0.0, timeout_s))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        with self._room:
+            self.unacked = max(0, self.unacked - 1)
+            self._room.notify()
 
     # paho callbacks (run on the network thread)
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -190,6 +220,7 @@ class Link:
                            self.where, self.client_id, reason, delay)
             return
         no_delay(client)
+        self.server_receive_maximum = int(getattr(props, "ReceiveMaximum", 65535) or 65535)
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True

@@ -8,11 +8,12 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
 
 import paho.mqtt.client as mqtt
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import Config
 from fleet_common.errors import ContractError
 from fleet_common.link import Link, publish_properties
@@ -20,11 +21,13 @@ from fleet_common.messages import Request, parse_status
 from fleet_common.timefmt import iso, new_id
 from fleet_common.topics import STATUS
 
-from .schedule import Due, Schedule, Shard
+from .pacing import Pacer
+from .schedule import Schedule, Shard
 
 log = logging.getLogger("fleet.controller")
 
 SUMMARY_EVERY_S = 60.0
+STATUS_WINDOW = 10000
 Clock = Callable[[], float]
 
 
@@ -48,33 +51,51 @@ class Controller:
         # No in-flight window in paho: with one, every ack walks all the messages in flight
         # (paho 2.2's _update_inflight), which took a quarter of the controller's time at 100,000
         # agents. The bound is on what is unacknowledged instead; past it requests are skipped.
+        # ...and below the broker's Receive Maximum (wait_for_room): a broker keeps no more than that
+        # in flight from one client and queues the rest, up to its max_queued_messages, then drops.
+        # Its own Receive Maximum bounds the statuses in flight to it: 2,000 agents starting or
+        # stopping at once are 2,000 statuses, past a stock Mosquitto's 20 in flight and 1000 queued.
         self.link = Link(cfg.mqtt, default_client_id(cfg), logger=logging.getLogger("fleet.controller.link"),
-                         max_inflight=0, max_unacked=cfg.controller.max_unacked_requests)
+                         max_inflight=0, max_unacked=cfg.controller.max_unacked_requests, count_unacked=True,
+                         receive_maximum=STATUS_WINDOW)
+        self.broker = BrokerWatch(log, ADVICE)
+        self.broker.attach(self.link.client)
         self.link.on_connect_hooks.append(self._subscribe)
+        self.link.on_connect_hooks.append(self.broker.subscribe)
         self.link.client.on_subscribe = self._on_subscribe
         self.link.client.on_message = self._on_message
+        self.pacer = Pacer(cfg.controller.max_dispatch_per_s, cfg.controller.tick_s)
+        self._stopping = threading.Event()
+        self._dispatcher = threading.Thread(target=self._dispatch, name="controller-dispatch", daemon=True)
         self._scheduler = BackgroundScheduler(timezone="UTC")
         # counters, for logs now and metrics later
         self.issued: Counter[str] = Counter()
         self.skipped = 0
         self.malformed = 0
+        self.came_online = 0
+        self._came_online_at_summary = 0
         self._skipping = True  # until the first connection; start-up is not worth a warning
         self._behind = False
         self._summary_at = clock()
         self._issued_at_summary = 0
+        self._over_budget_said_at = float("-inf")
 
     # lifecycle
     def start(self) -> Controller:
         self.link.start()
+        self._dispatcher.start()
         self._scheduler.add_job(self.tick, "interval", seconds=self.cfg.controller.tick_s, id="tick",
                                 name="controller-tick", coalesce=True, max_instances=1, misfire_grace_time=None)
         self._scheduler.start()
-        log.info("controller started: shard %s, schedule %s, tick %.2f s", self.cfg.controller.shard,
-                 ", ".join(f"{t}={s}s" for t, s in sorted(self.intervals_s.items())), self.cfg.controller.tick_s)
+        log.info("controller started: shard %s, schedule %s, tick %.2f s, at most %d requests a second",
+                 self.cfg.controller.shard, ", ".join(f"{t}={s}s" for t, s in sorted(self.intervals_s.items())),
+                 self.cfg.controller.tick_s, self.cfg.controller.max_dispatch_per_s)
         return self
 
     def stop(self) -> None:
         self._scheduler.shutdown(wait=True)
+        self._stopping.set()
+        self._dispatcher.join(5.0)
         self.link.stop()
         log.info("controller stopped: %d requests issued, %d skipped while disconnected",
                  sum(self.issued.values()), self.skipped)
@@ -88,36 +109,81 @@ class Controller:
     def stats(self) -> Dict[str, Any]:
         with self._lock:  # the network thread may add a type to `issued` meanwhile
             known, online, issued = self.schedule.known, self.schedule.online, dict(self.issued)
+            p, waiting = self.pacer.stats, self.pacer.waiting()
+            rate = self.pacer.rate_per_s(self._clock())
         return {"agents_known": known, "agents_online": online, "issued": issued,
                 "skipped": self.skipped, "malformed_status": self.malformed,
-                "connected": self.link.connected.is_set()}
+                "connected": self.link.connected.is_set(),
+                "dispatch": {"budget_per_s": self.cfg.controller.max_dispatch_per_s, "rate_per_s": rate,
+                             "deferred": p.deferred, "coalesced": p.coalesced, "first_round": p.first_round,
+                             "waiting_due": waiting["due"], "waiting_first_round": waiting["first_round"]}}
 
     # the tick (scheduler thread)
-    def tick(self) -> int:
-        """Publish everything that fell due since the previous tick; return how many were sent."""
+    def tick(self) -> None:
+        """Hand what fell due since the previous tick to the pacer; the dispatcher sends it."""
         now = self._clock()
         with self._lock:
             due = self.schedule.due(now)
-        sent = self._dispatch(due, now)
+            if not self.link.connected.is_set():
+                # Not queued in paho: the next request for each pair is due within one interval anyway.
+                self._skip(len(due) + self.pacer.skip_due())
+                return
+            self.pacer.add_due(due)
+            waiting = self.pacer.waiting()["due"]
+        self._over_budget(waiting, now)
         self._summarise(now)
-        return sent
 
-    def _dispatch(self, due: List[Due], now: float) -> int:
-        if not self.link.connected.is_set():
-            # Not queued in paho: the next request for each pair is due within one interval anyway.
-            if not self._skipping:
-                log.warning("not connected to the broker: skipping requests until reconnected")
-                self._skipping = True
+    # the dispatcher (its own thread)
+    def _dispatch(self) -> None:
+        """Send what the pacer lets go, evenly at the budget's rate rather than in a burst per
+        tick, and never more unacknowledged than the broker's window."""
+        gap_s = 1.0 / self.cfg.controller.max_dispatch_per_s
+        while not self._stopping.is_set():
             with self._lock:
-                self.skipped += len(due)
-            return 0
-        if self._skipping:
-            log.info("connected: dispatching requests (%d skipped while disconnected)", self.skipped)
-            self._skipping = False
-        sent = 0
-        for agent_id, type_ in due:
-            sent += self.send(agent_id, type_, now)
-        return sent
+                connected = self.link.connected.is_set()
+                # an agent forgotten meanwhile is asked nothing; an offline one still is (its session queues)
+                batch = [(a, t) for a, t in self.pacer.take(self._clock()) if self.schedule.is_known(a)] \
+                    if connected else []
+            if not batch:
+                self._stopping.wait(0.05)
+                continue
+            if self._skipping:
+                log.info("connected: dispatching requests (%d skipped while disconnected)", self.skipped)
+                self._skipping = False
+            started = time.monotonic()
+            for i, (agent_id, type_) in enumerate(batch):
+                wait_s = started + i * gap_s - time.monotonic()
+                if wait_s > 0.002:  # sleeping is coarse; a couple of ms early is within the budget's second
+                    time.sleep(wait_s)
+                if self._stopping.is_set() or not self.link.wait_for_room(1.0):
+                    with self._lock:
+                        self.pacer.put_back(batch[i:])
+                    if not self._stopping.is_set():
+                        self._say_behind()
+                    break
+                self.send(agent_id, type_, self._clock())
+
+    def _say_behind(self) -> None:
+        if not self._behind:
+            self._behind = True
+            log.warning("the broker has not acknowledged %d requests (its window, or max_unacked_requests); "
+                        "requests wait until it catches up", self.link.window())
+
+    def _skip(self, n: int) -> None:
+        if not self._skipping:
+            log.warning("not connected to the broker: skipping requests until reconnected")
+            self._skipping = True
+        self.skipped += n
+
+    def _over_budget(self, waiting: int, now: float) -> None:
+        """More steady requests than one tick of the budget left waiting: the schedule asks for more
+        than controller.max_dispatch_per_s. Said at most once a minute."""
+        budget = self.cfg.controller.max_dispatch_per_s
+        if waiting <= budget * self.cfg.controller.tick_s or now - self._over_budget_said_at < SUMMARY_EVERY_S:
+            return
+        self._over_budget_said_at = now
+        log.warning("the schedule asks for more than controller.max_dispatch_per_s (%d a second): %d requests "
+                    "wait; raise it (and what the persisters can store) or lengthen the intervals", budget, waiting)
 
     def send(self, agent_id: str, type_: str, now: float) -> bool:
         interval_s = self.intervals_s[type_]
@@ -133,10 +199,8 @@ class Controller:
             else:
                 self.skipped += 1
         if not ok:
-            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE and not self._behind:
-                self._behind = True
-                log.warning("the broker has not acknowledged %d requests; skipping requests until it "
-                            "catches up", self.cfg.controller.max_unacked_requests)
+            if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+                self._say_behind()
             return False
         if self._behind:
             self._behind = False
@@ -150,10 +214,11 @@ class Controller:
         total = sum(self.issued.values())
         with self._lock:
             known, online = self.schedule.known, self.schedule.online
-        log.info("agents online %d/%d known; %d requests issued in the last %.0f s; %d skipped, "
-                 "%d malformed statuses so far", online, known, total - self._issued_at_summary,
-                 now - self._summary_at, self.skipped, self.malformed)
+        log.info("agents online %d/%d known, %d came online; %d requests issued in the last %.0f s; %d skipped, "
+                 "%d malformed statuses so far", online, known, self.came_online - self._came_online_at_summary,
+                 total - self._issued_at_summary, now - self._summary_at, self.skipped, self.malformed)
         self._summary_at, self._issued_at_summary = now, total
+        self._came_online_at_summary = self.came_online
 
     # MQTT callbacks (network thread)
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
@@ -161,6 +226,8 @@ class Controller:
         client.subscribe(self.topics.all_status(), qos=1)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        if mid == self.broker.subscribe_mid:
+            return
         if any(r.is_failure for r in reasons):
             log.error("broker refused the subscription to %s: %s", self.topics.all_status(), reasons)
         else:
@@ -183,7 +250,10 @@ class Controller:
             return
         with self._lock:
             first_round = self.schedule.observe(status, now, live=not msg.retain)
-        if first_round and self.link.connected.is_set():
-            log.info("agent %s came online: asking for %s now", status.agent_id, ", ".join(first_round))
-            for type_ in first_round:
-                self.send(status.agent_id, type_, now)
+            if first_round:  # sent by the tick, paced (see pacing.py)
+                self.pacer.add_first_round(status.agent_id, first_round, now)
+        if first_round:
+            self.came_online += 1
+            # one line each for the first few a minute; a fleet starting at once is in the summary
+            level = logging.INFO if self.came_online - self._came_online_at_summary <= 5 else logging.DEBUG
+            log.log(level, "agent %s came online: asking for %s", status.agent_id, ", ".join(first_round))

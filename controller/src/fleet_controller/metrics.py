@@ -8,12 +8,15 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fleet_common.metrics import broker_families
+
 from .controller import Controller
 
 
 def snapshot(controller: Controller) -> Dict[str, Any]:
     """The controller's counters, for the heartbeat and the metrics."""
-    return {**controller.stats(), "mqtt_reconnects": controller.link.reconnects}
+    return {**controller.stats(), "mqtt_reconnects": controller.link.reconnects,
+            "broker": controller.broker.snapshot()}
 
 
 class ControllerCollector(Collector):
@@ -40,6 +43,25 @@ class ControllerCollector(Collector):
                                 value=1 if s["connected"] else 0)
         yield CounterMetricFamily("fleet_controller_mqtt_reconnects",
                                   "Connections to the broker after the first", value=s["mqtt_reconnects"])
+        d = s["dispatch"]
+        yield GaugeMetricFamily("fleet_controller_dispatch_budget_per_s",
+                                "Most requests sent in any second (controller.max_dispatch_per_s)",
+                                value=d["budget_per_s"])
+        yield GaugeMetricFamily("fleet_controller_dispatch_rate_per_s", "Requests sent in the last second",
+                                value=d["rate_per_s"])
+        yield CounterMetricFamily("fleet_controller_requests_deferred",
+                                  "Ticks a due request waited for the budget, summed over requests",
+                                  value=d["deferred"])
+        yield CounterMetricFamily("fleet_controller_requests_coalesced",
+                                  "Due requests that waited until they fell due again, and were sent once",
+                                  value=d["coalesced"])
+        waiting = GaugeMetricFamily("fleet_controller_requests_waiting",
+                                    "Requests waiting for the budget: due on the schedule, or an agent's first round",
+                                    labels=["kind"])
+        waiting.add_metric(["due"], d["waiting_due"])
+        waiting.add_metric(["first_round"], d["waiting_first_round"])
+        yield waiting
+        yield from broker_families(s["broker"])
 
 
 def registry_for(controller: Controller) -> CollectorRegistry:

@@ -119,6 +119,9 @@ class Schedule:
     def known(self) -> int:
         return len(self.agents)
 
+    def is_known(self, agent_id: str) -> bool:
+        return agent_id in self.agents
+
     def observe(self, status: Status, now_s: float, live: bool) -> List[str]:
         """Take in an agent's status; return the types to ask it right away: all of them when a
         live birth comes from an agent that was not online (never seen, or last seen offline),
