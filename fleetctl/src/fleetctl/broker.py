@@ -8,10 +8,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import IO, Optional
+from typing import IO, Any, List, Optional
 
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from fleet_common.config import MqttConfig
 from fleet_common.errors import FleetError
 
 INSTALL_HINT = ("Mosquitto is not installed. Install it with 'sudo apt-get install mosquitto mosquitto-clients' "
@@ -43,6 +48,54 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
             return True
     except OSError:
         return False
+
+
+# What a persister needs the broker to let it hold unacknowledged (broker_config/*.conf say 3000).
+WANTED_INFLIGHT = 1000
+
+
+def receive_maximum(cfg: MqttConfig, timeout_s: float = 3.0) -> Optional[int]:
+    """The Receive Maximum a running broker announces in its CONNACK (Mosquitto: its
+    max_inflight_messages, 20 unless configured); 65535 if it announces none (no limit), None if
+    it could not be asked."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"fleetctl-probe-{os.getpid()}",
+                         protocol=mqtt.MQTTv5)
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.password)
+    if cfg.tls.enabled:
+        client.tls_set(ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file)
+    got: List[int] = []
+    done = threading.Event()
+
+    def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if not reason.is_failure:
+            got.append(int(getattr(props, "ReceiveMaximum", 65535)))
+        done.set()
+
+    client.on_connect = on_connect
+    try:
+        client.connect(cfg.host, cfg.port, keepalive=10)
+    except (OSError, ValueError):
+        return None
+    client.loop_start()
+    try:
+        done.wait(timeout_s)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return got[0] if got else None
+
+
+def stock_limits_warning(cfg: MqttConfig) -> Optional[str]:
+    """One line if the broker at cfg's address keeps Mosquitto's default limits, else None."""
+    found = receive_maximum(cfg)
+    if found is None or found >= WANTED_INFLIGHT:
+        return None
+    return (f"warning: the broker at {cfg.host}:{cfg.port} lets a client have {found} unacknowledged messages "
+            "(Mosquitto's default max_inflight_messages is 20, with max_queued_messages 1000): enough for this "
+            "host alone, but large fleets and fleet-sim need the limits of broker_config/dev.conf. Add "
+            "'max_inflight_messages 3000', 'max_queued_messages 100000' and 'set_tcp_nodelay true' to its "
+            "configuration and restart it, or stop it and 'make run' starts its own")
 
 
 def render_config(template: Path, port: int, data_dir: Path, bind: str = "127.0.0.1") -> str:

@@ -19,7 +19,7 @@ from typing import IO, Callable, List, Optional
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
 
-from .broker import EmbeddedBroker, port_open
+from .broker import EmbeddedBroker, port_open, stock_limits_warning
 from .views import summary_line
 
 BIN = Path(sys.executable).parent
@@ -83,6 +83,9 @@ def run_stack(cfg: Config, config_path: Optional[str], stop: threading.Event, *,
     try:
         if port_open(host, port):
             say(f"using the MQTT broker already answering at {host}:{port}")
+            warning = stock_limits_warning(cfg.mqtt)
+            if warning:
+                say(warning)
         elif host in LOCAL_HOSTS:
             template = find_broker_template(broker_config)
             broker_log = Path(data_dir) / "mosquitto.log"
