@@ -180,14 +180,16 @@ class Bench:
     def start(self, save_every_change: bool = False) -> Bench:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         raise_nofile()  # Mosquitto inherits it: 10,000 agents are 10,000 sockets
-        template = DEV_CONF
+        text = DEV_CONF.read_text(encoding="utf-8")
         if not save_every_change:
             # Persistence on, saved periodically as prod.conf does. dev.conf saves after every
             # change, which rewrites the whole file each time and caps Mosquitto 2.0.11 at about
             # 2,000 msg/s here (README, "Sizing"); --broker-save-every-change measures that.
-            template = self.run_dir / "bench.conf"
-            text = re.sub(r"(?m)^autosave_on_changes\s+true\s*\n", "", DEV_CONF.read_text(encoding="utf-8"))
-            template.write_text(re.sub(r"(?m)^autosave_interval\s+\d+", "autosave_interval 10", text))
+            text = re.sub(r"(?m)^autosave_on_changes\s+true\s*\n", "", text)
+            text = re.sub(r"(?m)^autosave_interval\s+\d+", "autosave_interval 10", text)
+        # the cold-start stage reads the broker's stored-message count from $SYS, every second
+        template = self.run_dir / "bench.conf"
+        template.write_text(text + "\nsys_interval 1\n")
         self.broker = EmbeddedBroker(template, free_port(), self.run_dir / "broker",
                                      log=open(self.run_dir / "mosquitto.log", "ab"))
         self.broker.start()

@@ -20,7 +20,7 @@ import stages
 from harness import ROOT, Bench, machine
 from stages import TINY, Sizes
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: Dict[str, Any], profile: bool) -> Dict[str, Any]:
@@ -32,6 +32,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: Dict[str, Any], profil
         "fleet": lambda: stages.fleet(b, sizes, profile),
         "controller": lambda: stages.controller(b, sizes),
         "agent": lambda: stages.agent(b, sizes),
+        "cold": lambda: stages.cold_start(b, sizes),
     }
     return calls[name]()
 
@@ -105,6 +106,15 @@ def table(results: Dict[str, Any]) -> List[str]:
                   "aim < 2; runs " + " / ".join(_fmt(x) for x in ag.get("cpu_pct_of_core_runs", [])))]
         for t, d in ag["collection_ms"].items():
             rows.append((f"agent: {t} collection ms p50/p99", f"{_fmt(d['p50'])} / {_fmt(d['p99'])}", ""))
+    cold = results.get("cold") or {}
+    if "peak_requests_per_s" in cold:
+        rows += [(f"cold start {cold['agents']:,} agents: peak requests/s vs budget", cold["peak_requests_per_s"],
+                  f"budget {cold['budget_per_s']:,}/s"),
+                 ("cold start: most messages the broker held", cold["broker_stored_max"], "$SYS store count"),
+                 ("cold start: s until all seven answers of every agent stored", cold["all_seven_stored_after_s"],
+                  f"agents connected in {_fmt(cold['sim_connect_s'])} s"),
+                 ("cold start: requests expired / left pending", f"{cold['expired']} / {cold['pending']}",
+                  f"of {cold['requests']:,}")]
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:

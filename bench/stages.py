@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -33,7 +34,8 @@ from harness import (
     wait_until,
 )
 
-from fleet_common.config import PersisterConfig
+from fleet_common.brokerwatch import STORED as BROKER_STORED
+from fleet_common.config import ControllerConfig, PersisterConfig
 from fleet_common.messages import Status
 from fleet_common.timefmt import iso, new_id
 from fleet_persister.persister import parse_workers
@@ -56,11 +58,12 @@ class Sizes:
     controller_window_s: float = 60.0
     agent_seconds: float = 60.0
     profile_s: float = 30.0
+    cold_agents: int = 10000
 
 
 TINY = Sizes(repeats=1, ingest_repeats=1, raw_messages=300, ingest_backlog=200, e2e_agents=5, e2e_intervals=(2, 1),
              e2e_min_window_s=2.0, fleet_agents=20, fleet_interval_s=2, fleet_intervals=2, controller_agents=300,
-             controller_settle_s=1.0, controller_window_s=2.0, agent_seconds=3.0, profile_s=0)
+             controller_settle_s=1.0, controller_window_s=2.0, agent_seconds=3.0, profile_s=0, cold_agents=20)
 
 
 def response_payload(host: Host, agent_id: str, type_: str, req_id: str) -> bytes:
@@ -261,6 +264,7 @@ def ingest(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict
 
 
 # 3 and 4: the whole system ------------------------------------------------------------------
+UNPACED = 1_000_000  # controller.max_dispatch_per_s for stages that measure what the system can take
 class Stack:
     """Simulator + probe persister + request observer on one prefix; controllers come and go."""
 
@@ -279,9 +283,11 @@ class Stack:
         wait_until(lambda: bool(read_commits(self.commits)[1]), 30)
         self.observer = Observer(b.port, f"{name}/+/req/+")
 
-    def controller(self, label: str, interval_s: int) -> Proc:
-        cfg = self.b.config(f"{self.name}-ctl-{label}", self.name,
-                            controller={"schedule": {t: interval_s for t in TYPES}, "tick_s": 0.1})
+    def controller(self, label: str, interval_s: int, budget_per_s: Optional[int] = None) -> Proc:
+        settings: Dict[str, Any] = {"schedule": {t: interval_s for t in TYPES}, "tick_s": 0.1}
+        if budget_per_s is not None:
+            settings["max_dispatch_per_s"] = budget_per_s
+        cfg = self.b.config(f"{self.name}-ctl-{label}", self.name, controller=settings)
         return self.b.service(f"{self.name}-controller-{label}", "fleet-controller", cfg)
 
     def first_request_after(self, t: float, timeout_s: float = 30) -> float:
@@ -349,7 +355,8 @@ def end_to_end(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> 
     try:
         for interval in sizes.e2e_intervals:
             window_s = max(float(interval), sizes.e2e_min_window_s)
-            ctl = stack.controller(f"{interval}s", interval)
+            # the dispatch budget out of the way: this stage looks for the system's own ceiling
+            ctl = stack.controller(f"{interval}s", interval, budget_per_s=UNPACED)
             t0 = stack.first_request_after(time.time()) + 0.5
             time.sleep(max(0.0, t0 + window_s - time.time()))
             ctl.stop()
@@ -499,7 +506,7 @@ def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
     obs.on_connect = lambda cl, *a: cl.subscribe(f"{prefix}/+/req/+", qos=0)
     connect(obs, b.port)
     obs.loop_start()
-    cfg = b.config("ctl100k", prefix, log={"level": "info"})
+    cfg = b.config("ctl100k", prefix, log={"level": "info"}, controller={"max_dispatch_per_s": UNPACED})
     ctl = b.service("ctl100k-controller", "fleet-controller", cfg)
     try:
         time.sleep(sizes.controller_settle_s)  # it learns the fleet from the retained statuses
@@ -582,3 +589,90 @@ def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
             "cpu_pct_of_core_runs": minutes, "window_s": sizes.agent_seconds,
             "collection_ms": {t: {"n": len(v), "p50": _r(pct(v, 50)), "p99": _r(pct(v, 99))}
                               for t, v in durations.items()}}
+
+
+# 7. cold start ------------------------------------------------------------------------------
+class RequestLog:
+    """Every request on `<prefix>/+/req/+`: (arrival, agent, type, id); and the most messages the
+    broker held, from its $SYS tree (the bench broker publishes it every second)."""
+
+    def __init__(self, port: int, prefix: str) -> None:
+        self.seen: List[Tuple[float, str, str, str]] = []
+        self.stored_max = 0
+        self._prefix = prefix
+        self.c = client()
+        self.c.on_message = self._on_message
+        self.c.on_connect = lambda cl, *a: cl.subscribe([(f"{prefix}/+/req/+", 1), (BROKER_STORED, 0)])
+        connect(self.c, port)
+        self.c.loop_start()
+
+    def _on_message(self, cl: Any, ud: Any, msg: Any) -> None:
+        if msg.topic == BROKER_STORED:
+            self.stored_max = max(self.stored_max, int(msg.payload or 0))
+            return
+        _, agent, _, type_ = msg.topic.split("/")
+        self.seen.append((time.time(), agent, type_, json.loads(msg.payload)["id"]))
+
+    def stop(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def all_seven_at(log: RequestLog, commits: Dict[str, float], agents: int) -> Optional[float]:
+    """When the last agent had an answer of every type stored, or None if not yet."""
+    first: Dict[Tuple[str, str], float] = {}
+    for _, agent, type_, id_ in list(log.seen):
+        at = commits.get(id_)
+        if at is not None and at < first.get((agent, type_), float("inf")):
+            first[agent, type_] = at
+    if len(first) < agents * len(TYPES):
+        return None
+    return max(first.values())
+
+
+def cold_start(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+    """A fleet coming online all at once in front of a running controller and persister, as
+    configured by default: how fast requests go out against the budget, the most messages the
+    broker held, how long until every agent has all seven answers stored, and what expired."""
+    name, n = "cold", sizes.cold_agents
+    cfg = b.config(name, name, log={"level": "info"})
+    budget = ControllerConfig().max_dispatch_per_s
+    commits = b.run_dir / f"{name}.commits"
+    persister = b.python(f"{name}-persister", "probe_persister.py", "--config", str(cfg), "--commits", str(commits))
+    wait_until(lambda: bool(read_commits(commits)[1]), 30)
+    ctl = b.service(f"{name}-controller", "fleet-controller", cfg)
+    wait_until(lambda: "watching agent status" in ctl.text(), 30)
+    log = RequestLog(b.port, name)
+    stats = b.run_dir / f"{name}-sim.json"
+    started = time.time()
+    sim = b.service(f"{name}-sim", "fleet-sim", cfg, "--agents", str(n), "--id-prefix", name,
+                    "--stats-file", str(stats), "--stats-every-s", "5")
+    try:
+        wait_until(lambda: sim_stats(stats).get("all_connected_after_s") is not None, 120)
+        done = wait_until(lambda: all_seven_at(log, read_commits(commits)[0], n) is not None, 900, 1.0)
+        ctl.stop()
+        time.sleep(8)  # past the persister's expiry grace: a request left unanswered is expired now
+        finished = all_seven_at(log, read_commits(commits)[0], n)
+    finally:
+        sim.stop(30)
+        persister.stop(30)
+        log.stop()
+    per_s = Counter(int(arrived) for arrived, *_ in log.seen)
+    first_round = Counter(int(arrived - started) // 10 for arrived, *_ in log.seen)
+    states = _states(b.run_dir / f"{name}.db")
+    return {"agents": n, "budget_per_s": budget, "sim_connect_s": sim_stats(stats).get("all_connected_after_s"),
+            "requests": len(log.seen), "peak_requests_per_s": max(per_s.values()) if per_s else None,
+            "broker_stored_max": log.stored_max, "complete": done,
+            "all_seven_stored_after_s": round(finished - started, 1) if finished else None,
+            "expired": states.get("expired", 0), "pending": states.get("pending", 0), "states": states,
+            "requests_per_s_by_10s": [round(first_round.get(k, 0) / 10)
+                                      for k in range(max(first_round, default=-1) + 1)]}
+
+
+def _states(db: Path) -> Dict[str, int]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT state, COUNT(*) FROM requests GROUP BY state")
+        return {state: int(count) for state, count in rows}
+    finally:
+        con.close()
