@@ -16,7 +16,7 @@ test: deps lint typecheck unit
 
 # The unit and contract tests alone (no broker, no processes started): well under a minute.
 test-fast: deps
-	$(BIN)/pytest -m "not slow and not faults"
+	FLEET_TEST_FAST=1 $(BIN)/pytest -m "not slow and not faults"
 
 lint: deps
 	$(BIN)/ruff check .

@@ -36,7 +36,10 @@ def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
 def pytest_report_header(config: Any) -> List[str]:
     uri = os.environ.get("FLEET_TEST_MONGODB_URI")
     which = f"a real MongoDB server at {uri}" if uri else "mongomock (FLEET_TEST_MONGODB_URI is not set)"
-    return [f"MongoDB store tests run against {which}", f"mosquitto: {find_mosquitto()}"]
+    lines = [f"MongoDB store tests run against {which}", f"mosquitto: {find_mosquitto()}"]
+    if os.environ.get("FLEET_TEST_FAST"):
+        lines.append("FLEET_TEST_FAST is set: property tests try a quarter of their examples (make test tries all)")
+    return lines
 
 
 def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, interval_s: float = 0.1,

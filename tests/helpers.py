@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Dict, List
 
 import psutil
+
+# `make test-fast` sets FLEET_TEST_FAST: property tests then try a quarter of their examples
+# (at least 10), so that the quick run stays under a minute; `make test` tries them all.
+FAST = bool(os.environ.get("FLEET_TEST_FAST"))
+
+
+def examples(n: int) -> int:
+    """How many examples a property test tries: `n`, or a quarter of it in `make test-fast`."""
+    return max(10, n // 4) if FAST else n
 
 
 def rows(db: Path, sql: str, *args: Any) -> List[Dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from conftest import BIN, wait_for
+from helpers import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import conforming
@@ -241,7 +242,7 @@ def test_fleet_dashboard_serves_and_its_check_follows_it(tmp_path, store, procs)
     assert check() == 1
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=examples(40), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPathFactory, data: st.DataObject) -> None:

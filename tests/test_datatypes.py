@@ -8,6 +8,7 @@ import json
 from typing import Any, Dict, Optional
 
 import pytest
+from helpers import examples
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from strategies import ANY_JSON, conforming
@@ -49,7 +50,7 @@ def test_each_example_is_its_types_data(type_: str) -> None:
 
 
 @pytest.mark.parametrize("type_", TYPES)
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_generated_conforming_data_passes_both_checkers(type_: str, data: st.DataObject) -> None:
     """Whatever the definition allows (optional fields left out or null, extra keys) both checkers accept."""
@@ -59,7 +60,7 @@ def test_generated_conforming_data_passes_both_checkers(type_: str, data: st.Dat
 
 
 @pytest.mark.parametrize("type_", TYPES)
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_the_fast_check_and_the_reference_agree_on_anything(type_: str, data: st.DataObject) -> None:
     """On data with any node changed to any JSON, msgspec's verdict is the reference checker's, and a

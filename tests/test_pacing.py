@@ -8,6 +8,7 @@ import random
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
+from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,7 +45,7 @@ def most_in_a_second(times: List[float]) -> int:
     return best
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(budget=st.integers(5, 3000), tick_s=st.sampled_from([0.1, 0.5, 1.0, 2.0]),
        due=st.integers(0, 400), joining=st.integers(0, 3000), jitter=st.floats(0, 0.9))
 def test_no_second_sends_more_than_the_budget(budget: int, tick_s: float, due: int, joining: int,

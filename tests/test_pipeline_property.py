@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 
 import mongomock
 import pytest
+from helpers import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import ANY_JSON, JSON_SCALARS, conforming
@@ -103,7 +104,7 @@ def stored_as_validated(store: Store, item: Incoming[Any]) -> None:
         assert any(a.agent_id == item.agent_id for a in store.agents())
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(data=st.data())
 def test_a_generated_message_is_stored_as_validated_or_a_dead_letter_with_a_reason(store: Store,

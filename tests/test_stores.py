@@ -15,6 +15,7 @@ import mongomock
 import pymongo
 import pytest
 from conftest import wait_for
+from helpers import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -460,7 +461,7 @@ def arrivals(draw: Any) -> Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str
     return owners, order, cuts
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=arrivals())
 def test_whatever_the_order_each_record_is_its_requests_and_holds_only_its_agents_answer(
         store: Store, case: Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str, str, str]], List[bool]]) -> None:
