@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DISTS  := common agent controller persister fleetctl sim dashboard
 
-.PHONY: run test test-fast lint typecheck unit bench clean deps mosquitto chromium
+.PHONY: run test test-fast lint typecheck unit bench clean deps lock mosquitto chromium
 
 run: deps
 	$(BIN)/fleetctl up
@@ -36,12 +36,18 @@ mosquitto:
 chromium:
 	@bash scripts/ensure-chromium.sh
 
-$(STAMP): $(foreach d,$(DISTS),$(d)/pyproject.toml) requirements-dev.txt
+# Installs from the lock (constraints.txt: every third-party package pinned); `make lock`
+# rewrites it after a dependency changes in a pyproject.toml or requirements-dev.txt.
+$(STAMP): $(foreach d,$(DISTS),$(d)/pyproject.toml) requirements-dev.txt constraints.txt VERSION
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11 or newer is needed for the services (the agent alone runs on 3.9); set PYTHON=python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(foreach d,$(DISTS),-e ./$(d)) -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -c constraints.txt $(foreach d,$(DISTS),-e ./$(d)) -r requirements-dev.txt
 	touch $@
+
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	BIN=$(BIN) DISTS="$(DISTS)" bash scripts/lock.sh
 
 # The transport's ceiling and the system against it, one broker, one run (about 10 minutes):
 # a table on stdout and bench/results.json. `make bench BENCH_ARGS=--tiny` proves it works in a minute.

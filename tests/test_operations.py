@@ -169,7 +169,8 @@ def test_agent_image_is_slim_with_only_its_own_dependencies() -> None:
     dependencies exclude the services' (no pymongo, APScheduler or prometheus_client)."""
     steps = dockerfile(ROOT / "docker" / "agent.Dockerfile")
     assert re.match(r"python:3\.\d+-slim", next(args for instr, args in steps if instr == "FROM"))
-    assert {shlex.split(args)[0] for instr, args in steps if instr == "COPY"} == {"common", "agent"}
+    copied = {src for instr, args in steps if instr == "COPY" for src in shlex.split(args)[:-1]}
+    assert copied == {"VERSION", "constraints.txt", "common", "agent"}
     deps = " ".join((ROOT / d / "pyproject.toml").read_text().split("dependencies", 1)[1].split("\n", 1)[0]
                     for d in ("common", "agent")).lower()
     for heavy in ("pymongo", "apscheduler", "prometheus"):

@@ -1,3 +1,5 @@
 """fleet-agent: answers telemetry requests over MQTT with psutil readings of this host."""
 
-__version__ = "0.1.0"
+from fleet_common.version import dist_version
+
+__version__ = dist_version("fleet-agent")

@@ -14,8 +14,9 @@ from .messages import (
 )
 from .timefmt import iso, new_id, now_iso, parse_iso
 from .topics import ParsedTopic, Topics, check_agent_id, check_type, sanitise_agent_id
+from .version import dist_version
 
-__version__ = "0.1.0"
+__version__ = dist_version("fleet-common")
 
 __all__ = [
     "BUILTIN_TYPES", "ERROR_CODES", "Config", "ConfigError", "ContractError", "FleetError",
