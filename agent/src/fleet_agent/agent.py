@@ -42,7 +42,7 @@ from fleet_common.timefmt import is_valid_id
 from fleet_common.topics import Topics, check_agent_id, sanitise_agent_id
 
 from . import __version__
-from .collectors import PRIMERS, REGISTRY, BadParams, Collector, jsonable
+from .collectors import REGISTRY, BadParams, Collector, jsonable, prime_all
 from .outbox import Outbox
 
 log = logging.getLogger("fleet.agent")
@@ -201,13 +201,7 @@ class Agent:
 
     def start(self) -> Agent:
         """Prime the collectors, start the workers and connect (in the background; retries forever)."""
-        for name in self.types:
-            primer = PRIMERS.get(name)
-            if primer is not None and self.collectors[name] is REGISTRY.get(name):
-                try:
-                    primer()
-                except Exception as exc:  # priming is an optimisation
-                    log.debug("priming %s failed: %s", name, exc)
+        prime_all(self.collectors)
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="collector")
         self._watchdog.start()
         self._courier = threading.Thread(target=self._courier_loop, name="outbox-courier", daemon=True)
@@ -557,9 +551,4 @@ def _recover_id(payload: bytes, correlation: Optional[bytes]) -> Optional[str]:
     return None
 
 
-def run_agent(cfg: Config, stop_event: threading.Event, agent_id: Optional[str] = None) -> Tuple[int, Agent]:
-    agent = Agent(cfg, agent_id=agent_id)
-    return agent.run(stop_event), agent
-
-
-__all__ = ["Agent", "run_agent"]
+__all__ = ["Agent"]
