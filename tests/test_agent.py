@@ -293,7 +293,8 @@ def test_collector_timeout_and_failure_in_process(broker: Any, write_config: Cal
 def test_one_watchdog_times_out_exactly_the_unanswered_jobs() -> None:
     """The collector watchdog: jobs answered in time are left alone, the rest get on_timeout once,
     in the order they were watched, from one thread however many requests there are."""
-    from fleet_agent.agent import _Job, _Watchdog
+    from fleet_agent.dispatch import Watchdog as _Watchdog
+    from fleet_agent.intake import Job as _Job
     from fleet_common import Request
 
     timed_out: List[str] = []
@@ -322,7 +323,8 @@ def test_one_watchdog_times_out_exactly_the_unanswered_jobs() -> None:
 def test_the_watchdog_wakes_per_timeout_not_per_request() -> None:
     """100 requests answered at once over a second wake the watchdog a handful of times: each
     wake-up costs the agent two context switches, and it used to wake once per request."""
-    from fleet_agent.agent import _Job, _Watchdog
+    from fleet_agent.dispatch import Watchdog as _Watchdog
+    from fleet_agent.intake import Job as _Job
     from fleet_common import Request
 
     timed_out: List[_Job] = []

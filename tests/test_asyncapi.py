@@ -118,7 +118,7 @@ def test_status_describes_what_the_agent_adds(tmp_path) -> None:
     cfg = load_config(None, env={"FLEET_AGENT_OUTBOX_PATH": str(tmp_path / "outbox.db")})
     agent = Agent(cfg, agent_id="web-01")
     try:
-        birth = agent._birth().to_dict()
+        birth = agent.presence.birth().to_dict()
     finally:
         agent.outbox.close()
     assert set(birth) - set(Status(agent_id="web-01", online=True).to_dict()) == AGENT_STATUS_EXTRAS

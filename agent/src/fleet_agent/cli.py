@@ -14,7 +14,7 @@ from fleet_common.errors import ConfigError, ContractError
 from fleet_common.health import Heartbeat, add_check_argument, run_check
 from fleet_common.topics import check_agent_id
 
-from . import __version__
+from . import __version__, compat
 from .collectors import REGISTRY, BadParams, jsonable
 
 PROG = "fleet-agent"
@@ -58,6 +58,7 @@ def once(type_: str, params_text: Optional[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    compat.apply()  # before paho is imported
     args = build_parser().parse_args(argv)
     cfg = load(args, PROG)
     if args.check:
@@ -93,9 +94,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
-    # paho-mqtt imports dnspython when it happens to be installed (pymongo pulls it in on
-    # shared machines) for connect_srv(), which the agent never calls: ~8 MB of RSS saved.
-    sys.modules.setdefault("dns", None)  # type: ignore[arg-type]
     sys.exit(run_main(PROG, main))
 
 

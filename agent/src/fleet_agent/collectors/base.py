@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import enum
+import logging
 import math
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
 
 from fleet_common.datatypes import DataType, datatype
 from fleet_common.errors import ContractError
 from fleet_common.topics import check_type
+
+log = logging.getLogger("fleet.agent")
 
 JsonObject = Dict[str, Any]
 Collector = Callable[[JsonObject], JsonObject]
@@ -45,13 +48,16 @@ def unregister(name: str) -> None:
     PRIMERS.pop(name, None)
 
 
-def prime_all() -> None:
-    """Run every collector's priming step; a failing primer is not fatal (the collector primes itself)."""
-    for primer in list(PRIMERS.values()):
-        try:
-            primer()
-        except Exception:  # priming is an optimisation only
-            pass
+def prime_all(collectors: Mapping[str, Collector]) -> None:
+    """Run the priming step of each of `collectors` that is the registered one (a collector put
+    in its place has no primer here); a failing primer is not fatal (the collector primes itself)."""
+    for name in sorted(collectors):
+        primer = PRIMERS.get(name)
+        if primer is not None and collectors[name] is REGISTRY.get(name):
+            try:
+                primer()
+            except Exception as exc:  # priming is an optimisation only
+                log.debug("priming %s failed: %s", name, exc)
 
 
 def checked_params(type_: str, params: JsonObject) -> JsonObject:

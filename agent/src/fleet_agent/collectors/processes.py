@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import psutil
 
+from .. import compat
 from . import procfs
 from .base import JsonObject, checked_params, register
 
@@ -150,11 +151,11 @@ class ProcessTable(_Table):
         the sort key. Leaves the process's oneshot() open in `held`."""
         try:
             held.enter_context(proc.oneshot())
-            if cpu and _reused(proc):
+            if cpu and compat.pid_reused(proc):
                 raise _Reused(pid)
             row: JsonObject = {
                 "pid": pid,
-                "ppid": _field(lambda: _ppid(proc)),
+                "ppid": _field(lambda: compat.ppid_unchecked(proc)),  # pid reuse checked above
                 "status": _field(proc.status),
                 "cpu_percent": _field(lambda: self._cpu_percent(pid, proc)) if cpu else None,
                 "create_time": _field(proc.create_time),
@@ -200,17 +201,6 @@ class _Reused(Exception):
     """The pid now belongs to a process other than the one we measured before."""
 
 
-def _reused(proc: psutil.Process) -> bool:
-    """Inside oneshot(): has the pid been reused? psutil's is_running() answers this by making a
-    new Process, which reads /proc/<pid>/stat again; this compares the start time in the stat
-    data oneshot has already read with the identity psutil recorded. Where psutil's internals
-    differ (not Linux or macOS), it asks is_running()."""
-    try:
-        return bool(proc._ident != (proc.pid, proc._proc.create_time(monotonic=True)))
-    except (AttributeError, TypeError):
-        return not proc.is_running()
-
-
 KTHREADD = 2  # Linux: the parent of every kernel thread
 _kthreadd_seen: List[bool] = []  # [is pid 2 the kernel's kthreadd?], found once
 
@@ -229,17 +219,9 @@ def _name(proc: psutil.Process, ppid: Any) -> Any:
     """Process.name(), which reads the command line when the name is 15 characters (the kernel's
     limit) in case it holds a longer one. A kernel thread has no command line, and psutil then
     reads the stat file again to tell it from a zombie: about a fifth of a snapshot's reads here."""
-    if KTHREADD in (ppid, proc.pid) and hasattr(proc, "_proc") and _kernel_threads_visible():
-        return _field(proc._proc.name)
+    if KTHREADD in (ppid, proc.pid) and _kernel_threads_visible():
+        return _field(lambda: compat.stat_name(proc))
     return _field(proc.name)
-
-
-def _ppid(proc: psutil.Process) -> Any:
-    """Process.ppid() first checks for pid reuse the costly way (a new Process); _row has checked."""
-    try:
-        return proc._proc.ppid()
-    except AttributeError:
-        return proc.ppid()
 
 
 _USERS: Dict[int, str] = {}  # uid -> user name: one passwd lookup per uid, not per process per request
