@@ -23,9 +23,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleet_common import Config, Request, Response, Topics, iso, new_id, sanitise_agent_id
+from fleet_common.backoff import Backoff
 from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import PersisterConfig
-from fleet_common.link import Backoff, Link
+from fleet_common.link import Link
 from fleet_common.topics import SHARE_GROUP
 
 from .parsing import Ignored, Item, ParseStage, Raw, parse_message

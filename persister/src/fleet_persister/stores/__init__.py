@@ -6,8 +6,8 @@ import logging
 import threading
 from typing import Callable, Dict, Optional
 
+from fleet_common.backoff import Backoff
 from fleet_common.config import PersisterConfig
-from fleet_common.link import Backoff
 
 from .base import (
     MAX_REJECTED_PAYLOAD,
