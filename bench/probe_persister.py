@@ -15,7 +15,7 @@ from typing import IO, Any, List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_persister.persister import Persister
-from fleet_persister.stores import Batch, RejectedRecord, Store, open_store
+from fleet_store import Batch, RejectedRecord, Store, open_store
 
 PROG = "probe-persister"
 

@@ -25,8 +25,8 @@ from fleet_common.datatypes import BUILTIN as DATATYPES
 from fleet_dashboard.app import create_app
 from fleet_dashboard.data import network_series
 from fleet_persister.datacheck import check_data
-from fleet_persister.stores import Batch, Incoming, RejectedRecord, RequestRecord
-from fleet_persister.stores.sqlite import SqliteStore
+from fleet_store import Batch, Incoming, RejectedRecord, RequestRecord
+from fleet_store.sqlite import SqliteStore
 from fleetctl import cli
 from fleetctl.broker import free_port
 

@@ -18,7 +18,7 @@ from fleet_common.errors import FleetError
 from fleet_common.messages import Response
 from fleet_common.timefmt import parse_iso
 from fleet_common.topics import check_agent_id
-from fleet_persister.stores import Store
+from fleet_store import Store
 from fleetctl.request import NoAnswer, ask
 
 from .data import RANGES_S, SORT_KEYS, Fleet, FleetQuery

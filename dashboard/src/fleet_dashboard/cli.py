@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.config import Config
-from fleet_persister.stores import open_store
+from fleet_store import open_store
 
 log = logging.getLogger("fleet.dashboard")
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from fleet_common.config import Config
 from fleet_common.timefmt import parse_iso
-from fleet_persister.stores import AgentRecord, RequestRecord, Stats, Store
+from fleet_store import AgentRecord, RequestRecord, Stats, Store
 
 STATES = ("online", "silent", "offline")
 SORT_KEYS = ("agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory", "disk")

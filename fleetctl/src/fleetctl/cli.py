@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.errors import FleetError
-from fleet_persister.stores import open_store
+from fleet_store import open_store
 
 from . import request as req
 from . import up, views

@@ -12,10 +12,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fleet_common.metrics import broker_families
+from fleet_store import AgentRecord, Batch, RejectedRecord, RequestRecord, Stats, Store
+from fleet_store.base import response_state
 
 from .persister import Persister
-from .stores import AgentRecord, Batch, RejectedRecord, RequestRecord, Stats, Store
-from .stores.base import response_state
 
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

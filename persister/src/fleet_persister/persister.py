@@ -28,9 +28,9 @@ from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import PersisterConfig
 from fleet_common.link import Link
 from fleet_common.topics import SHARE_GROUP
+from fleet_store import ENCODES_JSON, Batch, RejectedRecord, Store, refused
 
 from .parsing import Ignored, Item, ParseStage, Raw, parse_message
-from .stores import ENCODES_JSON, Batch, RejectedRecord, Store, refused
 
 log = logging.getLogger("fleet.persister")
 

@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional
 
 from fleet_common.backoff import Backoff
 from fleet_common.config import PersisterConfig
+from fleet_common.version import dist_version
 
 from .base import (
     MAX_REJECTED_PAYLOAD,
@@ -24,6 +25,8 @@ from .base import (
     dead_letter,
     refused,
 )
+
+__version__ = dist_version("fleet-store")
 
 log = logging.getLogger("fleet.persister")
 
