@@ -1,4 +1,5 @@
-"""Interchangeable stores behind one protocol, chosen by `persister.store`."""
+"""Interchangeable stores, chosen by `persister.store`: the persister writes through `StoreWriter`,
+fleetctl and the dashboard read through `StoreReader`; each store is both (`Store`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from .base import (
     Stats,
     Store,
     StoreError,
+    StoreReader,
     StoreUnreachable,
+    StoreWriter,
     dead_letter,
     refused,
 )
@@ -81,5 +84,5 @@ def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
 
 
 __all__ = ["ENCODES_JSON", "MAX_REJECTED_PAYLOAD", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming",
-           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreUnreachable", "dead_letter",
-           "open_store", "open_store_waiting", "refused"]
+           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreReader", "StoreUnreachable",
+           "StoreWriter", "dead_letter", "open_store", "open_store_waiting", "refused"]
