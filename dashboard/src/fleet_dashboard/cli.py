@@ -74,6 +74,11 @@ def serve(cfg: Config, stop: threading.Event) -> int:
     return 0
 
 
+def fleetctl_command(cfg: Config, args: argparse.Namespace) -> int:
+    """`fleetctl dashboard`: fleetctl finds it through the `fleetctl.commands` entry point."""
+    return serve(with_overrides(cfg, args), stop_event())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = base_parser("fleet-dashboard", "Serve the read-only fleet dashboard over the store.")
     add_arguments(parser)
