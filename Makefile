@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DISTS  := common agent controller persister fleetctl sim dashboard
+DISTS  := common agent controller store persister fleetctl sim dashboard
 
 .PHONY: run test test-fast lint typecheck unit bench clean deps lock mosquitto chromium
 

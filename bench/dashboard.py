@@ -26,8 +26,8 @@ from typing import Any, Callable, Dict, List
 from fleet_common import Request, Response, Status, iso
 from fleet_common.config import load_config
 from fleet_dashboard.app import create_app
-from fleet_persister.stores import Batch, Incoming, RejectedRecord
-from fleet_persister.stores.sqlite import SqliteStore
+from fleet_store import Batch, Incoming, RejectedRecord
+from fleet_store.sqlite import SqliteStore
 
 TYPES = ("cpu", "memory", "disk", "network", "ping")
 

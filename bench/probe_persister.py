@@ -15,15 +15,15 @@ from typing import IO, Any, List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_persister.persister import Persister
-from fleet_persister.stores import Batch, RejectedRecord, Store, open_store
+from fleet_store import Batch, RejectedRecord, StoreWriter, open_store
 
 PROG = "probe-persister"
 
 
 class RecordingStore:
-    """A Store that logs the commit time of every response it writes."""
+    """A StoreWriter that logs the commit time of every response it writes."""
 
-    def __init__(self, store: Store, out: IO[str]) -> None:
+    def __init__(self, store: StoreWriter, out: IO[str]) -> None:
         self._store, self._out = store, out
 
     def write(self, batch: Batch) -> List[RejectedRecord]:

@@ -7,10 +7,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 # The one version file every part's VERSION links to, and the lock it installs with.
 COPY VERSION constraints.txt /src/
 COPY common /src/common
-COPY persister /src/persister
+COPY store /src/store
 COPY fleetctl /src/fleetctl
 COPY dashboard /src/dashboard
-RUN pip install -c /src/constraints.txt /src/common /src/persister /src/fleetctl /src/dashboard && rm -rf /src \
+RUN pip install -c /src/constraints.txt /src/common /src/store /src/fleetctl /src/dashboard && rm -rf /src \
  && useradd --system --create-home --home-dir /var/lib/fleet fleet
 
 USER fleet

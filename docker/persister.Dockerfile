@@ -8,9 +8,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 # The one version file every part's VERSION links to, and the lock it installs with.
 COPY VERSION constraints.txt /src/
 COPY common /src/common
+COPY store /src/store
 COPY persister /src/persister
 COPY fleetctl /src/fleetctl
-RUN pip install -c /src/constraints.txt /src/common /src/persister /src/fleetctl && rm -rf /src \
+RUN pip install -c /src/constraints.txt /src/common /src/store /src/persister /src/fleetctl && rm -rf /src \
  && useradd --system --create-home --home-dir /var/lib/fleet fleet
 
 USER fleet

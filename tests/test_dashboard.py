@@ -25,8 +25,8 @@ from fleet_common.datatypes import BUILTIN as DATATYPES
 from fleet_dashboard.app import create_app
 from fleet_dashboard.data import network_series
 from fleet_persister.datacheck import check_data
-from fleet_persister.stores import Batch, Incoming, RejectedRecord, RequestRecord
-from fleet_persister.stores.sqlite import SqliteStore
+from fleet_store import Batch, Incoming, RejectedRecord, RequestRecord
+from fleet_store.sqlite import SqliteStore
 from fleetctl import cli
 from fleetctl.broker import free_port
 
@@ -222,6 +222,33 @@ def test_fleetctl_dashboard_without_the_package_says_how_to_install(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     assert run_main("fleetctl", cli.main, ["dashboard"]) == 2
     assert "pip install ./dashboard" in capsys.readouterr().err
+
+
+def test_fleetctl_dashboard_with_no_entry_point_says_how_to_install(tmp_path, monkeypatch, capsys) -> None:
+    """`fleetctl dashboard` where no distribution declares the command ends with one plain line saying how."""
+    monkeypatch.setattr(cli.metadata, "entry_points", lambda **_: [])
+    monkeypatch.chdir(tmp_path)
+    assert run_main("fleetctl", cli.main, ["dashboard"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install ./dashboard" in err and err.count("\n") == 1
+
+
+def test_fleetctl_finds_the_dashboard_through_its_entry_point() -> None:
+    """The dashboard declares `fleetctl dashboard` as a fleetctl.commands entry point, and fleetctl finds it there."""
+    from fleet_dashboard.cli import fleetctl_command
+
+    assert cli.installed_command("dashboard") is fleetctl_command
+
+
+def test_fleetctl_and_the_dashboard_load_neither_each_other_nor_the_persister() -> None:
+    """fleetctl loads no dashboard code, and neither loads the persister's: both read through fleet_store."""
+    code = ("import sys, fleetctl.cli, fleetctl.views\n"
+            "loaded = lambda *names: sorted(m for m in sys.modules if m.split('.')[0] in names)\n"
+            "assert not loaded('fleet_dashboard', 'fleet_persister'), loaded('fleet_dashboard', 'fleet_persister')\n"
+            "import fleet_dashboard.app, fleet_dashboard.cli\n"
+            "assert not loaded('fleet_persister'), loaded('fleet_persister')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_fleet_dashboard_serves_and_its_check_follows_it(tmp_path, store, procs) -> None:

@@ -54,6 +54,7 @@ def test_every_part_takes_its_version_from_the_one_version_file() -> None:
     import fleet_common
     import fleet_controller
     import fleet_persister
+    import fleet_store
 
     for folder, path in pyprojects().items():
         import tomllib
@@ -64,7 +65,7 @@ def test_every_part_takes_its_version_from_the_one_version_file() -> None:
         link = path.parent / "VERSION"
         assert link.is_symlink() and link.resolve() == (ROOT / "VERSION").resolve(), folder
         assert distribution(doc["project"]["name"]).version == VERSION, folder
-    for module in (fleet_agent, fleet_common, fleet_controller, fleet_persister, fleet_sim):
+    for module in (fleet_agent, fleet_common, fleet_controller, fleet_persister, fleet_sim, fleet_store):
         assert module.__version__ == VERSION, module.__name__
 
 

@@ -25,8 +25,8 @@ from fleet_common.config import PersisterConfig, load_config
 from fleet_common.datatypes import example
 from fleet_persister.parsing import ParseStage, Raw, pack, parse_chunk, parse_message, unpack
 from fleet_persister.persister import Persister, parse_workers
-from fleet_persister.stores import Batch, EncodedJSON, Incoming, RejectedRecord, open_store
-from fleet_persister.stores.sqlite import SqliteStore
+from fleet_store import Batch, EncodedJSON, Incoming, RejectedRecord, open_store
+from fleet_store.sqlite import SqliteStore
 
 T = Topics("fleet")
 

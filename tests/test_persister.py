@@ -331,7 +331,7 @@ def test_a_message_the_store_refuses_is_isolated_and_the_rest_is_stored(
     rejected (store_refused, with the store's error) and is acknowledged; the other messages of the batch
     are stored, and so is what comes after."""
     from fleet_persister.persister import Persister
-    from fleet_persister.stores import open_store
+    from fleet_store import open_store
 
     caplog.set_level(logging.INFO, logger="fleet")
     cfg = load_config(str(write_config(persister={"batch_wait_s": 0.5, "parse_workers": 0})))

@@ -23,9 +23,9 @@ from strategies import ANY_JSON, JSON_SCALARS, conforming
 from fleet_common import Request, Response, Status, Topics, iso
 from fleet_common.datatypes import BUILTIN
 from fleet_persister.parsing import Ignored, parse_message
-from fleet_persister.stores import Batch, EncodedJSON, Incoming, RejectedRecord, Store
-from fleet_persister.stores.mongodb import MongoStore
-from fleet_persister.stores.sqlite import SqliteStore
+from fleet_store import Batch, EncodedJSON, Incoming, RejectedRecord, Store
+from fleet_store.mongodb import MongoStore
+from fleet_store.sqlite import SqliteStore
 
 T = Topics("fleet")
 TICKS = itertools.count()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleet_common import Request, Response, Status, iso
-from fleet_persister.stores import Batch, Incoming, RejectedRecord, Stats, Store
-from fleet_persister.stores.mongodb import MongoStore
-from fleet_persister.stores.sqlite import SqliteStore
+from fleet_store import Batch, Incoming, RejectedRecord, Stats, Store
+from fleet_store.mongodb import MongoStore
+from fleet_store.sqlite import SqliteStore
 
 MONGO_URI = os.environ.get("FLEET_TEST_MONGODB_URI")
 RETENTION = {"default": 3600, "processes": 60}
@@ -537,3 +539,11 @@ def test_timestamps_at_either_end_of_rfc_3339_are_stored_as_they_are(store: Stor
     rec = store.get_request("edge")
     assert rec is not None and rec.issued_at == text and rec.expires_at == text
     assert rec.expire_at == iso(T0 + 3600)
+
+
+def test_importing_the_stores_loads_no_mqtt_code() -> None:
+    """fleet_store and both its stores import without paho: reading the store needs no MQTT."""
+    code = ("import fleet_store, fleet_store.sqlite, fleet_store.mongodb, sys; "
+            "loaded = sorted(m for m in sys.modules if m.startswith('paho')); assert not loaded, loaded")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

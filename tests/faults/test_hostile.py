@@ -29,7 +29,7 @@ from fleet_common.config import load_config
 from fleet_common.datatypes import example
 from fleet_common.link import publish_properties
 from fleet_dashboard.app import create_app
-from fleet_persister.stores.sqlite import SqliteStore
+from fleet_store.sqlite import SqliteStore
 from fleetctl.broker import EmbeddedBroker
 
 pytestmark = [pytest.mark.slow]

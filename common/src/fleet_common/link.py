@@ -4,7 +4,6 @@ backoff, TLS and credentials from config, and one log line per state change."""
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import struct
 import threading
@@ -16,26 +15,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from . import mqtt5props
+from .backoff import Backoff
 from .config import MqttConfig
 
 mqtt5props.install()  # every component makes its client through here
 
 OnConnect = Callable[[mqtt.Client, bool], None]
-
-
-class Backoff:
-    """Exponential backoff with 'equal jitter': a delay in [d/2, d], d doubling up to a cap."""
-
-    def __init__(self, min_s: float, max_s: float) -> None:
-        self.min_s, self.max_s, self.attempt = max(min_s, 0.01), max(max_s, min_s), 0
-
-    def next(self) -> float:
-        ceiling = min(self.max_s, self.min_s * (2 ** min(self.attempt, 20)))
-        self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def no_delay(client: mqtt.Client) -> None:

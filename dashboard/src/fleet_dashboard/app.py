@@ -18,7 +18,7 @@ from fleet_common.errors import FleetError
 from fleet_common.messages import Response
 from fleet_common.timefmt import parse_iso
 from fleet_common.topics import check_agent_id
-from fleet_persister.stores import Store
+from fleet_store import StoreReader
 from fleetctl.request import NoAnswer, ask
 
 from .data import RANGES_S, SORT_KEYS, Fleet, FleetQuery
@@ -69,7 +69,7 @@ def size(value: Any) -> str:
     return str(value)
 
 
-def create_app(cfg: Config, store: Store, asker: Asker = ask_via_mqtt) -> Flask:
+def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> Flask:
     app = Flask(__name__)
     app.config.update(SECRET_KEY=secrets.token_bytes(32), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict")

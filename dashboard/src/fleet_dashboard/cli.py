@@ -14,7 +14,7 @@ from typing import List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.config import Config
-from fleet_persister.stores import open_store
+from fleet_store import open_store
 
 log = logging.getLogger("fleet.dashboard")
 
@@ -72,6 +72,11 @@ def serve(cfg: Config, stop: threading.Event) -> int:
     finally:
         store.close()
     return 0
+
+
+def fleetctl_command(cfg: Config, args: argparse.Namespace) -> int:
+    """`fleetctl dashboard`: fleetctl finds it through the `fleetctl.commands` entry point."""
+    return serve(with_overrides(cfg, args), stop_event())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from fleet_common.config import Config
 from fleet_common.timefmt import parse_iso
-from fleet_persister.stores import AgentRecord, RequestRecord, Stats, Store
+from fleet_store import AgentRecord, RequestRecord, Stats, StoreReader
 
 STATES = ("online", "silent", "offline")
 SORT_KEYS = ("agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory", "disk")
@@ -130,7 +130,7 @@ class Fleet:
     for it; after that a page older than `max_age_s` is served as it is while one background
     thread reads a new one, so a page never waits on the store's reads of a large fleet."""
 
-    def __init__(self, store: Store, cfg: Config, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: StoreReader, cfg: Config, clock: Callable[[], float] = time.time) -> None:
         self.store, self.cfg, self.clock = store, cfg, clock
         self.max_age_s = max(0.5, cfg.dashboard.refresh_s / 2)
         self._lock = threading.Lock()

@@ -7,15 +7,32 @@ import argparse
 import json
 import sys
 import time
-from typing import List, Optional
+from importlib import metadata
+from typing import Callable, List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
+from fleet_common.config import Config
 from fleet_common.errors import FleetError
-from fleet_persister.stores import open_store
+from fleet_store import open_store
 
 from . import request as req
 from . import up, views
 from .provision import add_provision_parsers, run_provision
+
+# Commands other distributions add to fleetctl (the dashboard's `dashboard`), found by name at run
+# time, so fleetctl does not import, or depend on, what it offers to run.
+COMMANDS = "fleetctl.commands"
+Command = Callable[[Config, argparse.Namespace], int]
+INSTALL_DASHBOARD = "install it with 'pip install ./dashboard' (or 'make run', which installs every part)"
+
+
+def installed_command(name: str) -> Optional[Command]:
+    """The command `name` an installed distribution declares in the `fleetctl.commands` entry
+    points, or None if none does; ImportError if it is declared but cannot be imported."""
+    for found in metadata.entry_points(group=COMMANDS, name=name):
+        command: Command = found.load()
+        return command
+    return None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,11 +102,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "dashboard":
         try:
-            from fleet_dashboard.cli import serve, with_overrides
+            dashboard = installed_command("dashboard")
         except ImportError as exc:
-            raise FleetError(f"the dashboard is not installed ({exc.name} is missing); install it with "
-                             "'pip install ./dashboard' (or 'make run', which installs every part)") from None
-        return serve(with_overrides(cfg, args), stop_event())
+            raise FleetError(f"the dashboard is not installed ({exc.name} is missing); {INSTALL_DASHBOARD}") from None
+        if dashboard is None:
+            raise FleetError(f"the dashboard is not installed; {INSTALL_DASHBOARD}")
+        return dashboard(cfg, args)
     done = run_provision(args, cfg)
     if done is not None:
         return done

@@ -13,7 +13,7 @@ from fleet_common import health
 from fleet_common.brokerwatch import ADVICE
 from fleet_common.config import Config
 from fleet_common.timefmt import parse_iso
-from fleet_persister.stores import open_store
+from fleet_store import open_store
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

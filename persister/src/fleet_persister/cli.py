@@ -9,10 +9,10 @@ from typing import List, Optional
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.health import Heartbeat, add_check_argument, run_check
 from fleet_common.metrics import serve_metrics
+from fleet_store import open_store_waiting
 
 from .metrics import MeasuredStore, problems, register, snapshot
 from .persister import Persister
-from .stores import open_store_waiting
 
 PROG = "fleet-persister"
 

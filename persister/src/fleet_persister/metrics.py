@@ -12,20 +12,20 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from fleet_common.metrics import broker_families
+from fleet_store import Batch, RejectedRecord, StoreWriter
+from fleet_store.base import response_state
 
 from .persister import Persister
-from .stores import AgentRecord, Batch, RejectedRecord, RequestRecord, Stats, Store
-from .stores.base import response_state
 
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class MeasuredStore:
-    """A Store that counts what was committed; the counts move only after a write succeeds,
+    """A StoreWriter that counts what was committed; the counts move only after a write succeeds,
     so a batch retried after a failure is counted once."""
 
-    def __init__(self, inner: Store, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, inner: StoreWriter, registry: Optional[CollectorRegistry] = None) -> None:
         self.inner = inner
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.batch_size = Histogram("fleet_persister_batch_size", "Messages per committed batch",
@@ -62,35 +62,6 @@ class MeasuredStore:
 
     def purge(self, now_s: float) -> int:
         return self.inner.purge(now_s)
-
-    def agents(self) -> List[AgentRecord]:
-        return self.inner.agents()
-
-    def agent_stats(self, since_s: float) -> Dict[str, Stats]:
-        return self.inner.agent_stats(since_s)
-
-    def history(self, agent_id: str, type_: str, limit: int = 100,
-                since_s: Optional[float] = None) -> List[RequestRecord]:
-        return self.inner.history(agent_id, type_, limit, since_s)
-
-    def get_request(self, id_: str) -> Optional[RequestRecord]:
-        return self.inner.get_request(id_)
-
-    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
-        return self.inner.latest(type_, since_s)
-
-    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
-        return self.inner.recent_requests(agent_id, limit)
-
-    def rejected(self, limit: int = 100) -> List[RejectedRecord]:
-        return self.inner.rejected(limit)
-
-    def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
-                       state: Optional[str] = None) -> int:
-        return self.inner.count_requests(agent_id=agent_id, type_=type_, state=state)
-
-    def type_counts(self) -> Dict[str, Dict[str, int]]:
-        return self.inner.type_counts()
 
     def close(self) -> None:
         self.inner.close()

@@ -44,9 +44,9 @@ from fleet_common import (
 )
 from fleet_common.datatypes import BUILTIN
 from fleet_common.messages import MAX_PAYLOAD_BYTES, response_of, unique_keys
+from fleet_store import MAX_REJECTED_PAYLOAD, EncodedJSON, Incoming, RejectedRecord, dead_letter
 
 from .datacheck import check_data
-from .stores import MAX_REJECTED_PAYLOAD, EncodedJSON, Incoming, RejectedRecord, dead_letter
 
 log = logging.getLogger("fleet.persister")
 

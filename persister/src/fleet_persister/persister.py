@@ -23,13 +23,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fleet_common import Config, Request, Response, Topics, iso, new_id, sanitise_agent_id
+from fleet_common.backoff import Backoff
 from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import PersisterConfig
-from fleet_common.link import Backoff, Link
+from fleet_common.link import Link
 from fleet_common.topics import SHARE_GROUP
+from fleet_store import ENCODES_JSON, Batch, RejectedRecord, StoreWriter, refused
 
 from .parsing import Ignored, Item, ParseStage, Raw, parse_message
-from .stores import ENCODES_JSON, Batch, RejectedRecord, Store, refused
 
 log = logging.getLogger("fleet.persister")
 
@@ -106,7 +107,7 @@ def _store_refused(item: Any, exc: Exception) -> RejectedRecord:
 
 
 class Persister:
-    def __init__(self, cfg: Config, store: Store) -> None:
+    def __init__(self, cfg: Config, store: StoreWriter) -> None:
         self.cfg, self.pcfg, self.store = cfg, cfg.persister, store
         self.topics: Topics = cfg.mqtt.topics()
         self.counters = Counters()
@@ -364,7 +365,7 @@ class Persister:
 
     def _write(self, batch: Batch) -> List[RejectedRecord]:
         """Write `batch`, returning the dead letters made of it. A batch the store refuses for a
-        value it cannot hold (Store.refuses: a retry cannot help) is split until the messages at
+        value it cannot hold (StoreWriter.refuses: a retry cannot help) is split until the messages at
         fault are found; each becomes a dead letter (store_refused, with the store's error) and the
         rest is written. Anything else the store raises is raised: the caller retries it all."""
         try:

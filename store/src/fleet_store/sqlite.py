@@ -17,7 +17,7 @@ from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, S
 import orjson
 
 from fleet_common import iso
-from fleet_common.link import Backoff
+from fleet_common.backoff import Backoff
 
 from .base import (
     DATA_ERRORS,

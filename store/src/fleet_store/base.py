@@ -1,5 +1,6 @@
-"""What every store does: the `Store` protocol, the records it reads and writes, and the
-rules both implementations share (retention, latency, how a status is ordered).
+"""What every store does: the `StoreWriter` and `StoreReader` protocols (together `Store`), the
+records they read and write, and the rules both implementations share (retention, latency, how a
+status is ordered).
 
 Timestamps are RFC 3339 UTC text with milliseconds everywhere in these records,
 normalised with `fleet_common.iso`, so they sort as text.
@@ -161,8 +162,8 @@ class Stats:
     median_latency_ms: Optional[float] = None
 
 
-class Store(Protocol):
-    """The only writer is the persister; fleetctl and dashboards use the read side."""
+class StoreWriter(Protocol):
+    """The persister's side, its batch path: the only writer to storage."""
 
     def write(self, batch: Batch) -> List[RejectedRecord]:
         """Apply the whole batch in one transaction (SQLite) or idempotent bulk writes
@@ -183,6 +184,12 @@ class Store(Protocol):
 
     def purge(self, now_s: float) -> int:
         """Delete requests and rejected records past their retention; return how many requests."""
+
+    def close(self) -> None: ...
+
+
+class StoreReader(Protocol):
+    """The side fleetctl and the dashboard use: status, history and fleet views."""
 
     def agents(self) -> List[AgentRecord]: ...
 
@@ -211,6 +218,10 @@ class Store(Protocol):
         """Requests per type and state: {"cpu": {"ok": 12, "pending": 1}, ...}."""
 
     def close(self) -> None: ...
+
+
+class Store(StoreWriter, StoreReader, Protocol):
+    """Both sides, as each implementation and open_store provide them."""
 
 
 # Rules shared by the implementations.

@@ -1,4 +1,5 @@
-"""Interchangeable stores behind one protocol, chosen by `persister.store`."""
+"""Interchangeable stores, chosen by `persister.store`: the persister writes through `StoreWriter`,
+fleetctl and the dashboard read through `StoreReader`; each store is both (`Store`)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import logging
 import threading
 from typing import Callable, Dict, Optional
 
+from fleet_common.backoff import Backoff
 from fleet_common.config import PersisterConfig
-from fleet_common.link import Backoff
+from fleet_common.version import dist_version
 
 from .base import (
     MAX_REJECTED_PAYLOAD,
@@ -20,10 +22,14 @@ from .base import (
     Stats,
     Store,
     StoreError,
+    StoreReader,
     StoreUnreachable,
+    StoreWriter,
     dead_letter,
     refused,
 )
+
+__version__ = dist_version("fleet-store")
 
 log = logging.getLogger("fleet.persister")
 
@@ -78,5 +84,5 @@ def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
 
 
 __all__ = ["ENCODES_JSON", "MAX_REJECTED_PAYLOAD", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming",
-           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreUnreachable", "dead_letter",
-           "open_store", "open_store_waiting", "refused"]
+           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreReader", "StoreUnreachable",
+           "StoreWriter", "dead_letter", "open_store", "open_store_waiting", "refused"]
