@@ -16,7 +16,9 @@ from fleet_common.config import (
     SECTIONS,
     Config,
     ConfigError,
+    ControllerConfig,
     PersisterConfig,
+    Shard,
     build_sections,
     eval_annotation,
     load_config,
@@ -149,7 +151,8 @@ def test_the_shipped_defaults_load_back_from_the_keys_users_write() -> None:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             value = getattr(getattr(defaults, section), f.name)
-            written = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            written = str(value) if isinstance(value, Shard) else (
+                dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
             raw.setdefault(section, {})[f.name] = written
     assert Config(**build_sections(yaml.safe_load(yaml.safe_dump(raw)), {})) == defaults
 
@@ -178,9 +181,20 @@ def test_each_section_checks_itself_and_names_the_key(tmp_path, text: str, key: 
     assert info.value.key == key and str(info.value).startswith(f"config key '{key}': ")
 
 
+def test_shard_is_parsed_once_at_load() -> None:
+    """controller.shard stays the string "i/n" in YAML and the environment, and loads as a Shard."""
+    cfg = load_config(None, env={"FLEET_CONTROLLER_SHARD": "1/2"})
+    assert cfg.controller.shard == Shard(1, 2) and str(cfg.controller.shard) == "1/2"
+    assert ControllerConfig().shard == Shard(0, 1)
+    with pytest.raises(ConfigError, match="'3/2' must be 'i/n' with 0 <= i < n"):
+        load_config(None, env={"FLEET_CONTROLLER_SHARD": "3/2"})
+
+
 def test_a_section_made_in_code_checks_itself_too() -> None:
     with pytest.raises(ConfigError, match="share_group"):
         PersisterConfig(shared_subscription=True)
+    with pytest.raises(ValueError):
+        Shard(2, 2)
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 10), reason="the 3.9 path: get_type_hints fails on int | None")

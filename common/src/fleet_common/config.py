@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Literal, Mapping, Optional, Union
 
 import yaml
 
@@ -41,6 +41,28 @@ DEFAULT_SCHEDULE = {"os_info": 3600, "cpu": 60, "memory": 60, "disk": 300,
 def _check_port(key: str, port: int) -> None:
     if not 0 < port < 65536:
         raise ConfigError(key, f"{port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`controller.shard: "i/n"`: this controller schedules the agents whose id hashes to shard i of n."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"'{self}' must be 'i/n' with 0 <= i < n")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"(\d+)/(\d+)", text)
+        if match is None:
+            raise ValueError(f"{text!r} must be 'i/n' with 0 <= i < n")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
 
 
 @dataclass(frozen=True)
@@ -108,7 +130,7 @@ class AgentConfig:
 class ControllerConfig:
     schedule: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
     offline_forget_s: int = 86400
-    shard: str = "0/1"
+    shard: Shard = Shard()
     tick_s: float = 0.5
     max_unacked_requests: int = 50000
     max_dispatch_per_s: int = 2000
@@ -118,10 +140,6 @@ class ControllerConfig:
     metrics_enabled: bool = False
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9811
-
-    def shard_index(self) -> Tuple[int, int]:
-        index, count = (int(x) for x in self.shard.split("/"))
-        return index, count
 
     def __post_init__(self) -> None:
         for name, seconds in self.schedule.items():
@@ -133,8 +151,6 @@ class ControllerConfig:
                 # a request expires one interval after it is sent, and receivers refuse an expiry further ahead
                 raise ConfigError(f"schedule.{name}", f"interval must be at most {EXPIRES_FUTURE_S:.0f} "
                                                       "seconds (366 days)")
-        if not re.match(r"^\d+/[1-9]\d*$", self.shard) or self.shard_index()[0] >= self.shard_index()[1]:
-            raise ConfigError("shard", f"{self.shard!r} must be 'i/n' with 0 <= i < n")
         if self.max_unacked_requests < 1:
             raise ConfigError("max_unacked_requests", "must be at least 1")
         if self.max_dispatch_per_s < 1:
@@ -303,10 +319,16 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if value < 0:
             raise ConfigError(key, f"must not be negative, not {value!r}")
         return tp(value)
+    parse = getattr(tp, "parse", None)  # a value written as text, like Shard's "0/1"
+    if isinstance(value, (dict, list)) and (tp is str or parse):
+        raise ConfigError(key, f"must be a single value, not {type(value).__name__}")
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(key, f"must be a single value, not {type(value).__name__}")
         return str(value)
+    if parse:
+        try:
+            return parse(str(value))
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, "must be a mapping of name: value")
@@ -344,7 +366,7 @@ def _is_text(tp: Any) -> bool:
         return _is_text(args[0])
     if typing.get_origin(tp) is Literal:
         return all(isinstance(a, str) for a in args)
-    return tp is str
+    return tp is str or hasattr(tp, "parse")
 
 
 def _env_overrides(env: Mapping[str, str], sections: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
