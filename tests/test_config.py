@@ -17,6 +17,7 @@ from fleet_common.config import (
     Config,
     ConfigError,
     ControllerConfig,
+    MetricsConfig,
     PersisterConfig,
     Shard,
     build_sections,
@@ -151,10 +152,25 @@ def test_the_shipped_defaults_load_back_from_the_keys_users_write() -> None:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             value = getattr(getattr(defaults, section), f.name)
-            written = str(value) if isinstance(value, Shard) else (
-                dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
-            raw.setdefault(section, {})[f.name] = written
+            if f.metadata.get("flat"):
+                raw.setdefault(section, {}).update({f"{f.name}_{k}": v for k, v in dataclasses.asdict(value).items()})
+            else:
+                raw.setdefault(section, {})[f.name] = str(value) if isinstance(value, Shard) else (
+                    dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
     assert Config(**build_sections(yaml.safe_load(yaml.safe_dump(raw)), {})) == defaults
+
+
+def test_metrics_and_heartbeat_keys_stay_flat() -> None:
+    """metrics_* and heartbeat_* are written flat in each section, as before; a key left out keeps
+    that section's default."""
+    cfg = load_config(None, env={"FLEET_PERSISTER_METRICS_PORT": "9999", "FLEET_CONTROLLER_METRICS_ENABLED": "true",
+                                 "FLEET_AGENT_HEARTBEAT_INTERVAL_S": "1"})
+    assert cfg.persister.metrics == MetricsConfig(enabled=False, host="127.0.0.1", port=9999)
+    assert cfg.controller.metrics == MetricsConfig(enabled=True, port=9811)
+    assert (cfg.agent.heartbeat.path, cfg.agent.heartbeat.interval_s) == ("~/.local/state/fleet-agent/heartbeat.json",
+                                                                           1.0)
+    assert cfg.persister.heartbeat.path == "data/fleet-persister.heartbeat.json"
+    assert cfg.get("persister.metrics_port") == 9999 and cfg.get("mqtt.tls.enabled") is False
 
 
 @pytest.mark.parametrize(("text", "key"), [

@@ -36,6 +36,10 @@ BUILTIN_TYPES = ("cpu", "disk", "memory", "network", "os_info", "ping", "process
 SHARE_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{16,}$")
 DEFAULT_SCHEDULE = {"os_info": 3600, "cpu": 60, "memory": 60, "disk": 300,
                     "network": 60, "processes": 300, "ping": 60}
+# A nested dataclass whose fields are written flat in its section: `metrics: MetricsConfig`
+# is read from the keys metrics_enabled, metrics_host and metrics_port. Its default is a value
+# (field(default=...)): keys not written keep the section's own default.
+FLAT = {"flat": True}
 
 
 def _check_port(key: str, port: int) -> None:
@@ -63,6 +67,26 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    """A section's heartbeat_path and heartbeat_interval_s: the health file it rewrites, and how often."""
+
+    path: str
+    interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """A section's metrics_enabled, metrics_host and metrics_port: its Prometheus endpoint."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9811
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
 
 
 @dataclass(frozen=True)
@@ -115,8 +139,8 @@ class AgentConfig:
     outbox_max_messages: int = 10000
     collector_timeout_s: float = 10.0
     workers: int = 2
-    heartbeat_path: str = "~/.local/state/fleet-agent/heartbeat.json"
-    heartbeat_interval_s: float = 5.0
+    heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("~/.local/state/fleet-agent/heartbeat.json"),
+                                       metadata=FLAT)
 
     def __post_init__(self) -> None:
         if self.id is not None:
@@ -135,11 +159,8 @@ class ControllerConfig:
     max_unacked_requests: int = 50000
     max_dispatch_per_s: int = 2000
     client_id: Optional[str] = None
-    heartbeat_path: str = "data/fleet-controller.heartbeat.json"
-    heartbeat_interval_s: float = 5.0
-    metrics_enabled: bool = False
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9811
+    heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("data/fleet-controller.heartbeat.json"), metadata=FLAT)
+    metrics: MetricsConfig = field(default=MetricsConfig(port=9811), metadata=FLAT)
 
     def __post_init__(self) -> None:
         for name, seconds in self.schedule.items():
@@ -155,7 +176,6 @@ class ControllerConfig:
             raise ConfigError("max_unacked_requests", "must be at least 1")
         if self.max_dispatch_per_s < 1:
             raise ConfigError("max_dispatch_per_s", "must be at least 1 request a second")
-        _check_port("metrics_port", self.metrics_port)
 
 
 @dataclass(frozen=True)
@@ -175,14 +195,10 @@ class PersisterConfig:
     client_id: Optional[str] = None
     expire_grace_s: float = 5.0
     sweep_interval_s: float = 5.0
-    heartbeat_path: str = "data/fleet-persister.heartbeat.json"
-    heartbeat_interval_s: float = 5.0
-    metrics_enabled: bool = False
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9812
+    heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("data/fleet-persister.heartbeat.json"), metadata=FLAT)
+    metrics: MetricsConfig = field(default=MetricsConfig(port=9812), metadata=FLAT)
 
     def __post_init__(self) -> None:
-        _check_port("metrics_port", self.metrics_port)
         if "default" not in self.retention_s:
             raise ConfigError("retention_s.default", "is required")
         make_one = ("`fleetctl add-user NAME --role persister` writes the deployment's group into the config it "
@@ -239,6 +255,15 @@ class Config:
     def replace(self, section: str, **changes: Any) -> Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
+    def get(self, key: str) -> Any:
+        """The value of `key` as a user writes it: 'mqtt.port', 'mqtt.tls.enabled', 'persister.metrics_port'."""
+        value: Any = self
+        for part in key.split("."):
+            flat = next((f.name for f in dataclasses.fields(value)
+                         if f.metadata.get("flat") and part.startswith(f.name + "_")), None)
+            value = getattr(getattr(value, flat), part[len(flat) + 1:]) if flat else getattr(value, part)
+        return value
+
 
 SECTIONS = {"mqtt": MqttConfig, "agent": AgentConfig, "controller": ControllerConfig,
             "persister": PersisterConfig, "dashboard": DashboardConfig, "log": LogConfig}
@@ -283,8 +308,15 @@ def postponed_hints(cls: Any) -> Dict[str, Any]:
 
 
 def _keys(cls: Any) -> Dict[str, Any]:
-    """The keys a user writes for `cls` -> their types."""
-    return _hints(cls)
+    """The keys a user writes for `cls` -> their types; a FLAT field's keys are spelled `<field>_<key>`."""
+    hints = _hints(cls)
+    keys: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flat"):
+            keys.update({f"{f.name}_{inner}": tp for inner, tp in _keys(hints[f.name]).items()})
+        else:
+            keys[f.name] = hints[f.name]
+    return keys
 
 
 def _one_of(options: Any) -> str:
@@ -342,21 +374,28 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     raise AssertionError(f"unhandled config type {tp!r}")
 
 
-def _build(cls: Any, raw: Any, where: str) -> Any:
-    """A `cls` from the mapping `raw`, whose keys the user wrote as `<where>.<key>`."""
+def _build(cls: Any, raw: Any, where: str, join: str = ".") -> Any:
+    """A `cls` from the mapping `raw`, whose keys the user wrote as `<where><join><key>`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(where, "must be a mapping of keys")
-    keys = _keys(cls)
+    keys, hints, values = _keys(cls), _hints(cls), {}
     unknown = next((name for name in raw if name not in keys), None)
     if unknown is not None:
-        raise ConfigError(f"{where}.{unknown}", f"unknown key; known keys in '{where}': {', '.join(sorted(keys))}")
-    values = {name: _coerce(f"{where}.{name}", keys[name], value) for name, value in raw.items()}
+        raise ConfigError(f"{where}{join}{unknown}", f"unknown key; known keys in '{where}': {', '.join(sorted(keys))}")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flat"):
+            mine = {k[len(f.name) + 1:]: v for k, v in raw.items() if k.startswith(f.name + "_")}
+            if mine:  # else the section's own default
+                values[f.name] = _build(hints[f.name], {**vars(f.default), **mine},
+                                        f"{where}{join}{f.name}", "_")
+        elif f.name in raw:
+            values[f.name] = _coerce(f"{where}{join}{f.name}", hints[f.name], raw[f.name])
     try:
         return cls(**values)
     except ConfigError as exc:
-        raise ConfigError(f"{where}.{exc.key}", exc.problem) from None
+        raise ConfigError(f"{where}{join}{exc.key}", exc.problem) from None
 
 
 def _is_text(tp: Any) -> bool:
