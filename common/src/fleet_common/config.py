@@ -25,7 +25,7 @@ from typing import Any, Dict, Literal, Mapping, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ContractError
 from .messages import EXPIRES_FUTURE_S
 from .topics import TYPE_RE, Topics, check_agent_id
 
@@ -124,8 +124,8 @@ class MqttConfig:
         _check_port("port", self.port)
         try:
             self.topics()
-        except Exception as exc:
-            raise ConfigError("topic_prefix", str(exc)) from None
+        except ContractError as exc:
+            raise ConfigError("topic_prefix", exc.detail) from None
 
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
