@@ -1,9 +1,7 @@
 """Fleet telemetry controller: asks every agent for each request type on a spread schedule."""
 
-from fleet_common.config import Shard
-
 from .controller import Controller
-from .schedule import Schedule, phase_ms, shard_of, stable_hash
+from .schedule import Schedule, Shard, phase_ms, shard_of, stable_hash
 
 __version__ = "0.1.0"
 

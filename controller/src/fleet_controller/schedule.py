@@ -17,7 +17,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Mapping, Set, Tuple
 
-from fleet_common.config import Shard
+from fleet_common.config import Shard as Shard  # re-exported: fleet_controller.Shard
 from fleet_common.messages import Status
 
 SLOT_MS = 100
