@@ -62,7 +62,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load(args, PROG)
     if args.check:
-        return run_check(cfg.agent.heartbeat_path, PROG)
+        return run_check(cfg.agent.heartbeat.path, PROG)
     if args.once:
         return once(args.once, args.params)
     if args.id is not None:
@@ -79,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def problems() -> List[str]:
         return [] if agent.link.connected.is_set() else [f"not connected to the broker at {agent.link.where}"]
 
-    with Heartbeat(cfg.agent.heartbeat_path, PROG, cfg.agent.heartbeat_interval_s,
+    with Heartbeat(cfg.agent.heartbeat.path, PROG, cfg.agent.heartbeat.interval_s,
                    lambda: {**agent.health(), "connected": agent.link.connected.is_set()}, problems):
         code = agent.run(stop)
     if agent.busy:

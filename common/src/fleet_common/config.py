@@ -2,20 +2,30 @@
 
 Loaded once at start. An unknown key or a value of the wrong type stops start-up
 with a ConfigError that names the key.
+
+The loader reads each field's type with typing.get_type_hints, so any spelling of an
+annotation loads (`Optional[int]` or `int | None`, `Dict[str, int]` or `dict[str, int]`,
+`Literal[...]`, a nested dataclass). Each section checks its own values in `__post_init__`
+and names the key relative to itself ('port'); the loader adds where it sits ('mqtt.port').
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import os
 import re
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ContractError
 from .messages import EXPIRES_FUTURE_S
 from .topics import TYPE_RE, Topics, check_agent_id
 
@@ -26,6 +36,57 @@ BUILTIN_TYPES = ("cpu", "disk", "memory", "network", "os_info", "ping", "process
 SHARE_GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{16,}$")
 DEFAULT_SCHEDULE = {"os_info": 3600, "cpu": 60, "memory": 60, "disk": 300,
                     "network": 60, "processes": 300, "ping": 60}
+# A nested dataclass whose fields are written flat in its section: `metrics: MetricsConfig`
+# is read from the keys metrics_enabled, metrics_host and metrics_port. Its default is a value
+# (field(default=...)): keys not written keep the section's own default.
+FLAT = {"flat": True}
+
+
+def _check_port(key: str, port: int) -> None:
+    if not 0 < port < 65536:
+        raise ConfigError(key, f"{port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """`controller.shard: "i/n"`: this controller schedules the agents whose id hashes to shard i of n."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"'{self}' must be 'i/n' with 0 <= i < n")
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = re.fullmatch(r"(\d+)/(\d+)", text)
+        if match is None:
+            raise ValueError(f"{text!r} must be 'i/n' with 0 <= i < n")
+        return cls(int(match[1]), int(match[2]))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    """A section's heartbeat_path and heartbeat_interval_s: the health file it rewrites, and how often."""
+
+    path: str
+    interval_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """A section's metrics_enabled, metrics_host and metrics_port: its Prometheus endpoint."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9811
+
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
 
 
 @dataclass(frozen=True)
@@ -34,6 +95,16 @@ class TlsConfig:
     ca_file: Optional[str] = None
     cert_file: Optional[str] = None
     key_file: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ConfigError(name, f"file {value!r} does not exist or is not readable")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("key_file", "a client certificate needs both cert_file and key_file")
 
 
 @dataclass(frozen=True)
@@ -49,6 +120,13 @@ class MqttConfig:
     reconnect_max_s: float = 30.0
     tls: TlsConfig = field(default_factory=TlsConfig)
 
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        try:
+            self.topics()
+        except ContractError as exc:
+            raise ConfigError("topic_prefix", exc.detail) from None
+
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
 
@@ -61,33 +139,48 @@ class AgentConfig:
     outbox_max_messages: int = 10000
     collector_timeout_s: float = 10.0
     workers: int = 2
-    heartbeat_path: str = "~/.local/state/fleet-agent/heartbeat.json"
-    heartbeat_interval_s: float = 5.0
+    heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("~/.local/state/fleet-agent/heartbeat.json"),
+                                       metadata=FLAT)
+
+    def __post_init__(self) -> None:
+        if self.id is not None:
+            try:
+                check_agent_id(self.id)
+            except Exception:
+                raise ConfigError("id", f"{self.id!r} must be 1-64 characters of [A-Za-z0-9_.-]") from None
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
     schedule: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
     offline_forget_s: int = 86400
-    shard: str = "0/1"
+    shard: Shard = Shard()
     tick_s: float = 0.5
     max_unacked_requests: int = 50000
     max_dispatch_per_s: int = 2000
     client_id: Optional[str] = None
-    heartbeat_path: str = "data/fleet-controller.heartbeat.json"
-    heartbeat_interval_s: float = 5.0
-    metrics_enabled: bool = False
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9811
+    heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("data/fleet-controller.heartbeat.json"), metadata=FLAT)
+    metrics: MetricsConfig = field(default=MetricsConfig(port=9811), metadata=FLAT)
 
-    def shard_index(self) -> Tuple[int, int]:
-        index, count = (int(x) for x in self.shard.split("/"))
-        return index, count
+    def __post_init__(self) -> None:
+        for name, seconds in self.schedule.items():
+            if not TYPE_RE.match(name):
+                raise ConfigError(f"schedule.{name}", "is not a valid request type name")
+            if seconds < 1:
+                raise ConfigError(f"schedule.{name}", "interval must be at least 1 second")
+            if seconds > EXPIRES_FUTURE_S:
+                # a request expires one interval after it is sent, and receivers refuse an expiry further ahead
+                raise ConfigError(f"schedule.{name}", f"interval must be at most {EXPIRES_FUTURE_S:.0f} "
+                                                      "seconds (366 days)")
+        if self.max_unacked_requests < 1:
+            raise ConfigError("max_unacked_requests", "must be at least 1")
+        if self.max_dispatch_per_s < 1:
+            raise ConfigError("max_dispatch_per_s", "must be at least 1 request a second")
 
 
 @dataclass(frozen=True)
 class PersisterConfig:
-    store: str = "sqlite"
+    store: Literal["sqlite", "mongodb"] = "sqlite"
     sqlite_path: str = "data/fleet.db"
     mongodb_uri: str = "mongodb://localhost:27017"
     mongodb_database: str = "fleet"
@@ -102,11 +195,21 @@ class PersisterConfig:
     client_id: Optional[str] = None
     expire_grace_s: float = 5.0
     sweep_interval_s: float = 5.0
-    heartbeat_path: str = "data/fleet-persister.heartbeat.json"
-    heartbeat_interval_s: float = 5.0
-    metrics_enabled: bool = False
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9812
+    heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("data/fleet-persister.heartbeat.json"), metadata=FLAT)
+    metrics: MetricsConfig = field(default=MetricsConfig(port=9812), metadata=FLAT)
+
+    def __post_init__(self) -> None:
+        if "default" not in self.retention_s:
+            raise ConfigError("retention_s.default", "is required")
+        make_one = ("`fleetctl add-user NAME --role persister` writes the deployment's group into the config it "
+                    "makes, or make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(18))'")
+        if self.share_group is None:
+            if self.shared_subscription:
+                raise ConfigError("share_group", "is required when persister.shared_subscription is true: "
+                                  "a secret group name shared by this deployment's persisters; " + make_one)
+        elif not SHARE_GROUP_RE.match(self.share_group):
+            raise ConfigError("share_group", "must be at least 16 characters of [A-Za-z0-9_-] "
+                              "(a secret: any client that knows it can make messages go unstored); " + make_one)
 
 
 @dataclass(frozen=True)
@@ -122,11 +225,21 @@ class DashboardConfig:
     mqtt_username: Optional[str] = None
     mqtt_password: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        _check_port("port", self.port)
+        if self.ask_enabled and not self.operator_token:
+            raise ConfigError("operator_token", "is required when dashboard.ask_enabled is true "
+                              "(set FLEET_DASHBOARD_OPERATOR_TOKEN to a long random string)")
+
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = "info"
-    format: str = "text"
+    level: str = "info"  # any case
+    format: Literal["text", "json"] = "text"
+
+    def __post_init__(self) -> None:
+        if self.level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("level", f"{self.level!r} must be debug, info, warning or error")
 
 
 @dataclass(frozen=True)
@@ -142,89 +255,178 @@ class Config:
     def replace(self, section: str, **changes: Any) -> Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
 
+    def get(self, key: str) -> Any:
+        """The value of `key` as a user writes it: 'mqtt.port', 'mqtt.tls.enabled', 'persister.metrics_port'."""
+        value: Any = self
+        for part in key.split("."):
+            flat = next((f.name for f in dataclasses.fields(value)
+                         if f.metadata.get("flat") and part.startswith(f.name + "_")), None)
+            value = getattr(getattr(value, flat), part[len(flat) + 1:]) if flat else getattr(value, part)
+        return value
+
 
 SECTIONS = {"mqtt": MqttConfig, "agent": AgentConfig, "controller": ControllerConfig,
             "persister": PersisterConfig, "dashboard": DashboardConfig, "log": LogConfig}
-_NESTED = {"tls": TlsConfig}
+_UNIONS = (Union, getattr(types, "UnionType", Union))  # Optional[int], and int | None from Python 3.10
 
 
-def _coerce(key: str, type_str: str, value: Any) -> Any:
-    optional = type_str.startswith("Optional[")
-    base = type_str[len("Optional["):-1] if optional else type_str
-    if value is None:
-        if optional:
+class _Pep604ToUnion(ast.NodeTransformer):
+    def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+        self.generic_visit(node)
+        if not isinstance(node.op, ast.BitOr):
+            return node
+        return ast.Subscript(ast.Name("__Union", ast.Load()), ast.Tuple([node.left, node.right], ast.Load()),
+                             ast.Load())
+
+
+def eval_annotation(text: str, namespace: Mapping[str, Any]) -> Any:
+    """`text` (a postponed annotation) as a type, with `a | b` read as Union[a, b]: Python 3.9 cannot
+    evaluate `int | None` itself, even where `from __future__ import annotations` let it be written."""
+    tree = ast.fix_missing_locations(_Pep604ToUnion().visit(ast.parse(text, mode="eval")))
+    return eval(compile(tree, "<annotation>", "eval"), {**namespace, "__Union": Union})
+
+
+@functools.cache
+def _hints(cls: Any) -> Dict[str, Any]:
+    """The type of each field of the dataclass `cls`, however its annotation is spelled."""
+    try:
+        return typing.get_type_hints(cls)
+    except TypeError:
+        if sys.version_info >= (3, 10):
+            raise
+    return postponed_hints(cls)
+
+
+def postponed_hints(cls: Any) -> Dict[str, Any]:
+    """get_type_hints for Python 3.9, through eval_annotation."""
+    hints: Dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        namespace = vars(sys.modules[klass.__module__])
+        for name, text in vars(klass).get("__annotations__", {}).items():
+            hints[name] = eval_annotation(text, namespace) if isinstance(text, str) else text
+    return hints
+
+
+def _keys(cls: Any) -> Dict[str, Any]:
+    """The keys a user writes for `cls` -> their types; a FLAT field's keys are spelled `<field>_<key>`."""
+    hints = _hints(cls)
+    keys: Dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flat"):
+            keys.update({f"{f.name}_{inner}": tp for inner, tp in _keys(hints[f.name]).items()})
+        else:
+            keys[f.name] = hints[f.name]
+    return keys
+
+
+def _one_of(options: Any) -> str:
+    shown = [repr(o) for o in options]
+    return " or ".join(shown) if len(shown) < 3 else ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in _UNIONS:
+        inner = [a for a in args if a is not type(None)]
+        if value is None and len(inner) < len(args):
             return None
+        if len(inner) != 1:
+            raise AssertionError(f"config type {tp!r}: only Optional[X] unions are supported")
+        return _coerce(key, inner[0], value)
+    if value is None:
         raise ConfigError(key, "must not be empty")
-    if base == "bool":
+    if origin is Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"{value!r} must be {_one_of(args)}")
+    if tp is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(key, f"must be true or false, not {value!r}")
-    if base in ("int", "float"):
+    if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"must be a number, not {value!r}")
-        if base == "int" and value != int(value):
+        if tp is int and value != int(value):
             raise ConfigError(key, f"must be a whole number, not {value!r}")
         if value < 0:
             raise ConfigError(key, f"must not be negative, not {value!r}")
-        return int(value) if base == "int" else float(value)
-    if base == "str":
-        if isinstance(value, (dict, list)):
-            raise ConfigError(key, f"must be a single value, not {type(value).__name__}")
+        return tp(value)
+    parse = getattr(tp, "parse", None)  # a value written as text, like Shard's "0/1"
+    if isinstance(value, (dict, list)) and (tp is str or parse):
+        raise ConfigError(key, f"must be a single value, not {type(value).__name__}")
+    if tp is str:
         return str(value)
-    if base == "Dict[str, int]":
+    if parse:
+        try:
+            return parse(str(value))
+        except ValueError as exc:
+            raise ConfigError(key, str(exc)) from None
+    if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(key, "must be a mapping of name: seconds")
-        return {str(k): _coerce(f"{key}.{k}", "int", v) for k, v in value.items()}
-    raise AssertionError(f"unhandled config type {type_str}")
+            raise ConfigError(key, "must be a mapping of name: value")
+        return {_coerce(key, args[0], k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(key, "must be a list")
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise AssertionError(f"unhandled config type {tp!r}")
 
 
-def _build(cls: Any, prefix: str, raw: Any) -> Any:
+def _build(cls: Any, raw: Any, where: str, join: str = ".") -> Any:
+    """A `cls` from the mapping `raw`, whose keys the user wrote as `<where><join><key>`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(prefix, "must be a mapping of keys")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for name, value in raw.items():
-        key = f"{prefix}.{name}"
-        if name not in fields:
-            raise ConfigError(key, f"unknown key; known keys in '{prefix}': {', '.join(sorted(fields))}")
-        if name in _NESTED:
-            values[name] = _build(_NESTED[name], key, value)
-        else:
-            values[name] = _coerce(key, str(fields[name].type), value)
-    return cls(**values)
+        raise ConfigError(where, "must be a mapping of keys")
+    keys, hints, values = _keys(cls), _hints(cls), {}
+    unknown = next((name for name in raw if name not in keys), None)
+    if unknown is not None:
+        raise ConfigError(f"{where}{join}{unknown}", f"unknown key; known keys in '{where}': {', '.join(sorted(keys))}")
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("flat"):
+            mine = {k[len(f.name) + 1:]: v for k, v in raw.items() if k.startswith(f.name + "_")}
+            if mine:  # else the section's own default
+                values[f.name] = _build(hints[f.name], {**vars(f.default), **mine},
+                                        f"{where}{join}{f.name}", "_")
+        elif f.name in raw:
+            values[f.name] = _coerce(f"{where}{join}{f.name}", hints[f.name], raw[f.name])
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{join}{exc.key}", exc.problem) from None
 
 
-def _env_overrides(env: Mapping[str, str]) -> Dict[str, Dict[str, Any]]:
-    """FLEET_MQTT_PORT=1884 -> {"mqtt": {"port": 1884}}; FLEET_MQTT_TLS_ENABLED -> mqtt.tls.enabled."""
+def _is_text(tp: Any) -> bool:
+    """Keys whose environment value is taken as written (a password of digits stays a string)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in _UNIONS and len(args) == 1:
+        return _is_text(args[0])
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in args)
+    return tp is str or hasattr(tp, "parse")
+
+
+def _env_overrides(env: Mapping[str, str], sections: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """FLEET_MQTT_PORT=1884 -> {"mqtt": {"port": 1884}}; FLEET_MQTT_TLS_ENABLED -> mqtt.tls.enabled.
+    Text for string keys, else YAML: 1884, true, null."""
     out: Dict[str, Dict[str, Any]] = {}
     for name, text in env.items():
         if not name.startswith("FLEET_"):
             continue
         rest = name[len("FLEET_"):].lower()
-        section = next((s for s in SECTIONS if rest.startswith(s + "_")), None)
+        section = next((s for s in sections if rest.startswith(s + "_")), None)
         if section is None:
             continue  # FLEET_TEST_* and the like belong to other tools
-        key = rest[len(section) + 1:]
-        known = {f.name for f in dataclasses.fields(SECTIONS[section])}
-        nested = next((n for n in _NESTED if key.startswith(n + "_") and n in known), None)
+        key, keys, where = rest[len(section) + 1:], _keys(sections[section]), out.setdefault(section, {})
+        nested = next((k for k, tp in keys.items() if dataclasses.is_dataclass(tp) and key.startswith(k + "_")), None)
         if nested:
-            inner = key[len(nested) + 1:]
-            out.setdefault(section, {}).setdefault(nested, {})[inner] = _env_value(_NESTED[nested], inner, text)
-        elif key in known:
-            out.setdefault(section, {})[key] = _env_value(SECTIONS[section], key, text)
-        else:
+            key, keys, where = key[len(nested) + 1:], _keys(keys[nested]), where.setdefault(nested, {})
+        if key not in keys:
             raise ConfigError(f"{section}.{key}", f"unknown key (from environment variable {name})")
+        where[key] = text if _is_text(keys[key]) else yaml.safe_load(text) if text != "" else None
     return out
-
-
-def _env_value(cls: Any, key: str, text: str) -> Any:
-    """Text for string keys (a password of digits stays a string), else YAML: 1884, true, null."""
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    if types.get(key) in ("str", "Optional[str]"):
-        return text
-    return yaml.safe_load(text) if text != "" else None
 
 
 def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
@@ -235,68 +437,6 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-def _validate(cfg: Config) -> None:
-    Topics(cfg.mqtt.topic_prefix)  # raises on a bad prefix
-    if not 0 < cfg.mqtt.port < 65536:
-        raise ConfigError("mqtt.port", f"{cfg.mqtt.port} is not a TCP port")
-    for name in ("ca_file", "cert_file", "key_file"):
-        value = getattr(cfg.mqtt.tls, name)
-        if cfg.mqtt.tls.enabled and value is not None and not Path(value).expanduser().is_file():
-            raise ConfigError(f"mqtt.tls.{name}", f"file {value!r} does not exist or is not readable")
-    if cfg.mqtt.tls.enabled and (cfg.mqtt.tls.cert_file is None) != (cfg.mqtt.tls.key_file is None):
-        raise ConfigError("mqtt.tls.key_file", "a client certificate needs both cert_file and key_file")
-    if cfg.agent.id is not None:
-        try:
-            check_agent_id(cfg.agent.id)
-        except Exception:
-            raise ConfigError("agent.id", f"{cfg.agent.id!r} must be 1-64 characters of [A-Za-z0-9_.-]") from None
-    for name, seconds in cfg.controller.schedule.items():
-        if not TYPE_RE.match(name):
-            raise ConfigError(f"controller.schedule.{name}", "is not a valid request type name")
-        if seconds < 1:
-            raise ConfigError(f"controller.schedule.{name}", "interval must be at least 1 second")
-        if seconds > EXPIRES_FUTURE_S:
-            # a request expires one interval after it is sent, and receivers refuse an expiry further ahead
-            raise ConfigError(f"controller.schedule.{name}", f"interval must be at most {EXPIRES_FUTURE_S:.0f} "
-                                                             "seconds (366 days)")
-    if not re.match(r"^\d+/[1-9]\d*$", cfg.controller.shard) or \
-            cfg.controller.shard_index()[0] >= cfg.controller.shard_index()[1]:
-        raise ConfigError("controller.shard", f"{cfg.controller.shard!r} must be 'i/n' with 0 <= i < n")
-    if cfg.controller.max_unacked_requests < 1:
-        raise ConfigError("controller.max_unacked_requests", "must be at least 1")
-    if cfg.controller.max_dispatch_per_s < 1:
-        raise ConfigError("controller.max_dispatch_per_s", "must be at least 1 request a second")
-    if cfg.persister.store not in ("sqlite", "mongodb"):
-        raise ConfigError("persister.store", f"{cfg.persister.store!r} must be 'sqlite' or 'mongodb'")
-    if "default" not in cfg.persister.retention_s:
-        raise ConfigError("persister.retention_s.default", "is required")
-    _validate_share_group(cfg.persister)
-    if cfg.log.level.lower() not in ("debug", "info", "warning", "error"):
-        raise ConfigError("log.level", f"{cfg.log.level!r} must be debug, info, warning or error")
-    for section in ("controller", "persister"):
-        if not 0 < getattr(cfg, section).metrics_port < 65536:
-            raise ConfigError(f"{section}.metrics_port", f"{getattr(cfg, section).metrics_port} is not a TCP port")
-    if not 0 < cfg.dashboard.port < 65536:
-        raise ConfigError("dashboard.port", f"{cfg.dashboard.port} is not a TCP port")
-    if cfg.dashboard.ask_enabled and not cfg.dashboard.operator_token:
-        raise ConfigError("dashboard.operator_token", "is required when dashboard.ask_enabled is true "
-                          "(set FLEET_DASHBOARD_OPERATOR_TOKEN to a long random string)")
-    if cfg.log.format not in ("text", "json"):
-        raise ConfigError("log.format", f"{cfg.log.format!r} must be 'text' or 'json'")
-
-
-def _validate_share_group(pcfg: PersisterConfig) -> None:
-    make_one = ("`fleetctl add-user NAME --role persister` writes the deployment's group into the config it makes, "
-                "or make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(18))'")
-    if pcfg.share_group is None:
-        if pcfg.shared_subscription:
-            raise ConfigError("persister.share_group", "is required when persister.shared_subscription is true: "
-                              "a secret group name shared by this deployment's persisters; " + make_one)
-    elif not SHARE_GROUP_RE.match(pcfg.share_group):
-        raise ConfigError("persister.share_group", "must be at least 16 characters of [A-Za-z0-9_-] "
-                          "(a secret: any client that knows it can make messages go unstored); " + make_one)
 
 
 def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
@@ -316,11 +456,14 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
         raw = loaded or {}
     elif path is not None or required:
         raise ConfigError("--config", f"file {str(file)!r} does not exist")
-    raw = _merge(raw, _env_overrides(env))
-    for section in raw:
-        if section not in SECTIONS:
-            raise ConfigError(section, f"unknown section; known sections: {', '.join(SECTIONS)}")
-    cfg = Config(**{name: _build(cls, name, raw.get(name)) for name, cls in SECTIONS.items()},
-                 source=str(file) if file.exists() else None)
-    _validate(cfg)
-    return cfg
+    return Config(**build_sections(raw, env), source=str(file) if file.exists() else None)
+
+
+def build_sections(raw: Mapping[str, Any], env: Mapping[str, str],
+                   sections: Mapping[str, Any] = SECTIONS) -> Dict[str, Any]:
+    """Each of `sections` (name -> dataclass) from `raw`, the file's mapping, and FLEET_* in `env`."""
+    merged = _merge(dict(raw), _env_overrides(env, sections))
+    unknown = next((name for name in merged if name not in sections), None)
+    if unknown is not None:
+        raise ConfigError(unknown, f"unknown section; known sections: {', '.join(sections)}")
+    return {name: _build(cls, merged.get(name), name) for name, cls in sections.items()}

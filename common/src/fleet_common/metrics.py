@@ -57,9 +57,10 @@ class HttpMetrics:
 
 def serve_metrics(section: str, section_cfg: Any, registry: Collector) -> MetricsServer:
     """The endpoint `section_cfg` (a controller or persister config) asks for, or NoMetrics."""
-    if not section_cfg.metrics_enabled:
+    metrics = section_cfg.metrics
+    if not metrics.enabled:
         return NoMetrics()
-    return HttpMetrics(registry, section_cfg.metrics_host, section_cfg.metrics_port, section)
+    return HttpMetrics(registry, metrics.host, metrics.port, section)
 
 
 def broker_families(snapshot: Mapping[str, Any]) -> Iterator[Any]:

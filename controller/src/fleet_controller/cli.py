@@ -22,13 +22,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load(args, PROG)
     if args.check:
-        return run_check(cfg.controller.heartbeat_path, PROG)
+        return run_check(cfg.controller.heartbeat.path, PROG)
     # APScheduler logs every run of the tick at info; a tick runs twice a second.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     stop = stop_event()
     controller = Controller(cfg)
     metrics = serve_metrics("controller", cfg.controller, registry_for(controller))
-    heartbeat = Heartbeat(cfg.controller.heartbeat_path, PROG, cfg.controller.heartbeat_interval_s,
+    heartbeat = Heartbeat(cfg.controller.heartbeat.path, PROG, cfg.controller.heartbeat.interval_s,
                           lambda: snapshot(controller),
                           lambda: [] if controller.link.connected.is_set()
                           else [f"not connected to the broker at {controller.link.where}"])

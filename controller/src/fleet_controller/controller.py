@@ -22,7 +22,7 @@ from fleet_common.timefmt import iso, new_id
 from fleet_common.topics import STATUS
 
 from .pacing import Pacer
-from .schedule import Schedule, Shard
+from .schedule import Schedule
 
 log = logging.getLogger("fleet.controller")
 
@@ -32,9 +32,9 @@ Clock = Callable[[], float]
 
 
 def default_client_id(cfg: Config) -> str:
-    index, count = cfg.controller.shard_index()
+    shard = cfg.controller.shard
     # Unique per process: two controllers of one shard with one id would knock each other off.
-    return cfg.controller.client_id or f"fleet-controller-{index}of{count}-{new_id()[-8:]}"
+    return cfg.controller.client_id or f"fleet-controller-{shard.index}of{shard.count}-{new_id()[-8:]}"
 
 
 class Controller:
@@ -46,7 +46,7 @@ class Controller:
         self.intervals_s = dict(cfg.controller.schedule)
         self._clock = clock
         self._lock = threading.Lock()  # the schedule is fed by the network thread, read by the tick
-        self.schedule = Schedule(self.intervals_s, start_s=clock(), shard=Shard(*cfg.controller.shard_index()),
+        self.schedule = Schedule(self.intervals_s, start_s=clock(), shard=cfg.controller.shard,
                                  offline_forget_s=cfg.controller.offline_forget_s)
         # No in-flight window in paho: with one, every ack walks all the messages in flight
         # (paho 2.2's _update_inflight), which took a quarter of the controller's time at 100,000

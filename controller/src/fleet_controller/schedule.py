@@ -17,6 +17,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Iterator, List, Mapping, Set, Tuple
 
+from fleet_common.config import Shard as Shard  # re-exported: fleet_controller.Shard
 from fleet_common.messages import Status
 
 SLOT_MS = 100
@@ -79,13 +80,8 @@ class AgentState:
     offline_since_s: float = 0.0
 
 
-@dataclass(frozen=True)
-class Shard:
-    index: int = 0
-    count: int = 1
-
-    def owns(self, agent_id: str) -> bool:
-        return self.count == 1 or shard_of(agent_id, self.count) == self.index
+def owns(shard: Shard, agent_id: str) -> bool:
+    return shard.count == 1 or shard_of(agent_id, shard.count) == shard.index
 
 
 @dataclass
@@ -129,7 +125,7 @@ class Schedule:
         reconnects of agents already online (a broker restart sends no Last Will) ask nothing,
         so restarts of the controller or the broker cause no burst."""
         agent_id = status.agent_id
-        if not self.shard.owns(agent_id):
+        if not owns(self.shard, agent_id):
             return []
         state = self.agents.get(agent_id)
         if not status.online:

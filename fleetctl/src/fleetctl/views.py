@@ -72,8 +72,8 @@ def broker_warnings(cfg: Config) -> List[str]:
     """A line if the broker has dropped messages, as a running persister or controller on this
     machine last saw in the broker's $SYS tree (their heartbeat files); nothing otherwise."""
     seen: List[Tuple[int, str]] = []
-    for service, path in (("fleet-persister", cfg.persister.heartbeat_path),
-                          ("fleet-controller", cfg.controller.heartbeat_path)):
+    for service, path in (("fleet-persister", cfg.persister.heartbeat.path),
+                          ("fleet-controller", cfg.controller.heartbeat.path)):
         code, why = health.check(path)
         if code and not why.startswith("unhealthy"):
             continue  # not running here, or stale: what it saw is no news

@@ -24,7 +24,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = load(args, PROG)
     if args.check:
-        return run_check(cfg.persister.heartbeat_path, PROG)
+        return run_check(cfg.persister.heartbeat.path, PROG)
     stop = stop_event()
     # unreachable server: retried with backoff; StoreError (bad path, URI, credentials): one line, exit 2
     opened = open_store_waiting(cfg.persister, stop)
@@ -35,7 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     persister = Persister(cfg, store)
     metrics = serve_metrics("persister", cfg.persister, register(persister, store))
     try:
-        with Heartbeat(cfg.persister.heartbeat_path, PROG, cfg.persister.heartbeat_interval_s,
+        with Heartbeat(cfg.persister.heartbeat.path, PROG, cfg.persister.heartbeat.interval_s,
                        lambda: snapshot(persister), lambda: problems(persister, store)):
             return persister.run(stop)
     finally:
