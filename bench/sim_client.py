@@ -8,8 +8,8 @@ Each run starts a fresh Mosquitto (broker_config/dev.conf, saved periodically as
 it) and one child process holding every agent in one variant:
 
 - glue:    paho clients on the asyncio loop through on_socket_* callbacks, keepalive for a
-           tenth of the clients every half second (fleet_sim's glue.py before it was replaced,
-           copied below so the comparison stays reproducible);
+           tenth of the clients every half second (sim/src/fleet_sim/glue.py, copied below so
+           the comparison stays the same when the simulator changes);
 - aiomqtt: one `async with aiomqtt.Client(...)` per agent, `client.messages`, `await publish`.
 
 Each agent connects (MQTT 5, Last Will, at most --concurrency CONNECTs awaiting CONNACK),
@@ -17,6 +17,7 @@ subscribes to its request topic at QoS 1 and publishes a retained birth. Then th
 sends one QoS 1 request to every agent at once; each answers with a --payload-byte QoS 1
 response. Figures: time until every agent is subscribed, the child's RSS, its CPU seconds
 while connecting, idle (--idle-s, keepalive only) and answering, and the time for the round.
+The figures and the decision they led to are in sim/src/fleet_sim/glue.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -277,6 +279,9 @@ def one_run(args: argparse.Namespace, variant: str, run: int, work: Path) -> Dic
 
 
 def parent(args: argparse.Namespace) -> None:
+    if "aiomqtt" in args.variants and importlib.util.find_spec("aiomqtt") is None:
+        sys.exit("aiomqtt is not installed (the simulator does not use it): .venv/bin/pip install 'aiomqtt>=2,<3', "
+                 "or --variants glue")
     if raise_nofile() < args.agents + 200:
         sys.exit(f"{args.agents} agents need {args.agents + 200} open files; raise the hard limit (ulimit -Hn)")
     results: Dict[str, List[Dict[str, float]]] = {v: [] for v in args.variants}
