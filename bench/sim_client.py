@@ -49,6 +49,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet_common.link import no_delay
+from fleet_common.topics import Topics
 from fleetctl.broker import EmbeddedBroker, free_port
 
 VARIANTS = ("glue", "aiomqtt")
@@ -111,21 +112,22 @@ async def run_glue(args: argparse.Namespace, ids: List[str], ready: Callable[[],
     housekeeping = asyncio.create_task(glue.housekeeping(), name="housekeeping")
     gate = asyncio.Semaphore(args.concurrency)
     body = b"x" * args.payload
+    topics = Topics(args.prefix)
 
     def make(agent_id: str) -> mqtt.Client:
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=agent_id, protocol=mqtt.MQTTv5,
                         reconnect_on_failure=False)
-        c.will_set(f"{args.prefix}/{agent_id}/status", b'{"online":false}', qos=1, retain=True)
+        c.will_set(topics.status(agent_id), b'{"online":false}', qos=1, retain=True)
         acked: asyncio.Future[None] = loop.create_future()
 
         def on_connect(cl: mqtt.Client, ud: Any, flags: Any, reason: Any, props: Any) -> None:
-            cl.subscribe(f"{args.prefix}/{agent_id}/req/+", qos=1)
-            cl.publish(f"{args.prefix}/{agent_id}/status", b'{"online":true}', qos=1, retain=True)
+            cl.subscribe(topics.agent_requests(agent_id), qos=1)
+            cl.publish(topics.status(agent_id), b'{"online":true}', qos=1, retain=True)
             if not acked.done():
                 acked.set_result(None)
 
         def on_message(cl: mqtt.Client, ud: Any, msg: mqtt.MQTTMessage) -> None:
-            cl.publish(f"{args.prefix}/{agent_id}/res/ping", body, qos=1,
+            cl.publish(topics.response(agent_id, "ping"), body, qos=1,
                        properties=_reply_props(msg.properties.CorrelationData))  # type: ignore[union-attr]
 
         c.on_connect, c.on_message = on_connect, on_message
@@ -152,22 +154,23 @@ async def run_aiomqtt(args: argparse.Namespace, ids: List[str], ready: Callable[
 
     gate = asyncio.Semaphore(args.concurrency)
     body = b"x" * args.payload
+    topics = Topics(args.prefix)
 
     async def one(agent_id: str) -> None:
         c = aiomqtt.Client(args.host, args.port, identifier=agent_id, protocol=aiomqtt.ProtocolVersion.V5,
                            clean_start=True, keepalive=60, properties=_connect_props(),
                            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                           will=aiomqtt.Will(f"{args.prefix}/{agent_id}/status", b'{"online":false}', 1, True))
+                           will=aiomqtt.Will(topics.status(agent_id), b'{"online":false}', 1, True))
         async with contextlib.AsyncExitStack() as stack:
             async with gate:
                 await stack.enter_async_context(c)
-            await c.subscribe(f"{args.prefix}/{agent_id}/req/+", qos=1)
+            await c.subscribe(topics.agent_requests(agent_id), qos=1)
             ready()
-            await c.publish(f"{args.prefix}/{agent_id}/status", b'{"online":true}', qos=1, retain=True)
+            await c.publish(topics.status(agent_id), b'{"online":true}', qos=1, retain=True)
             async with asyncio.TaskGroup() as tg:
                 async for msg in c.messages:
-                    tg.create_task(c.publish(f"{args.prefix}/{agent_id}/res/ping", body, qos=1,
-                                             properties=_reply_props(msg.properties.CorrelationData)))  # type: ignore[union-attr]
+                    tg.create_task(c.publish(topics.response(agent_id, "ping"), body, qos=1,
+                                             properties=_reply_props(msg.properties.CorrelationData)))
 
     await asyncio.gather(*(one(i) for i in ids))
 
@@ -203,7 +206,7 @@ class Requester:
         self.expected = 0
         subscribed = threading.Event()
         self.c = client(f"{prefix}-requester")
-        self.c.on_connect = lambda cl, *a: cl.subscribe(f"{prefix}/+/res/+", qos=1)
+        self.c.on_connect = lambda cl, *a: cl.subscribe(Topics(prefix).all_responses(), qos=1)
         self.c.on_subscribe = lambda *a: subscribed.set()
         self.c.on_message = self._on_message
         connect(self.c, port)
@@ -220,9 +223,9 @@ class Requester:
         self.expected, started = len(ids), time.monotonic()
         for n, agent_id in enumerate(ids):
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            props.ResponseTopic = f"{self.prefix}/{agent_id}/res/ping"
+            props.ResponseTopic = Topics(self.prefix).response(agent_id, "ping")
             props.CorrelationData = str(n).encode()
-            self.c.publish(f"{self.prefix}/{agent_id}/req/ping", b'{"id":"r%d"}' % n, qos=1, properties=props)
+            self.c.publish(Topics(self.prefix).request(agent_id, "ping"), b'{"id":"r%d"}' % n, qos=1, properties=props)
         if not self.done.wait(timeout_s):
             raise RuntimeError(f"{self.answers}/{len(ids)} answers in {timeout_s} s")
         return time.monotonic() - started
