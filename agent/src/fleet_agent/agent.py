@@ -47,7 +47,6 @@ from .outbox import Outbox
 
 log = logging.getLogger("fleet.agent")
 
-MAX_TOPIC_BYTES = 65535
 MAX_POOL_REPLACEMENTS = 3
 COURIER_CHECK_S = 2.0  # how often the courier looks for entries never handed to paho
 ACK_LINGER_S = 0.5  # acknowledged answers leave the outbox in batches this far apart (sooner when stopping)
@@ -177,7 +176,6 @@ class Agent:
         self._replaced = 0
         self._health: Dict[str, str] = {}  # type -> last outcome, to log changes only
         self._status_topic = self.topics.status(self.id)
-        self._response_base = self.topics.response_base(self.id)
         will = (self._status_topic, self._offline().payload())
         self.link = Link(cfg.mqtt, self.id, clean_start=False, session_expiry_s=cfg.agent.session_expiry_s,
                          will=will, username=cfg.mqtt.username or self.id, logger=logging.getLogger("fleet.link"))
@@ -327,10 +325,10 @@ class Agent:
             if req_id is None:
                 self._drop(topic, f"bad request without a usable id: {exc}")
                 return
-            job = _Job(Request(id=req_id, type=type_), self._reply_topic(reply_to, type_), correlation)
+            job = _Job(Request(id=req_id, type=type_), self.topics.reply(self.id, type_, reply_to), correlation)
             self._answer(job, Response.fail(req_id, self.id, type_, "bad_request", str(exc)))
             return
-        job = _Job(req, self._reply_topic(reply_to, type_), correlation)
+        job = _Job(req, self.topics.reply(self.id, type_, reply_to), correlation)
         if self._stopping.is_set():
             self._drop(topic, "agent is stopping")
             return
@@ -348,13 +346,6 @@ class Agent:
     def _drop(self, topic: str, why: str) -> None:
         self._count("dropped")
         log.debug("dropped a message on %r: %s", topic[:200], why)
-
-    def _reply_topic(self, reply_to: Optional[str], type_: str) -> str:
-        if (isinstance(reply_to, str) and reply_to.startswith(self._response_base)
-                and len(reply_to) > len(self._response_base) and not any(ch in reply_to for ch in "+#\x00")
-                and len(reply_to.encode("utf-8")) <= MAX_TOPIC_BYTES):
-            return reply_to
-        return self.topics.response(self.id, type_)
 
     def stuck(self) -> int:
         """Collectors still running past their timeout (hung, e.g. on a dead network mount)."""

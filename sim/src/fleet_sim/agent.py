@@ -32,14 +32,13 @@ PLATFORM = "Linux-6.1.0-21-amd64-x86_64-with-glibc2.36"
 class SimAgent:
     """Connect with `connect()`; the fleet's loop does the I/O. `done` resolves on CONNACK."""
 
-    __slots__ = ("client", "connected", "fleet", "host", "id", "pending", "res_base", "status_topic", "was_online")
+    __slots__ = ("client", "connected", "fleet", "host", "id", "pending", "status_topic", "was_online")
 
     def __init__(self, fleet: Fleet, agent_id: str) -> None:
         self.fleet, self.id = fleet, agent_id
         topics: Topics = fleet.topics
         self.host = Host(agent_id, fleet.settings.processes)
         self.status_topic = topics.status(agent_id)
-        self.res_base = topics.response_base(agent_id)
         self.connected = False
         self.was_online = False
         self.pending: Optional[asyncio.Future[bool]] = None
@@ -103,9 +102,7 @@ class SimAgent:
             log.debug("%s dropped a message on %s: %s", self.id, topic, exc)
             return
         type_ = parsed.type
-        if not (isinstance(reply_to, str) and reply_to.startswith(self.res_base) and len(reply_to) > len(self.res_base)
-                and not any(ch in reply_to for ch in "+#")):
-            reply_to = fleet.topics.response(self.id, type_)
+        reply_to = fleet.topics.reply(self.id, type_, reply_to)
         if req.is_expired(time.time()):
             body = Response.fail(req.id, self.id, type_, "expired", f"request expired at {req.expires_at}").payload()
         elif type_ not in fleet.settings.types:
