@@ -3,15 +3,23 @@ envelope around pre-serialised data, the one request builder, and `ago()`."""
 
 from __future__ import annotations
 
+import json
+import time
 import typing
 
 import pytest
+from helpers import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from fleet_common import ContractError, Topics
+from fleet_common import ContractError, ParsedTopic, Response, Topics, parse_response
+from fleet_common.messages import ok_response_payload
+from fleet_common.timefmt import is_valid_id, iso, parse_iso
 from fleet_common.topics import MAX_TOPIC_BYTES, Kind, is_reply_topic
 
 T = Topics("fleet")
 OWN = "fleet/web-01/res/cpu"
+AT = "2026-11-26T04:30:00.140Z"
 
 
 @pytest.mark.parametrize("asked", [OWN, "fleet/web-01/res/mine/1", "fleet/web-01/res/x"])
@@ -50,3 +58,53 @@ def test_parsed_topic_kinds_are_the_three_of_the_contract() -> None:
     assert typing.get_args(Kind) == ("req", "res", "status")
     assert [T.parse(t).kind for t in (T.request("a", "cpu"), T.response("a", "cpu"), T.status("a"))] == \
         ["req", "res", "status"]
+
+
+def _envelope(req_id: str, agent_id: str, type_: str, data: dict, ms: float) -> bytes:
+    return Response(id=req_id, agent_id=agent_id, type=type_, status="ok", data=data, collected_at=AT,
+                    duration_ms=round(ms, 3)).payload()
+
+
+@pytest.mark.parametrize("req_id, agent_id, ms", [
+    ("0193e5c2a1b27c3d9f8e6a5b4c3d2e1f", "web-01", 4.1), ("x", "a.b_c-1", 0.0), ("x", "web-01", 12.3456789),
+    ("x", "web-01", 7), ('quo"te', "web-01", 1.0), ("back\\slash", "web-01", 1.0), ("tab\t", "web-01", 1.0),
+    ("\u00e9t\u00e9", "web-01", 1.0), ("x", "web-01", 1e300),
+])
+def test_the_fast_envelope_is_the_same_bytes_as_a_response(req_id: str, agent_id: str, ms: float) -> None:
+    """ok_response_payload around pre-serialised data writes what Response.payload() writes."""
+    data = {"percent": 12.5, "per_cpu": [10.0, 15.0], "name": "caf\u00e9"}
+    data_json = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    assert ok_response_payload(req_id, agent_id, "cpu", data_json, ms, AT) == _envelope(req_id, agent_id, "cpu",
+                                                                                         data, ms)
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(req_id=st.text(max_size=70), ms=st.floats(min_value=0, max_value=86400000.0))
+def test_any_envelope_the_fast_path_writes_parses_back(req_id: str, ms: float) -> None:
+    """Whatever the strings hold, the bytes are the response's, and a valid one parses back to it."""
+    try:
+        expected = _envelope(req_id, "web-01", "cpu", {"a": 1}, ms)
+    except UnicodeEncodeError:  # a lone surrogate is no UTF-8 text either way
+        with pytest.raises(UnicodeEncodeError):
+            ok_response_payload(req_id, "web-01", "cpu", b'{"a":1}', ms, AT)
+        return
+    got = ok_response_payload(req_id, "web-01", "cpu", b'{"a":1}', ms, AT)
+    assert got == expected
+    if is_valid_id(req_id):
+        res = parse_response(got, ParsedTopic("res", "web-01", "cpu"))
+        assert (res.id, res.data, res.duration_ms) == (req_id, {"a": 1}, round(ms, 3))
+
+
+def test_the_fast_envelope_refuses_what_json_cannot_hold() -> None:
+    """Data that is not a serialised object, and a NaN duration, are errors, not bad bytes on the wire."""
+    with pytest.raises(ValueError):
+        ok_response_payload("x", "web-01", "cpu", b"[1]", 1.0)
+    with pytest.raises(ValueError):
+        ok_response_payload("x", "web-01", "cpu", b"{}", float("nan"))
+
+
+def test_the_envelope_is_collected_now_unless_told() -> None:
+    """collected_at defaults to the sender's clock, in the contract's format."""
+    before = parse_iso(iso(time.time()))
+    res = parse_response(ok_response_payload("x", "web-01", "cpu", b"{}", 1.0), ParsedTopic("res", "web-01", "cpu"))
+    assert parse_iso(res.collected_at) >= before

@@ -15,8 +15,7 @@ from paho.mqtt.properties import Properties
 
 from fleet_common.errors import ContractError
 from fleet_common.link import no_delay, publish_properties
-from fleet_common.messages import Response, Status, parse_request
-from fleet_common.timefmt import iso
+from fleet_common.messages import Response, Status, ok_response_payload, parse_request
 from fleet_common.topics import Topics
 
 from . import __version__
@@ -114,12 +113,7 @@ class SimAgent:
             except BadParams as exc:
                 body = Response.fail(req.id, self.id, type_, "bad_request", str(exc)).payload()
             else:
-                # The envelope around pre-serialised data: dumping a 40 KB answer again would double the cost.
-                ms = round((time.perf_counter() - started) * 1000.0, 3)
-                body = b"".join((b'{"v":1,"id":"', req.id.encode(), b'","agent_id":"', self.id.encode(),
-                                 b'","type":"', type_.encode(), b'","status":"ok","data":', data,
-                                 b',"error":null,"collected_at":"', iso(time.time()).encode(),
-                                 b'","duration_ms":', str(ms).encode(), b"}"))
+                body = ok_response_payload(req.id, self.id, type_, data, (time.perf_counter() - started) * 1000.0)
                 stats.ok += 1
         props = publish_properties(correlation=correlation) if correlation is not None else None
         self.client.publish(reply_to, body, qos=1, properties=props)
