@@ -4,6 +4,8 @@ envelope around pre-serialised data, the one request builder, and `ago()`."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import typing
 
@@ -12,7 +14,8 @@ from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fleet_common import ContractError, ParsedTopic, Response, Topics, parse_response
+from fleet_common import ContractError, ParsedTopic, Response, Topics, parse_request, parse_response
+from fleet_common.ask import build_request
 from fleet_common.messages import ok_response_payload
 from fleet_common.timefmt import is_valid_id, iso, parse_iso
 from fleet_common.topics import MAX_TOPIC_BYTES, Kind, is_reply_topic
@@ -108,3 +111,43 @@ def test_the_envelope_is_collected_now_unless_told() -> None:
     before = parse_iso(iso(time.time()))
     res = parse_response(ok_response_payload("x", "web-01", "cpu", b"{}", 1.0), ParsedTopic("res", "web-01", "cpu"))
     assert parse_iso(res.collected_at) >= before
+
+
+def test_request_and_response_topics_together_are_the_same_as_apart() -> None:
+    """The controller's one-check builder makes the same two topics, and refuses what they refuse."""
+    assert T.request_and_response("web-01", "cpu") == (T.request("web-01", "cpu"), T.response("web-01", "cpu"))
+    for agent, type_ in (("web 01", "cpu"), ("web-01", "CPU"), (".x", "cpu")):
+        with pytest.raises(ContractError):
+            T.request_and_response(agent, type_)
+
+
+def test_a_built_request_is_what_the_agent_and_mosquitto_rr_expect() -> None:
+    """The one request builder: its topic, a payload that parses, and the MQTT 5 properties."""
+    out = build_request(T, "web-01", "processes", 60, {"limit": 5}, now_s=1795671360.0)
+    assert out.topic == "fleet/web-01/req/processes" and out.reply_topic == "fleet/web-01/res/processes"
+    req = parse_request(out.payload(), T.parse(out.topic))
+    assert req == out.request and req.params == {"limit": 5}
+    assert (req.issued_at, req.expires_at) == ("2026-11-26T05:36:00.000Z", "2026-11-26T05:37:00.000Z")
+    assert out.properties is not None
+    props = out.properties.unpacked()
+    assert (props.ResponseTopic, props.CorrelationData, props.MessageExpiryInterval) == \
+        (out.reply_topic, req.id.encode(), 60)
+
+
+def test_a_short_request_still_waits_a_second_at_the_broker() -> None:
+    """MQTT's expiry is whole seconds: under one second would be none at all."""
+    out = build_request(T, "web-01", "ping", 0.5)
+    assert out.properties is not None
+    assert out.properties.unpacked().MessageExpiryInterval == 1
+    assert out.request.params == {} and parse_iso(out.request.expires_at or "") > parse_iso(out.request.issued_at or "")
+
+
+def test_built_requests_have_distinct_ids() -> None:
+    assert len({build_request(T, "web-01", "cpu", 60).request.id for _ in range(100)}) == 100
+
+
+def test_the_dashboard_does_not_load_fleetctl() -> None:
+    """The web app asks agents through fleet_common: importing it loads no fleetctl module."""
+    code = "import sys, fleet_dashboard.app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'fleetctl'))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import re
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Optional
+from typing import Literal, Optional, Tuple
 
 from .errors import ContractError
 
@@ -92,6 +92,12 @@ class Topics:
 
     def response(self, agent_id: str, type_: str) -> str:
         return f"{self.prefix}/{check_agent_id(agent_id)}/{RES}/{check_type(type_)}"
+
+    def request_and_response(self, agent_id: str, type_: str) -> Tuple[str, str]:
+        """request() and response() of one agent and type, checked once: the controller asks
+        thousands a second, and the second check cost more than the tuple build_request returns."""
+        head, tail = f"{self.prefix}/{check_agent_id(agent_id)}/", f"/{check_type(type_)}"
+        return f"{head}{REQ}{tail}", f"{head}{RES}{tail}"
 
     def status(self, agent_id: str) -> str:
         return f"{self.prefix}/{check_agent_id(agent_id)}/{STATUS}"

@@ -13,13 +13,13 @@ from typing import Any, Callable, Dict, Optional
 from flask import Flask, abort, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.wrappers.response import Response as HttpResponse
 
+from fleet_common.ask import NoAnswer, ask
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
 from fleet_common.messages import Response
 from fleet_common.timefmt import parse_iso
 from fleet_common.topics import check_agent_id
 from fleet_persister.stores import Store
-from fleetctl.request import NoAnswer, ask
 
 from .data import RANGES_S, SORT_KEYS, Fleet, FleetQuery
 from .operators import operators
@@ -30,7 +30,7 @@ NONE = "\u2013"  # an en dash for "no value"
 
 
 def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
-    """The `fleetctl request` path."""
+    """Ask the agent over MQTT and wait for its answer (fleet_common.ask)."""
     return ask(cfg, agent_id, type_, {}, timeout_s)
 
 
