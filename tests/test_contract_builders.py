@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from fleet_common import ContractError, ParsedTopic, Response, Topics, parse_request, parse_response
 from fleet_common.ask import build_request
 from fleet_common.messages import ok_response_payload
-from fleet_common.timefmt import is_valid_id, iso, parse_iso
+from fleet_common.timefmt import ago, is_valid_id, iso, parse_iso
 from fleet_common.topics import MAX_TOPIC_BYTES, Kind, is_reply_topic
 
 T = Topics("fleet")
@@ -151,3 +151,15 @@ def test_the_dashboard_does_not_load_fleetctl() -> None:
     code = "import sys, fleet_dashboard.app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'fleetctl'))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("age_s, text", [(0, "0s ago"), (59, "59s ago"), (60, "1m ago"), (3600 * 5, "5h ago"),
+                                         (86400 * 3, "3d ago"), (-30, "0s ago")])
+def test_ago_says_how_long_ago_for_people(age_s: float, text: str) -> None:
+    """One ago() for fleetctl and the dashboard: the largest whole unit, a time ahead as 0s."""
+    now = 1795671360.0
+    assert ago(iso(now - age_s), now) == text
+
+
+def test_ago_of_nothing_is_never() -> None:
+    assert ago(None) == ago("") == "never"
