@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from fleet_common import Request, Response, Status, iso
+from fleet_common import Request, Response, Status, Topics, iso
 from fleet_common.config import load_config
 from fleet_dashboard.app import create_app
 from fleet_store import Batch, Incoming, RejectedRecord
@@ -79,7 +79,8 @@ def populate(store: SqliteStore, agents: int, answers: int, window_s: float) -> 
                         id=rid, agent_id=agent, type=type_, status="ok", data=reading(type_, rng, r),
                         collected_at=iso(at + rng.uniform(0.002, 0.05))), agent, iso(at + 0.06)))
         store.write(batch)
-    store.write(Batch(rejected=[RejectedRecord(id=f"x{i}", received_at=iso(now - i), topic="fleet/h/res/cpu",
+    topic = Topics().response("h", "cpu")
+    store.write(Batch(rejected=[RejectedRecord(id=f"x{i}", received_at=iso(now - i), topic=topic,
                                                reason="bad_json", payload="{nope") for i in range(300)]))
 
 

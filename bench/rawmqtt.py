@@ -20,6 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleet_common.link import no_delay
+from fleet_common.topics import Topics
 
 
 def _client(client_id: str = "", session: bool = False) -> mqtt.Client:
@@ -50,12 +51,15 @@ def publish(port: int, topic_base: str, count: int, payloads: List[bytes], types
             done.set()
 
     c.on_publish = on_publish
+    topics = Topics(topic_base)
+    # built before the clock starts: the ceiling is the transport's, not the topic checks'
+    names = [[topics.response(f"a{a}", t) for t in types] for a in range(100)]
     started = time.time()
     for i in range(count):
         k = i % len(payloads)
         while i - acked[0] >= 1000:  # stay inside the in-flight window instead of queueing everything
             time.sleep(0.0005)
-        c.publish(f"{topic_base}/a{i % 100}/res/{types[k]}", payloads[k], qos=1)
+        c.publish(names[i % 100][k], payloads[k], qos=1)
     done.wait(120)
     ended = time.time()
     c.disconnect()
@@ -103,7 +107,7 @@ def main() -> int:
     p.add_argument("mode", choices=["pub", "sub"])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--topic-base", default="raw")
-    p.add_argument("--filter", default="raw/+/res/+")
+    p.add_argument("--filter", default=Topics("raw").all_responses())
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--payloads", default="")
     p.add_argument("--client-id", default="")

@@ -36,8 +36,9 @@ from harness import (
 
 from fleet_common.brokerwatch import STORED as BROKER_STORED
 from fleet_common.config import ControllerConfig, PersisterConfig
-from fleet_common.messages import Status
-from fleet_common.timefmt import iso, new_id
+from fleet_common.messages import Status, ok_response_payload
+from fleet_common.timefmt import new_id
+from fleet_common.topics import Topics
 from fleet_persister.persister import parse_workers
 
 
@@ -67,10 +68,7 @@ TINY = Sizes(repeats=1, ingest_repeats=1, raw_messages=300, ingest_backlog=200, 
 
 
 def response_payload(host: Host, agent_id: str, type_: str, req_id: str) -> bytes:
-    data = host.reading(type_, {})
-    return b"".join((b'{"v":1,"id":"', req_id.encode(), b'","agent_id":"', agent_id.encode(), b'","type":"',
-                     type_.encode(), b'","status":"ok","data":', data, b',"error":null,"collected_at":"',
-                     iso(time.time()).encode(), b'","duration_ms":0.5}'))
+    return ok_response_payload(req_id, agent_id, type_, host.reading(type_, {}), 0.5)
 
 
 def _last_json(proc: Proc) -> Dict[str, Any]:
@@ -103,8 +101,8 @@ def raw_live_once(b: Bench, label: str, n: int) -> Tuple[float, float]:
     """A paho publisher -> Mosquitto -> paho subscriber, QoS 1: (subscriber, publisher) msgs/s."""
     spec, _ = raw_payloads(b)
     ready = b.run_dir / f"raw-{label}.ready"
-    sub = b.python(f"raw-sub-{label}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter", f"raw-{label}/+/res/+",
-                   "--count", str(n), "--ready-file", str(ready))
+    sub = b.python(f"raw-sub-{label}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter",
+                   Topics(f"raw-{label}").all_responses(), "--count", str(n), "--ready-file", str(ready))
     wait_until(ready.exists, 20)
     p = b.python(f"raw-pub-{label}", "rawmqtt.py", "pub", "--port", str(b.port), "--topic-base", f"raw-{label}",
                  "--count", str(n), "--payloads", str(spec))
@@ -125,13 +123,13 @@ def raw(b: Bench, sizes: Sizes) -> Dict[str, Any]:
         # the same backlog, drained by a plain subscriber: the persister's ingest is the same shape
         cid = f"raw-drain-{r}"
         first = b.python(f"raw-drain-sub0-{r}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter",
-                         f"rawd{r}/+/res/+", "--count", "0", "--client-id", cid, "--session")
+                         Topics(f"rawd{r}").all_responses(), "--count", "0", "--client-id", cid, "--session")
         _wait_exit(first, 30)
         p = b.python(f"raw-drain-pub-{r}", "rawmqtt.py", "pub", "--port", str(b.port), "--topic-base", f"rawd{r}",
                      "--count", str(n), "--payloads", str(spec))
         _wait_exit(p, 300)
         d = b.python(f"raw-drain-sub-{r}", "rawmqtt.py", "sub", "--port", str(b.port), "--filter",
-                     f"rawd{r}/+/res/+", "--count", str(n), "--client-id", cid, "--session")
+                     Topics(f"rawd{r}").all_responses(), "--count", str(n), "--client-id", cid, "--session")
         _wait_exit(d, 300)
         s = _last_json(d)
         drain.append(s["received"] / max(s["last"] - s["first"], 1e-9))
@@ -150,12 +148,13 @@ def publish_backlog(b: Bench, prefix: str, n: int) -> None:
     c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
     c.loop_start()
     hosts = [Host(f"h{i}") for i in range(50)]
+    topics = Topics(prefix)
     for i in range(n):
         t = TYPES[i % len(TYPES)]
         agent = f"h{i % 50}"
         while i - acked[0] >= 1000:
             time.sleep(0.0005)
-        c.publish(f"{prefix}/{agent}/res/{t}", response_payload(hosts[i % 50], agent, t, new_id()), qos=1)
+        c.publish(topics.response(agent, t), response_payload(hosts[i % 50], agent, t, new_id()), qos=1)
     wait_until(lambda: acked[0] >= n, 120, 0.05)
     c.disconnect()
     c.loop_stop()
@@ -186,7 +185,7 @@ def ingest_once(b: Bench, name: str, n: int, persisters: int, store: Dict[str, A
     for _ in range(500):
         if all(read_commits(f)[0] for f in commit_files):
             break
-        warm.publish(f"{prefix}/warm-up/res/ping", response_payload(host, "warm-up", "ping", new_id()),
+        warm.publish(Topics(prefix).response("warm-up", "ping"), response_payload(host, "warm-up", "ping", new_id()),
                      qos=1).wait_for_publish(10)
         time.sleep(0.05)
     else:
@@ -281,7 +280,7 @@ class Stack:
         self.persister = b.python(f"{name}-persister", "probe_persister.py", "--config", str(self.cfg),
                                   "--commits", str(self.commits))
         wait_until(lambda: bool(read_commits(self.commits)[1]), 30)
-        self.observer = Observer(b.port, f"{name}/+/req/+")
+        self.observer = Observer(b.port, Topics(name).all_requests())
 
     def controller(self, label: str, interval_s: int, budget_per_s: Optional[int] = None) -> Proc:
         settings: Dict[str, Any] = {"schedule": {t: interval_s for t in TYPES}, "tick_s": 0.1}
@@ -473,6 +472,7 @@ def top_frames(path: Path, n: int = 12) -> Dict[str, Any]:
 # 5. controller at 100,000 agents --------------------------------------------------------------
 def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
     prefix = "ctl100k"
+    topics = Topics(prefix)
     n = sizes.controller_agents
     c = client()
     connect(c, b.port)
@@ -486,7 +486,7 @@ def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
                         types=list(TYPES))
         while i - acked[0] >= 1000:
             time.sleep(0.0005)
-        c.publish(f"{prefix}/{agent}/status", status.payload(), qos=1, retain=True)
+        c.publish(topics.status(agent), status.payload(), qos=1, retain=True)
     wait_until(lambda: acked[0] >= n, 120, 0.05)
     c.disconnect()
     c.loop_stop()
@@ -500,10 +500,10 @@ def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
     def on_message(cl: Any, ud: Any, msg: Any) -> None:
         with lock:
             count[0] += 1
-            seen.add(msg.topic.split("/", 2)[1])
+            seen.add(topics.parse(msg.topic).agent_id)
 
     obs.on_message = on_message
-    obs.on_connect = lambda cl, *a: cl.subscribe(f"{prefix}/+/req/+", qos=0)
+    obs.on_connect = lambda cl, *a: cl.subscribe(topics.all_requests(), qos=0)
     connect(obs, b.port)
     obs.loop_start()
     cfg = b.config("ctl100k", prefix, log={"level": "info"}, controller={"max_dispatch_per_s": UNPACED})
@@ -556,7 +556,7 @@ def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
     cfg = b.config("agentfp", prefix, agent={"id": "bench-agent", "outbox_path": str(b.run_dir / "outbox.db")},
                    controller={"schedule": {t: 1 for t in TYPES}, "tick_s": 0.1})
     ag = b.start_proc("agentfp-agent", [*command, "--config", str(cfg)])
-    obs = Observer(b.port, f"{prefix}/+/res/+")
+    obs = Observer(b.port, Topics(prefix).all_responses())
     try:
         wait_until(lambda: ag.text().count("connected to broker") > 0, 20)
         ctl = b.service("agentfp-controller", "fleet-controller", cfg)
@@ -599,10 +599,10 @@ class RequestLog:
     def __init__(self, port: int, prefix: str) -> None:
         self.seen: List[Tuple[float, str, str, str]] = []
         self.stored_max = 0
-        self._prefix = prefix
+        self._topics = Topics(prefix)
         self.c = client()
         self.c.on_message = self._on_message
-        self.c.on_connect = lambda cl, *a: cl.subscribe([(f"{prefix}/+/req/+", 1), (BROKER_STORED, 0)])
+        self.c.on_connect = lambda cl, *a: cl.subscribe([(self._topics.all_requests(), 1), (BROKER_STORED, 0)])
         connect(self.c, port)
         self.c.loop_start()
 
@@ -610,8 +610,8 @@ class RequestLog:
         if msg.topic == BROKER_STORED:
             self.stored_max = max(self.stored_max, int(msg.payload or 0))
             return
-        _, agent, _, type_ = msg.topic.split("/")
-        self.seen.append((time.time(), agent, type_, json.loads(msg.payload)["id"]))
+        topic = self._topics.parse(msg.topic)
+        self.seen.append((time.time(), topic.agent_id, topic.type or "", json.loads(msg.payload)["id"]))
 
     def stop(self) -> None:
         self.c.disconnect()

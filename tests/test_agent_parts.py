@@ -19,13 +19,14 @@ from fleet_agent import publisher as publisher_module
 from fleet_agent.agent import Agent
 from fleet_agent.collectors import BadParams, prime_all, register, unregister
 from fleet_agent.dispatch import MAX_POOL_REPLACEMENTS, Dispatcher, collect
-from fleet_agent.intake import MAX_TOPIC_BYTES, Answer, Dispatch, Drop, Intake, Job
+from fleet_agent.intake import Answer, Dispatch, Drop, Intake, Job
 from fleet_agent.outbox import Outbox
 from fleet_agent.presence import Counters, Presence, will
 from fleet_agent.publisher import Acked, DurablePublisher, Signal
 from fleet_common import Request, Response, Topics, iso, new_id
 from fleet_common.config import load_config
 from fleet_common.messages import MAX_PAYLOAD_BYTES
+from fleet_common.topics import MAX_TOPIC_BYTES
 
 AGENT = "web-01"
 TOPICS = Topics("fleet")

@@ -19,8 +19,6 @@ from fleet_common.topics import Topics
 
 from .collectors import Collector
 
-MAX_TOPIC_BYTES = 65535
-
 
 class Job:
     """One accepted request on its way to an answer; answered exactly once (claim())."""
@@ -77,7 +75,6 @@ class Intake:
     def __init__(self, agent_id: str, topics: Topics, collectors: Mapping[str, Collector],
                  stopping: threading.Event) -> None:
         self.id, self.topics, self.collectors, self._stopping = agent_id, topics, collectors, stopping
-        self._response_base = topics.response_base(agent_id)
 
     def route(self, topic: str, payload: bytes, properties: Any = None) -> Routed:
         reply_to = getattr(properties, "ResponseTopic", None) if properties is not None else None
@@ -95,9 +92,9 @@ class Intake:
             req_id = recover_id(payload, correlation)
             if req_id is None:
                 return Drop(topic, f"bad request without a usable id: {exc}")
-            job = Job(Request(id=req_id, type=type_), self._reply_topic(reply_to, type_), correlation)
+            job = Job(Request(id=req_id, type=type_), self.topics.reply(self.id, type_, reply_to), correlation)
             return Answer(job, Response.fail(req_id, self.id, type_, "bad_request", str(exc)))
-        job = Job(req, self._reply_topic(reply_to, type_), correlation)
+        job = Job(req, self.topics.reply(self.id, type_, reply_to), correlation)
         if self._stopping.is_set():
             return Drop(topic, "agent is stopping")
         if req.is_expired(time.time()):
@@ -107,13 +104,6 @@ class Intake:
             return Answer(job, Response.fail(req.id, self.id, type_, "unknown_type",
                                              f"this agent answers {', '.join(sorted(self.collectors))}"))
         return Dispatch(job, collector)
-
-    def _reply_topic(self, reply_to: Optional[str], type_: str) -> str:
-        if (isinstance(reply_to, str) and reply_to.startswith(self._response_base)
-                and len(reply_to) > len(self._response_base) and not any(ch in reply_to for ch in "+#\x00")
-                and len(reply_to.encode("utf-8")) <= MAX_TOPIC_BYTES):
-            return reply_to
-        return self.topics.response(self.id, type_)
 
 
 def recover_id(payload: bytes, correlation: Optional[bytes]) -> Optional[str]:
@@ -134,4 +124,4 @@ def recover_id(payload: bytes, correlation: Optional[bytes]) -> Optional[str]:
     return None
 
 
-__all__ = ["MAX_TOPIC_BYTES", "Answer", "Dispatch", "Drop", "Intake", "Job", "Routed", "recover_id"]
+__all__ = ["Answer", "Dispatch", "Drop", "Intake", "Job", "Routed", "recover_id"]

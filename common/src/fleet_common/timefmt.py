@@ -6,7 +6,7 @@ import os
 import re
 import time
 from datetime import datetime, timezone
-from typing import Dict
+from typing import Dict, Optional
 
 from .errors import ContractError
 
@@ -87,6 +87,18 @@ def _parse_iso(text: str) -> float:
         return datetime.fromisoformat(text).timestamp()
     except ValueError as exc:
         raise ContractError("bad_timestamp", str(exc)) from None
+
+
+def ago(ts: Optional[str], now_s: Optional[float] = None) -> str:
+    """How long before `now_s` (default: now) timestamp `ts` was, for people: "never", "42s ago",
+    "5m ago", "3h ago", "2d ago" (a time ahead reads "0s ago")."""
+    if not ts:
+        return "never"
+    seconds = max(0.0, (time.time() if now_s is None else now_s) - parse_iso(ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit} ago"
+    return f"{seconds:.0f}s ago"
 
 
 def new_id() -> str:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import socket
 from dataclasses import dataclass
-from typing import Optional
+from functools import lru_cache
+from typing import Literal, Optional, Tuple
 
 from .errors import ContractError
 
@@ -21,9 +22,12 @@ PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 # (persister.share_group is a per-deployment secret); a resumed session still leaves it.
 SHARE_GROUP = "persisters"
 
-REQ = "req"
-RES = "res"
-STATUS = "status"
+Kind = Literal["req", "res", "status"]
+REQ: Kind = "req"
+RES: Kind = "res"
+STATUS: Kind = "status"
+# MQTT's limit on a topic name: its UTF-8 length is a two-byte field.
+MAX_TOPIC_BYTES = 65535
 
 
 def check_agent_id(value: object) -> str:
@@ -48,9 +52,27 @@ def sanitise_agent_id(name: Optional[str] = None) -> str:
     return cleaned or "agent"
 
 
+def is_reply_topic(candidate: object, response_base: str) -> bool:
+    """Whether a request's ResponseTopic, `candidate`, is one an agent may answer on: a concrete
+    topic (no wildcard, no NUL, at most MAX_TOPIC_BYTES) strictly under its `response_base`
+    (Topics.response_base). Anything else would let a requester make the agent publish where it
+    must not, or have the broker disconnect it for a malformed PUBLISH."""
+    return (isinstance(candidate, str) and len(candidate) > len(response_base)
+            and candidate.startswith(response_base)
+            and "+" not in candidate and "#" not in candidate and "\x00" not in candidate
+            and len(candidate.encode("utf-8")) <= MAX_TOPIC_BYTES)
+
+
+# The simulator answers for 10,000 agents in one process, and checking the agent id again on every
+# answer cost as much as the rest of the reply-topic rule.
+@lru_cache(maxsize=16384)
+def _response_base(prefix: str, agent_id: str) -> str:
+    return f"{prefix}/{check_agent_id(agent_id)}/{RES}/"
+
+
 @dataclass(frozen=True)
 class ParsedTopic:
-    kind: str  # "req" | "res" | "status"
+    kind: Kind
     agent_id: str
     type: Optional[str]
 
@@ -71,12 +93,26 @@ class Topics:
     def response(self, agent_id: str, type_: str) -> str:
         return f"{self.prefix}/{check_agent_id(agent_id)}/{RES}/{check_type(type_)}"
 
+    def request_and_response(self, agent_id: str, type_: str) -> Tuple[str, str]:
+        """request() and response() of one agent and type, checked once: the controller asks
+        thousands a second, and the second check cost more than the tuple build_request returns."""
+        head, tail = f"{self.prefix}/{check_agent_id(agent_id)}/", f"/{check_type(type_)}"
+        return f"{head}{REQ}{tail}", f"{head}{RES}{tail}"
+
     def status(self, agent_id: str) -> str:
         return f"{self.prefix}/{check_agent_id(agent_id)}/{STATUS}"
 
     def response_base(self, agent_id: str) -> str:
         """Every topic an agent may answer on starts with this."""
-        return f"{self.prefix}/{check_agent_id(agent_id)}/{RES}/"
+        return _response_base(self.prefix, agent_id)
+
+    def reply(self, agent_id: str, type_: str, response_topic: object = None) -> str:
+        """Where agent `agent_id` answers a `type_` request that named `response_topic` (its MQTT 5
+        ResponseTopic, or None): that topic when is_reply_topic allows it, else its own
+        <prefix>/<agent_id>/res/<type>. So mosquitto_rr can ask an agent by hand."""
+        if isinstance(response_topic, str) and is_reply_topic(response_topic, self.response_base(agent_id)):
+            return response_topic
+        return self.response(agent_id, type_)
 
     # subscription filters
     def agent_requests(self, agent_id: str) -> str:
@@ -105,5 +141,6 @@ class Topics:
         if len(parts) == 2 and parts[1] == STATUS:
             return ParsedTopic(STATUS, check_agent_id(parts[0]), None)
         if len(parts) == 3 and parts[1] in (REQ, RES):
-            return ParsedTopic(parts[1], check_agent_id(parts[0]), check_type(parts[2]))
+            kind: Kind = REQ if parts[1] == REQ else RES
+            return ParsedTopic(kind, check_agent_id(parts[0]), check_type(parts[2]))
         raise ContractError("bad_topic", f"{topic[:120]!r} is not <prefix>/<agent>/(req|res)/<type> or status")

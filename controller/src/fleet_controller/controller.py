@@ -13,12 +13,13 @@ from typing import Any, Callable, Dict
 import paho.mqtt.client as mqtt
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from fleet_common.ask import build_request
 from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import Config
 from fleet_common.errors import ContractError
-from fleet_common.link import Link, publish_properties
-from fleet_common.messages import Request, parse_status
-from fleet_common.timefmt import iso, new_id
+from fleet_common.link import Link
+from fleet_common.messages import parse_status
+from fleet_common.timefmt import new_id
 from fleet_common.topics import STATUS
 
 from .pacing import Pacer
@@ -187,10 +188,9 @@ class Controller:
 
     def send(self, agent_id: str, type_: str, now: float) -> bool:
         interval_s = self.intervals_s[type_]
-        request = Request(id=new_id(), type=type_, params={}, issued_at=iso(now), expires_at=iso(now + interval_s))
         # The expiry is the interval, so an offline agent's session holds at most one of each type.
-        props = publish_properties(self.topics.response(agent_id, type_), request.id.encode(), interval_s)
-        info = self.link.publish(self.topics.request(agent_id, type_), request.payload(), qos=1, properties=props)
+        out = build_request(self.topics, agent_id, type_, interval_s, now_s=now)
+        info = self.link.publish(out.topic, out.payload(), qos=1, properties=out.properties)
         # NO_CONN: the link dropped mid-tick; paho keeps this QoS 1 message and sends it on reconnect.
         ok = info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
         with self._lock:  # first rounds are sent from the network thread, the rest from the tick
@@ -205,7 +205,7 @@ class Controller:
         if self._behind:
             self._behind = False
             log.info("the broker caught up: dispatching requests again (%d skipped so far)", self.skipped)
-        log.debug("asked %s for %s (request %s)", agent_id, type_, request.id)
+        log.debug("asked %s for %s (request %s)", agent_id, type_, out.request.id)
         return True
 
     def _summarise(self, now: float) -> None:

@@ -13,13 +13,13 @@ from typing import Any, Callable, Dict, Optional
 from flask import Flask, abort, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.wrappers.response import Response as HttpResponse
 
+from fleet_common.ask import NoAnswer, ask
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
 from fleet_common.messages import Response
-from fleet_common.timefmt import parse_iso
+from fleet_common.timefmt import ago
 from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
-from fleetctl.request import NoAnswer, ask
 
 from .data import RANGES_S, SORT_KEYS, Fleet, FleetQuery
 from .operators import operators
@@ -30,7 +30,7 @@ NONE = "\u2013"  # an en dash for "no value"
 
 
 def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
-    """The `fleetctl request` path."""
+    """Ask the agent over MQTT and wait for its answer (fleet_common.ask)."""
     return ask(cfg, agent_id, type_, {}, timeout_s)
 
 
@@ -39,16 +39,6 @@ def as_operator(cfg: Config) -> Config:
     d = cfg.dashboard
     return cfg if d.mqtt_username is None else cfg.replace("mqtt", username=d.mqtt_username,
                                                            password=d.mqtt_password)
-
-
-def ago(ts: Optional[str]) -> str:
-    if not ts:
-        return "never"
-    seconds = max(0.0, time.time() - parse_iso(ts))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
 
 
 def pct(value: Optional[float]) -> str:

@@ -10,6 +10,7 @@ import time
 from importlib import metadata
 from typing import Callable, List, Optional
 
+from fleet_common.ask import ask
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
@@ -88,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "request":
         started = time.monotonic()
-        res = req.ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout)
+        res = ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout)
         print(json.dumps(res.to_dict(), indent=2))
         print(f"answered in {(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr)
         return 0 if res.status == "ok" else 1

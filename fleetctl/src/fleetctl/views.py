@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 from fleet_common import health
 from fleet_common.brokerwatch import ADVICE
 from fleet_common.config import Config
-from fleet_common.timefmt import parse_iso
+from fleet_common.timefmt import ago
 from fleet_store import open_store
 
 
@@ -20,16 +20,6 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
-
-
-def ago(ts: Optional[str], now_s: Optional[float] = None) -> str:
-    if not ts:
-        return "never"
-    seconds = max(0.0, (now_s or time.time()) - parse_iso(ts))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit} ago"
-    return f"{seconds:.0f}s ago"
 
 
 def fmt_ms(ms: Optional[float]) -> str:

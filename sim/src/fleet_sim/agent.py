@@ -15,8 +15,7 @@ from paho.mqtt.properties import Properties
 
 from fleet_common.errors import ContractError
 from fleet_common.link import no_delay, publish_properties
-from fleet_common.messages import Response, Status, parse_request
-from fleet_common.timefmt import iso
+from fleet_common.messages import Response, Status, ok_response_payload, parse_request
 from fleet_common.topics import Topics
 
 from . import __version__
@@ -32,14 +31,13 @@ PLATFORM = "Linux-6.1.0-21-amd64-x86_64-with-glibc2.36"
 class SimAgent:
     """Connect with `connect()`; the fleet's loop does the I/O. `done` resolves on CONNACK."""
 
-    __slots__ = ("client", "connected", "fleet", "host", "id", "pending", "res_base", "status_topic", "was_online")
+    __slots__ = ("client", "connected", "fleet", "host", "id", "pending", "status_topic", "was_online")
 
     def __init__(self, fleet: Fleet, agent_id: str) -> None:
         self.fleet, self.id = fleet, agent_id
         topics: Topics = fleet.topics
         self.host = Host(agent_id, fleet.settings.processes)
         self.status_topic = topics.status(agent_id)
-        self.res_base = topics.response_base(agent_id)
         self.connected = False
         self.was_online = False
         self.pending: Optional[asyncio.Future[bool]] = None
@@ -103,9 +101,7 @@ class SimAgent:
             log.debug("%s dropped a message on %s: %s", self.id, topic, exc)
             return
         type_ = parsed.type
-        if not (isinstance(reply_to, str) and reply_to.startswith(self.res_base) and len(reply_to) > len(self.res_base)
-                and not any(ch in reply_to for ch in "+#")):
-            reply_to = fleet.topics.response(self.id, type_)
+        reply_to = fleet.topics.reply(self.id, type_, reply_to)
         if req.is_expired(time.time()):
             body = Response.fail(req.id, self.id, type_, "expired", f"request expired at {req.expires_at}").payload()
         elif type_ not in fleet.settings.types:
@@ -117,12 +113,7 @@ class SimAgent:
             except BadParams as exc:
                 body = Response.fail(req.id, self.id, type_, "bad_request", str(exc)).payload()
             else:
-                # The envelope around pre-serialised data: dumping a 40 KB answer again would double the cost.
-                ms = round((time.perf_counter() - started) * 1000.0, 3)
-                body = b"".join((b'{"v":1,"id":"', req.id.encode(), b'","agent_id":"', self.id.encode(),
-                                 b'","type":"', type_.encode(), b'","status":"ok","data":', data,
-                                 b',"error":null,"collected_at":"', iso(time.time()).encode(),
-                                 b'","duration_ms":', str(ms).encode(), b"}"))
+                body = ok_response_payload(req.id, self.id, type_, data, (time.perf_counter() - started) * 1000.0)
                 stats.ok += 1
         props = publish_properties(correlation=correlation) if correlation is not None else None
         self.client.publish(reply_to, body, qos=1, properties=props)
