@@ -355,9 +355,9 @@ def resolve(batch: Batch, owners: Dict[str, Owner]) -> Resolved:
 
 def displaced_letter(record: RequestRecord, request: Owner) -> RejectedRecord:
     """The dead letter of a stored answer whose request turned out to be another agent's or type's."""
-    envelope = {"v": 1, "id": record.id, "agent_id": record.agent_id, "type": record.type,
-                "status": "error" if record.state in ("error", "expired") else "ok", "data": record.data,
-                "error": record.error, "collected_at": record.collected_at}
+    envelope = Response(id=record.id, agent_id=record.agent_id, type=record.type,
+                        status="error" if record.state in ("error", "expired") else "ok", data=record.data,
+                        error=record.error, collected_at=record.collected_at or "").to_dict()
     detail = (f"answer from agent {record.agent_id!r} for type {record.type!r}, stored before request "
               f"{record.id} arrived, which was sent to agent {request.agent_id!r} for type {request.type!r}")
     topic = f"<answer to {record.id}, stored and then displaced>"
