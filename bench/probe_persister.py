@@ -13,6 +13,7 @@ import sys
 import time
 from typing import IO, Any, List, Optional
 
+from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_persister.persister import Persister
 from fleet_store import Batch, RejectedRecord, StoreWriter, open_store
@@ -49,6 +50,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--commits", required=True, metavar="PATH")
     args = parser.parse_args(argv)
     cfg = load(args, PROG)
+    compat.apply()  # as fleet-persister's main() does
     stop = stop_event()
     with open(args.commits, "a", encoding="utf-8") as out:
         store = RecordingStore(open_store(cfg.persister), out)

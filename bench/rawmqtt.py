@@ -19,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fleet_common import compat
 from fleet_common.link import no_delay
 from fleet_common.topics import Topics
 
@@ -115,6 +116,7 @@ def main() -> int:
     p.add_argument("--ready-file", default="")
     p.add_argument("--timeout-s", type=float, default=300)
     a = p.parse_args()
+    compat.apply()  # as every service does: the ceiling of the paho the services run
     if a.mode == "pub":
         spec = json.loads(open(a.payloads, encoding="utf-8").read())
         out = publish(a.port, a.topic_base, a.count, [s.encode() for s in spec["payloads"]], spec["types"])

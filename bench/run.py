@@ -20,6 +20,8 @@ import stages
 from harness import ROOT, Bench, machine
 from stages import TINY, Sizes
 
+from fleet_common import compat
+
 STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold")
 
 
@@ -133,6 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="run the broker as dev.conf ships (persistence saved after every change; slow at scale)")
     p.add_argument("--run-dir", default=None, help="logs, configs and databases (default data/bench/<time>)")
     args = p.parse_args(argv)
+    compat.apply()  # the in-process observers run on the paho the services run
     only = [s for s in args.only.split(",") if s]
     unknown = set(only) - set(STAGES)
     if unknown:

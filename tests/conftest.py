@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 import yaml
 
+from fleet_common import compat
 from fleetctl.broker import EmbeddedBroker, find_mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +26,12 @@ BIN = Path(sys.executable).parent
 # Fixtures that start real processes or a broker: a test that uses one is `slow`, so that
 # `make test-fast` (-m "not slow") runs the unit and contract tests alone.
 REAL_PARTS = {"broker", "procs", "write_config", "secure", "stack", "fbroker"}
+
+
+def pytest_configure(config: Any) -> None:
+    # In-process clients (test_link, test_security, fake fleets) run on the paho the services run;
+    # tests/test_compat.py checks, in subprocesses, what a program that never calls it gets.
+    compat.apply()
 
 
 def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:

@@ -369,7 +369,7 @@ def test_packed_publish_properties_are_what_paho_would_write(args: tuple) -> Non
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    from fleet_common.link import PackedProperties
+    from fleet_common.compat import PackedProperties
 
     packed = PackedProperties(*args)
     assert packed.pack() == packed.unpacked().pack()

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import logging
 import socket
-import struct
 import threading
 from typing import Any, Callable, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties, VariableByteIntegers
+from paho.mqtt.properties import Properties
 
-from . import mqtt5props
 from .backoff import Backoff
+from .compat import PackedProperties
 from .config import MqttConfig
-
-mqtt5props.install()  # every component makes its client through here
 
 OnConnect = Callable[[mqtt.Client, bool], None]
 
@@ -39,51 +36,10 @@ def no_delay(client: mqtt.Client) -> None:
 
 def publish_properties(response_topic: Optional[str] = None, correlation: Optional[bytes] = None,
                        expiry_s: Optional[int] = None) -> Optional[Properties]:
+    """PUBLISH properties packed once (fleet_common.compat.PackedProperties), or None for none."""
     if response_topic is None and correlation is None and expiry_s is None:
         return None
     return PackedProperties(response_topic, correlation, expiry_s)
-
-
-class PackedProperties(Properties):
-    """PUBLISH properties encoded once, when made (MQTT 5, section 2.2.2): paho only calls pack()
-    on them, and building a paho Properties object took more of the controller's time than the
-    rest of a publish. Anything else asked of it is answered by an equal paho Properties."""
-
-    def __init__(self, response_topic: Optional[str] = None, correlation: Optional[bytes] = None,
-                 expiry_s: Optional[int] = None) -> None:  # no super().__init__(): that is the cost
-        expiry_s = None if expiry_s is None else max(1, int(expiry_s))
-        body = b""
-        if expiry_s is not None:
-            body += b"\x02" + struct.pack("!I", expiry_s)
-        if response_topic is not None:
-            topic = response_topic.encode("utf-8")
-            body += b"\x08" + struct.pack("!H", len(topic)) + topic
-        if correlation is not None:
-            body += b"\x09" + struct.pack("!H", len(correlation)) + bytes(correlation)
-        object.__setattr__(self, "_args", (response_topic, correlation, expiry_s))
-        object.__setattr__(self, "_packed", VariableByteIntegers.encode(len(body)) + body)
-
-    def pack(self) -> bytes:
-        return self._packed  # type: ignore[no-any-return]
-
-    def unpacked(self) -> Properties:
-        response_topic, correlation, expiry_s = self._args
-        props = Properties(PacketTypes.PUBLISH)
-        if response_topic is not None:
-            props.ResponseTopic = response_topic
-        if correlation is not None:
-            props.CorrelationData = correlation
-        if expiry_s is not None:
-            props.MessageExpiryInterval = expiry_s
-        return props
-
-    def __getattr__(self, name: str) -> Any:  # only for what the instance itself lacks
-        if name.startswith("__") or name in ("_args", "_packed"):
-            raise AttributeError(name)
-        return getattr(self.unpacked(), name)
-
-    def __str__(self) -> str:
-        return str(self.unpacked())
 
 
 class Link:

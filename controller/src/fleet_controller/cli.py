@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
+from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.health import Heartbeat, add_check_argument, run_check
 from fleet_common.metrics import serve_metrics
@@ -23,6 +24,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = load(args, PROG)
     if args.check:
         return run_check(cfg.controller.heartbeat.path, PROG)
+    compat.apply()
     # APScheduler logs every run of the tick at info; a tick runs twice a second.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     stop = stop_event()

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from typing import List, Optional
 
+from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_store import open_store
@@ -87,6 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = with_overrides(load(args, "fleet-dashboard"), args)
     if args.check:
         return check(cfg)
+    compat.apply()  # the operators' "ask now" goes over MQTT (fleetctl.request)
     return serve(cfg, stop_event())
 
 

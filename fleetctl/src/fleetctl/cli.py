@@ -10,6 +10,7 @@ import time
 from importlib import metadata
 from typing import Callable, List, Optional
 
+from fleet_common import compat
 from fleet_common.ask import ask
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.config import Config
@@ -74,6 +75,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     cfg = load(args, "fleetctl")
+    compat.apply()
     if args.command == "up":
         extra = [f"--log-level={args.log_level}"] if args.log_level else []
         extra += [f"--log-format={args.log_format}"] if args.log_format else []

@@ -6,6 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
+from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.health import Heartbeat, add_check_argument, run_check
 from fleet_common.metrics import serve_metrics
@@ -25,6 +26,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = load(args, PROG)
     if args.check:
         return run_check(cfg.persister.heartbeat.path, PROG)
+    compat.apply()
     stop = stop_event()
     # unreachable server: retried with backoff; StoreError (bad path, URI, credentials): one line, exit 2
     opened = open_store_waiting(cfg.persister, stop)

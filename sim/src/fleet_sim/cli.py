@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import List, Optional
 
+from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main
 
 from . import __version__
@@ -58,6 +59,7 @@ async def serve(fleet_args: argparse.Namespace, mqtt_cfg: object) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load(args, PROG)
+    compat.apply()
     return asyncio.run(serve(args, cfg.mqtt))
 
 
