@@ -16,6 +16,8 @@ import pytest
 import yaml
 
 from fleet_common import compat
+from fleet_common.config import load_config
+from fleet_common.health import wait_ready
 from fleetctl.broker import EmbeddedBroker, find_mosquitto, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -141,13 +143,28 @@ class Procs:
         self.procs[name] = proc
         return proc
 
-    def start_persister(self, config: Path, name: str = "persister") -> subprocess.Popen[bytes]:
+    def start_persister(self, config: Path, name: str = "persister", *args: str) -> subprocess.Popen[bytes]:
         """fleet-persister, once its subscriptions are active: what is published before that is
         not in its (new) session, and a request the controller sends then is never stored."""
-        proc = self.start(name, "fleet-persister", "--config", str(config))
-        wait_for(lambda: "receiving requests, responses and status" in self.log(name), 20,
-                 what=f"{name} to subscribe")
+        proc = self.start(name, "fleet-persister", "--config", str(config), *args)
+        self.wait_ready(name, config, "persister")
         return proc
+
+    def start_controller(self, config: Path, name: str = "controller") -> subprocess.Popen[bytes]:
+        """fleet-controller, once it watches agent status: a birth from then on is news to it, and
+        it asks that agent for every type at once."""
+        proc = self.start(name, "fleet-controller", "--config", str(config))
+        self.wait_ready(name, config, "controller")
+        return proc
+
+    def wait_ready(self, name: str, config: Path, section: str, timeout_s: float = 20.0) -> None:
+        """Until process `name` says in its heartbeat file that its subscriptions are acknowledged."""
+        proc = self.procs[name]
+        heartbeat = Path(getattr(load_config(str(config), env={}), section).heartbeat.path).expanduser()
+        path = heartbeat if heartbeat.is_absolute() else self.tmp_path / heartbeat  # it runs in tmp_path
+        if not wait_ready(str(path), proc.pid, timeout_s, alive=lambda: proc.poll() is None):
+            raise AssertionError(f"{name} did not say it was ready in {path} within {timeout_s:.0f} s "
+                                 f"(exit code {proc.poll()}):\n{self.log(name)[-3000:]}")
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
         proc = self.procs[name]

@@ -74,8 +74,7 @@ def test_two_thousand_agents_coming_online_at_once_lose_nothing_on_a_stock_broke
                       controller={"heartbeat_path": str(tmp_path / "controller.heartbeat.json")})
     db = tmp_path / "fleet.db"
     procs.start_persister(cfg)
-    procs.start("controller", "fleet-controller", "--config", str(cfg))
-    wait_for(lambda: "watching agent status" in procs.log("controller"), what="the controller's subscription")
+    procs.start_controller(cfg)
     started = time.monotonic()
     procs.start("sim", "fleet-sim", "--config", str(cfg), "--agents", "2000", "--id-prefix", "b")
 

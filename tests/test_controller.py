@@ -72,10 +72,6 @@ def fake_fleet(broker: Any, prefix: str) -> Iterator[FakeFleet]:
     f.close()
 
 
-def watching(procs: Any) -> bool:
-    return "watching agent status" in procs.log("controller")
-
-
 def test_requests_carry_payload_and_mqtt5_properties(fake_fleet: FakeFleet, write_config: Any, procs: Any) -> None:
     """Agents from retained status are asked for their advertised scheduled types, with the
     request payload and MQTT 5 ResponseTopic, CorrelationData and MessageExpiryInterval."""
@@ -110,8 +106,7 @@ def test_live_birth_of_new_agent_gets_an_immediate_round(fake_fleet: FakeFleet, 
     from retained status at start-up is not (no burst after a restart)."""
     fake_fleet.birth("old-01", ["cpu", "ping"])
     config = write_config(controller={"schedule": {"cpu": 3600, "ping": 3600}})
-    procs.start("controller", "fleet-controller", "--config", str(config))
-    wait_for(lambda: watching(procs), what="the controller to subscribe to status")
+    procs.start_controller(config)
 
     fake_fleet.birth("new-01", ["cpu", "ping", "disk"])
     wait_for(lambda: fake_fleet.asked("new-01", "cpu") and fake_fleet.asked("new-01", "ping"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shlex
 import signal
@@ -26,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fleet_common import Request, Response, Status, Topics, iso, new_id
 from fleet_common.config import SECTIONS, load_config
 from fleet_common.datatypes import example
-from fleet_common.health import Heartbeat, check
+from fleet_common.health import Heartbeat, Readiness, check, read_beat, wait_ready
 from fleetctl import views
 from fleetctl.broker import free_port
 
@@ -219,6 +220,23 @@ def test_check_passes_for_a_fresh_heartbeat_and_fails_when_stale_unhealthy_or_mi
     assert check(str(path))[0] == 1
 
 
+def test_the_heartbeat_says_ready_at_once_and_wait_ready_waits_for_that_process(tmp_path: Path) -> None:
+    """A change of readiness is written at once, not at the next beat (an hour away here); wait_ready
+    waits for `ready` from the given pid, so a stale file from an earlier run never counts."""
+    path, ready = tmp_path / "hb.json", Readiness()
+    with Heartbeat(str(path), "svc", 3600.0, lambda: {}, ready=ready):
+        beat = read_beat(str(path))
+        assert beat is not None and beat["ready"] is False
+        assert not wait_ready(str(path), os.getpid(), 0.2)
+        threading.Timer(0.2, ready.set).start()
+        assert wait_ready(str(path), os.getpid(), 10)
+        assert not wait_ready(str(path), os.getpid() + 1, 0.2), "another process's heartbeat"
+        ready.clear()
+        wait_for(lambda: (read_beat(str(path)) or {}).get("ready") is False, 5, 0.01, what="not ready, at once")
+    assert read_beat(str(path)) is None  # removed on stop
+    assert "ready" not in Heartbeat(str(path), "agent", 5.0, lambda: {}).payload()  # only where it means something
+
+
 def test_service_check_follows_its_heartbeat(procs: Procs, write_config: Callable[..., Path], tmp_path: Path) -> None:
     """fleet-persister --check exits 0 while the persister runs and is connected, and 1 once it is stopped;
     fleet-controller --check exits 1 when its killed process leaves a heartbeat that goes stale."""
@@ -230,12 +248,13 @@ def test_service_check_follows_its_heartbeat(procs: Procs, write_config: Callabl
                               timeout=60).returncode
 
     assert checks("fleet-persister") == 1
-    procs.start("persister", "fleet-persister", "--config", str(cfg))
-    procs.start("controller", "fleet-controller", "--config", str(cfg))
+    procs.start_persister(cfg)
+    procs.start_controller(cfg)  # both say ready once subscribed: the heartbeat is rewritten at once
     wait_for(lambda: checks("fleet-persister") == 0, what="fleet-persister --check to pass")
     wait_for(lambda: checks("fleet-controller") == 0, what="fleet-controller --check to pass")
     beat = json.loads((tmp_path / "p.json").read_text())
-    assert beat["counters"]["connected"] is True and "received" in beat["counters"]
+    assert beat["counters"]["connected"] is True and "received" in beat["counters"] and beat["ready"] is True
+    assert json.loads((tmp_path / "c.json").read_text())["ready"] is True
     assert procs.stop("persister") == 0
     assert checks("fleet-persister") == 1
     procs.stop("controller", signal.SIGKILL)
@@ -367,8 +386,7 @@ def test_json_logs_are_one_parseable_line_per_state_change(procs: Procs, write_c
     """With --log-format json every line the persister writes is a JSON object with ts, level, logger and msg,
     and 200 messages stored at --log-level info add no log line per message."""
     cfg = write_config()
-    procs.start("persister", "fleet-persister", "--config", str(cfg), "--log-format", "json", "--log-level", "info")
-    wait_for(lambda: "connected to broker" in procs.log("persister"), what="the persister to connect")
+    procs.start_persister(cfg, "persister", "--log-format", "json", "--log-level", "info")
     c = publisher(broker.port)
     for _ in range(200):
         req = Request(id=new_id(), type="ping", issued_at=iso(time.time()), expires_at=iso(time.time() + 60))

@@ -207,8 +207,7 @@ def test_without_worker_processes_the_persister_parses_on_its_network_thread(
     runner = threading.Thread(target=persister.run, args=(stop,))
     runner.start()
     try:
-        assert persister.link.wait_connected(20)
-        wait_for(lambda: "receiving requests" in caplog.text, 20, what="the subscription")
+        assert persister.ready.wait(20), "the persister's subscriptions were not acknowledged"
         topics = cfg.mqtt.topics()
         reply = Response.ok(new_id(), "web-01", "cpu", example("cpu", percent=3.0), 1.0)
         persister.link.publish(topics.response("web-01", "cpu"), reply.payload()).wait_for_publish(10)

@@ -343,8 +343,7 @@ def test_a_message_the_store_refuses_is_isolated_and_the_rest_is_stored(
     runner = threading.Thread(target=persister.run, args=(stop,), name="persister-under-test")
     runner.start()
     try:
-        assert persister.link.wait_connected(20)
-        wait_for(lambda: "receiving requests" in caplog.text, 20, what="the persister's subscriptions")
+        assert persister.ready.wait(20), "the persister's subscriptions were not acknowledged"
         for id_ in ids:
             publisher(topics.response(AGENT, "ping"), Response.ok(id_, AGENT, "ping", {}, 1.0).payload())
         wait_for(lambda: len(rows(db, "SELECT id FROM requests")) == 39, 30, what="the 39 others stored")

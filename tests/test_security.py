@@ -93,7 +93,9 @@ class SecureBroker:
             del data["mqtt"]["password"]
         data["mqtt"].update(reconnect_min_s=0.2, reconnect_max_s=2)
         data.setdefault("persister", {}).update(sqlite_path=str(self.tmp / "fleet.db"), batch_wait_s=0.05,
-                                                sweep_interval_s=0.5, expire_grace_s=0.5)
+                                                sweep_interval_s=0.5, expire_grace_s=0.5,
+                                                heartbeat_path=str(self.tmp / f"{file or name}-persister.json"))
+        data.setdefault("controller", {}).update(heartbeat_path=str(self.tmp / f"{file or name}-controller.json"))
         data.setdefault("agent", {}).update(outbox_path=str(self.tmp / f"{name}-outbox.db"))
         data["log"] = {"level": "debug"}
         for section, values in sections.items():

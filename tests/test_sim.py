@@ -82,11 +82,9 @@ def _sim(procs: Procs, tmp_path: Path, config: Path, agents: int, name: str = "s
 def test_simulated_agents_are_served_by_the_real_controller_and_persister_and_leave_a_last_will(
         procs: Procs, write_config: Callable[..., Path], tmp_path: Path) -> None:
     config = write_config(controller={"schedule": {t: 30 for t in TYPES}, "tick_s": 0.1})
-    procs.start("persister", "fleet-persister", "--config", str(config))
+    procs.start_persister(config)
     db = tmp_path / "fleet.db"
-    wait_for(lambda: db.exists(), what="the persister's database")
-    procs.start("controller", "fleet-controller", "--config", str(config))
-    time.sleep(0.5)  # the controller is subscribed: the agents' births are news to it (first round at once)
+    procs.start_controller(config)  # subscribed: the agents' births are news to it (first round at once)
     _sim(procs, tmp_path, config, agents=3)
     wait_for(lambda: len(rows(db, "SELECT DISTINCT agent_id, type FROM requests WHERE state = 'ok'")) == 3 * 7,
              what="an ok answer of every type from every simulated agent")
@@ -134,9 +132,10 @@ def test_two_controller_shards_ask_every_agent_exactly_once_per_type_per_interva
     log = RequestLog(broker.port, prefix)
     for i in range(2):
         cfg = write_config(f"shard{i}", controller={"schedule": schedule, "tick_s": 0.1, "shard": f"{i}/2"})
-        procs.start(f"controller{i}", "fleet-controller", "--config", str(cfg))
-    wait_for(lambda: log.seen, what="the first request")
-    start = time.time() + interval_s  # both controllers are up by now
+        procs.start_controller(cfg, f"controller{i}")
+    # Both watch agent status; the retained statuses follow each SUBACK at once, and the first
+    # slot counted is an interval later.
+    start = time.time() + interval_s
     time.sleep(4 * interval_s)
     end = time.time() - interval_s / 2
     for i in range(2):

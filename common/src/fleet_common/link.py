@@ -58,6 +58,7 @@ class Link:
         self.log = logger or logging.getLogger("fleet.link")
         self.clean_start, self.session_expiry_s, self.receive_maximum = clean_start, session_expiry_s, receive_maximum
         self.on_connect_hooks: List[OnConnect] = []
+        self.on_disconnect_hooks: List[Callable[[], None]] = []  # on losing (or closing) a connection
         self.connected = threading.Event()
         # What the broker's CONNACK allows in flight from us (MQTT 5 Receive Maximum; Mosquitto
         # says its max_inflight_messages): a client that sends more has them queued, and past
@@ -182,6 +183,11 @@ class Link:
         self.connected.clear()
         if not was:
             return
+        for hook in self.on_disconnect_hooks:
+            try:
+                hook()
+            except Exception:  # as for on-connect hooks: never end the network thread
+                self.log.exception("on-disconnect hook %r failed", hook)
         if reason.is_failure or reason.value != 0:
             delay = self._jitter()
             self.log.warning("lost connection to broker at %s (%s); reconnecting in %.1f s",

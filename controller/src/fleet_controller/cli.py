@@ -33,7 +33,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     heartbeat = Heartbeat(cfg.controller.heartbeat.path, PROG, cfg.controller.heartbeat.interval_s,
                           lambda: snapshot(controller),
                           lambda: [] if controller.link.connected.is_set()
-                          else [f"not connected to the broker at {controller.link.where}"])
+                          else [f"not connected to the broker at {controller.link.where}"], controller.ready)
     controller.start()
     heartbeat.start()
     while not stop.wait(1.0):

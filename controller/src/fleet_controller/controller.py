@@ -17,6 +17,7 @@ from fleet_common.ask import build_request
 from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import Config
 from fleet_common.errors import ContractError
+from fleet_common.health import Readiness
 from fleet_common.link import Link
 from fleet_common.messages import parse_status
 from fleet_common.timefmt import new_id
@@ -61,8 +62,10 @@ class Controller:
                          receive_maximum=STATUS_WINDOW)
         self.broker = BrokerWatch(log, ADVICE)
         self.broker.attach(self.link.client)
+        self.ready = Readiness()  # watching agent status: a birth from now on is news to us
         self.link.on_connect_hooks.append(self._subscribe)
         self.link.on_connect_hooks.append(self.broker.subscribe)
+        self.link.on_disconnect_hooks.append(self.ready.clear)
         self.link.client.on_subscribe = self._on_subscribe
         self.link.client.on_message = self._on_message
         self.pacer = Pacer(cfg.controller.max_dispatch_per_s, cfg.controller.tick_s)
@@ -223,6 +226,7 @@ class Controller:
     # MQTT callbacks (network thread)
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
         # A clean session each time: the retained statuses tell us the fleet again.
+        self.ready.clear()
         client.subscribe(self.topics.all_status(), qos=1)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
@@ -232,6 +236,7 @@ class Controller:
             log.error("broker refused the subscription to %s: %s", self.topics.all_status(), reasons)
         else:
             log.info("watching agent status on %s", self.topics.all_status())
+            self.ready.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         now = self._clock()

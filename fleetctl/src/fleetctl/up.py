@@ -12,18 +12,19 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import IO, Callable, List, Optional
 
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
+from fleet_common.health import wait_ready
 
 from .broker import EmbeddedBroker, port_open, stock_limits_warning
 from .views import summary_line
 
 BIN = Path(sys.executable).parent
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+READY_TIMEOUT_S = 30.0  # a persister on MongoDB waits for its server; past this the agent starts anyway
 
 
 def find_broker_template(explicit: Optional[str]) -> Path:
@@ -56,6 +57,11 @@ class Child:
             self._out.flush()
             if self._watch:
                 self._watch(line)
+
+    def wait_ready(self, heartbeat_path: str, timeout_s: float, stop: threading.Event) -> bool:
+        """Until its heartbeat says it is subscribed; False if it exits, `stop` is set or time runs out."""
+        return wait_ready(heartbeat_path, self.proc.pid, timeout_s,
+                          alive=lambda: self.proc.poll() is None and not stop.is_set())
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -98,18 +104,18 @@ def run_stack(cfg: Config, config_path: Optional[str], stop: threading.Event, *,
             raise FleetError(f"no MQTT broker answers at {host}:{port}; start it, or set mqtt.host to "
                              "localhost to let fleetctl start one")
         args = (["--config", config_path] if config_path else []) + (extra_args or [])
-        controller_ready = threading.Event()
-
-        def watch_controller(line: str) -> None:
-            if "connected to broker" in line:
-                controller_ready.set()
-
-        children.append(Child("persister", [str(BIN / "fleet-persister"), *args], out))
-        children.append(Child("controller", [str(BIN / "fleet-controller"), *args], out, watch_controller))
+        persister = Child("persister", [str(BIN / "fleet-persister"), *args], out)
+        children.append(persister)
+        controller = Child("controller", [str(BIN / "fleet-controller"), *args], out)
+        children.append(controller)
         # The agent's first birth must reach a subscribed controller, which then asks it for every
-        # type at once; otherwise slow types (os_info: hourly) would wait for their phase.
-        controller_ready.wait(15)
-        time.sleep(0.3)
+        # type at once (otherwise slow types, os_info hourly, would wait for their phase), and a
+        # subscribed persister, which stores the requests and answers.
+        for child, heartbeat in ((persister, cfg.persister.heartbeat.path),
+                                 (controller, cfg.controller.heartbeat.path)):
+            if not child.wait_ready(heartbeat, READY_TIMEOUT_S, stop):
+                say(f"{child.name} did not say it was ready (subscribed) within {READY_TIMEOUT_S:.0f} s "
+                    f"(heartbeat {heartbeat}); starting the agent anyway")
         children.append(Child("agent", [str(BIN / "fleet-agent"), *args], out))
         say("stack is up; press Ctrl-C to stop. Watch the traffic with: "
             f"mosquitto_sub -h {host} -p {port} -v -t '{cfg.mqtt.topic_prefix}/#'")

@@ -38,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     metrics = serve_metrics("persister", cfg.persister, register(persister, store))
     try:
         with Heartbeat(cfg.persister.heartbeat.path, PROG, cfg.persister.heartbeat.interval_s,
-                       lambda: snapshot(persister), lambda: problems(persister, store)):
+                       lambda: snapshot(persister), lambda: problems(persister, store), persister.ready):
             return persister.run(stop)
     finally:
         metrics.stop()

@@ -26,6 +26,7 @@ from fleet_common import Config, Request, Response, Topics, iso, new_id, sanitis
 from fleet_common.backoff import Backoff
 from fleet_common.brokerwatch import ADVICE, BrokerWatch
 from fleet_common.config import PersisterConfig
+from fleet_common.health import Readiness
 from fleet_common.link import Link
 from fleet_common.topics import SHARE_GROUP
 from fleet_store import ENCODES_JSON, Batch, RejectedRecord, StoreWriter, refused
@@ -121,8 +122,13 @@ class Persister:
                          receive_maximum=self.pcfg.receive_maximum, manual_ack=True, logger=log)
         self.broker = BrokerWatch(log, ADVICE)
         self.broker.attach(self.link.client)
+        # Ready: the broker has acknowledged our subscriptions and any left over in a resumed
+        # session from other settings are gone, so what is published from now on is stored once.
+        self.ready = Readiness()
+        self._subscribed = False
         self.link.on_connect_hooks.append(self._subscribe)
         self.link.on_connect_hooks.append(self.broker.subscribe)
+        self.link.on_disconnect_hooks.append(self.ready.clear)
         self.link.client.on_message = self._on_message
         self.link.client.on_subscribe = self._on_subscribe
         self.link.client.on_unsubscribe = self._on_unsubscribe
@@ -141,6 +147,9 @@ class Persister:
     # network thread
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
         self._generation += 1
+        self.ready.clear()
+        self._subscribed = False
+        self._unsubscribing = (None, [])
         qos1 = SubscribeOptions(qos=1)
         wanted = self._data_filters()
         # retained status is delivered only on a plain subscription
@@ -176,6 +185,8 @@ class Persister:
         left = [f for f, r in zip(filters, reasons) if r.value == 0]  # the rest: 17, no such subscription
         log.log(logging.INFO if left else logging.DEBUG, "left the subscriptions of other settings that the "
                 "resumed session held: %s", ", ".join(left) or "none")
+        self._unsubscribing = (None, [])
+        self.ready.set(self._subscribed)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         if mid == self.broker.subscribe_mid:
@@ -184,6 +195,8 @@ class Persister:
             log.error("broker refused a subscription: %s", reasons)
         else:
             log.info("receiving requests, responses and status under %s/", self.topics.prefix)
+            self._subscribed = True
+            self.ready.set(self._unsubscribing[0] is None)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         if not self._accepting.is_set():
