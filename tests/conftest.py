@@ -147,20 +147,23 @@ class Procs:
         """fleet-persister, once its subscriptions are active: what is published before that is
         not in its (new) session, and a request the controller sends then is never stored."""
         proc = self.start(name, "fleet-persister", "--config", str(config), *args)
-        self.wait_ready(name, config, "persister")
+        self.wait_ready(name, "persister")
         return proc
 
     def start_controller(self, config: Path, name: str = "controller") -> subprocess.Popen[bytes]:
         """fleet-controller, once it watches agent status: a birth from then on is news to it, and
         it asks that agent for every type at once."""
         proc = self.start(name, "fleet-controller", "--config", str(config))
-        self.wait_ready(name, config, "controller")
+        self.wait_ready(name, "controller")
         return proc
 
-    def wait_ready(self, name: str, config: Path, section: str, timeout_s: float = 20.0) -> None:
-        """Until process `name` says in its heartbeat file that its subscriptions are acknowledged."""
+    def wait_ready(self, name: str, section: str, timeout_s: float = 20.0) -> None:
+        """Until process `name` (started with --config) says in the heartbeat file of its config's
+        `section` that its subscriptions are acknowledged."""
         proc = self.procs[name]
-        heartbeat = Path(getattr(load_config(str(config), env={}), section).heartbeat.path).expanduser()
+        argv = [str(a) for a in proc.args]
+        config = argv[argv.index("--config") + 1]
+        heartbeat = Path(getattr(load_config(config, env={}), section).heartbeat.path).expanduser()
         path = heartbeat if heartbeat.is_absolute() else self.tmp_path / heartbeat  # it runs in tmp_path
         if not wait_ready(str(path), proc.pid, timeout_s, alive=lambda: proc.poll() is None):
             raise AssertionError(f"{name} did not say it was ready in {path} within {timeout_s:.0f} s "

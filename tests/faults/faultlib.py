@@ -96,10 +96,8 @@ def assert_exactly_stored(db: Path, produced: Set[str], timeout_s: float = 90) -
 
 
 def wait_persister_ready(procs: Procs, name: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while "connected to broker" not in procs.log(name):
-        assert time.monotonic() < deadline, f"{name} did not connect"
-        time.sleep(0.1)
+    """Until the persister's heartbeat says its subscriptions are acknowledged."""
+    procs.wait_ready(name, "persister", timeout_s)
 
 
 def answered_in_log(text: str) -> Set[str]:

@@ -115,8 +115,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = write_config(tmp, "stack", broker.port, prefix, agent={"id": A}, log={"level": "info"})
     procs.start("persister", "fleet-persister", "--config", str(cfg))
     wait_persister_ready(procs, "persister")
-    wait_for(lambda: "receiving requests, responses and status" in procs.log("persister"), 20,
-             what="the persister's subscriptions")
     procs.start("agent", "fleet-agent", "--config", str(cfg))
     s = Stack(broker, procs, tmp, prefix, cfg)
     wait_for(lambda: rows(s.db, "SELECT 1 FROM agents WHERE agent_id = ? AND online = 1", A), 30,
