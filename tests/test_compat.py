@@ -6,6 +6,7 @@ workarounds rely on."""
 from __future__ import annotations
 
 import inspect
+import re
 import socket
 import subprocess
 import sys
@@ -67,7 +68,10 @@ def test_importing_any_component_changes_nothing_in_paho() -> None:
                                   "fleet_sim.cli", "fleet_dashboard.cli"])
 def test_every_service_applies_it_from_main(main: str) -> None:
     module = __import__(main, fromlist=["main"])
-    assert "compat.apply()" in inspect.getsource(module.main)
+    source = inspect.getsource(module.main)
+    names = {n for n, v in vars(module).items() if v is compat}  # fleet_common.compat, not the agent's own
+    names |= set(re.findall(r"from fleet_common import compat as (\w+)", source))
+    assert any(f"{n}.apply()" in source for n in names), f"{main}.main() does not call fleet_common.compat.apply()"
 
 
 def test_paho_properties_still_has_what_apply_relies_on() -> None:

@@ -71,10 +71,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ContractError:
             raise ConfigError("--id", f"{args.id!r} must be 1-64 characters of [A-Za-z0-9_.-], "
                                       "not starting with '.'") from None
-    from fleet_common import compat
+    from fleet_common import compat as paho_compat
 
     from .agent import Agent  # paho only when serving: --once and --help stay light
-    compat.apply()
+    paho_compat.apply()
 
     stop = stop_event()
     agent = Agent(cfg, agent_id=args.id)
