@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable
 
 from fleet_common import Request, Response, Status, Topics, iso
 from fleet_common.config import load_config
@@ -32,7 +32,7 @@ from fleet_store.sqlite import SqliteStore
 TYPES = ("cpu", "memory", "disk", "network", "ping")
 
 
-def reading(type_: str, rng: random.Random, round_: int) -> Dict[str, Any]:
+def reading(type_: str, rng: random.Random, round_: int) -> dict[str, Any]:
     if type_ == "cpu":
         return {"percent": round(rng.uniform(1, 99), 1), "per_cpu": [round(rng.uniform(0, 100), 1) for _ in range(4)],
                 "load_avg": [0.4, 0.3, 0.2], "freq_mhz": 2400.0, "ctx_switches": 10 ** 6 + round_}
@@ -84,7 +84,7 @@ def populate(store: SqliteStore, agents: int, answers: int, window_s: float) -> 
                                                reason="bad_json", payload="{nope") for i in range(300)]))
 
 
-def timed(fn: Callable[[], Any], times: int) -> List[float]:
+def timed(fn: Callable[[], Any], times: int) -> list[float]:
     out = []
     for _ in range(times):
         started = time.perf_counter()

@@ -16,9 +16,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -45,7 +46,7 @@ def raise_nofile() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def machine() -> Dict[str, Any]:
+def machine() -> dict[str, Any]:
     mosq = find_mosquitto()
     version = ""
     if mosq:
@@ -62,7 +63,7 @@ def _dist_version(name: str) -> str:
     return version(name)
 
 
-def pct(values: Sequence[float], q: float) -> Optional[float]:
+def pct(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (nearest rank) of `values`, or None if empty."""
     if not values:
         return None
@@ -71,7 +72,7 @@ def pct(values: Sequence[float], q: float) -> Optional[float]:
     return ordered[k]
 
 
-def median(values: Iterable[float]) -> Optional[float]:
+def median(values: Iterable[float]) -> float | None:
     vals = [v for v in values if v is not None]
     return statistics.median(vals) if vals else None
 
@@ -79,7 +80,7 @@ def median(values: Iterable[float]) -> Optional[float]:
 class Proc:
     """A service process with its log file; CPU time and RSS read through psutil."""
 
-    def __init__(self, name: str, argv: List[str], log_path: Path) -> None:
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
         self.log = open(log_path, "ab")
@@ -87,7 +88,7 @@ class Proc:
         self.ps = psutil.Process(self.popen.pid)
         self.peak_rss = 0
 
-    def _children(self) -> List[psutil.Process]:
+    def _children(self) -> list[psutil.Process]:
         try:
             return list(self.ps.children(recursive=True))
         except psutil.Error:
@@ -134,13 +135,13 @@ class Proc:
 class CpuWindow:
     """CPU seconds and peak RSS of some processes between start() and stop()."""
 
-    def __init__(self, procs: Dict[str, Proc]) -> None:
+    def __init__(self, procs: dict[str, Proc]) -> None:
         self.procs = procs
         self.t0 = 0.0
-        self.cpu0: Dict[str, float] = {}
-        self.peak: Dict[str, int] = {}
+        self.cpu0: dict[str, float] = {}
+        self.peak: dict[str, int] = {}
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> CpuWindow:
         self.t0 = time.monotonic()
@@ -157,7 +158,7 @@ class CpuWindow:
                 except psutil.Error:
                     pass
 
-    def stop(self) -> Dict[str, Dict[str, float]]:
+    def stop(self) -> dict[str, dict[str, float]]:
         elapsed = time.monotonic() - self.t0
         self._stop.set()
         out = {}
@@ -173,9 +174,9 @@ class Bench:
     """One bench invocation: a run folder, one broker shared by every stage."""
 
     run_dir: Path
-    broker: Optional[EmbeddedBroker] = None
-    broker_proc: Optional[psutil.Process] = None
-    procs: List[Proc] = field(default_factory=list)
+    broker: EmbeddedBroker | None = None
+    broker_proc: psutil.Process | None = None
+    procs: list[Proc] = field(default_factory=list)
 
     def start(self, save_every_change: bool = False) -> Bench:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -208,8 +209,8 @@ class Bench:
         assert self.broker is not None
         return int(self.broker.port)
 
-    def config(self, name: str, prefix: str, **sections: Dict[str, Any]) -> Path:
-        data: Dict[str, Any] = {"mqtt": {"host": "127.0.0.1", "port": self.port, "topic_prefix": prefix,
+    def config(self, name: str, prefix: str, **sections: dict[str, Any]) -> Path:
+        data: dict[str, Any] = {"mqtt": {"host": "127.0.0.1", "port": self.port, "topic_prefix": prefix,
                                          "reconnect_min_s": 0.2, "reconnect_max_s": 2},
                                 "persister": {"sqlite_path": str(self.run_dir / f"{prefix}.db")},
                                 "log": {"level": "info"}}
@@ -219,7 +220,7 @@ class Bench:
         path.write_text(yaml.safe_dump(data))
         return path
 
-    def start_proc(self, name: str, argv: List[str]) -> Proc:
+    def start_proc(self, name: str, argv: list[str]) -> Proc:
         p = Proc(name, argv, self.run_dir / f"{name}.log")
         self.procs.append(p)
         return p
@@ -259,7 +260,7 @@ class Observer:
     ground truth of what was dispatched, independent of the store)."""
 
     def __init__(self, port: int, topic_filter: str) -> None:
-        self.messages: List[Tuple[float, bytes]] = []
+        self.messages: list[tuple[float, bytes]] = []
         self.subscribed = threading.Event()
         self.c = client()
         self.c.on_message = lambda cl, ud, msg: self.messages.append((time.time(), bytes(msg.payload)))
@@ -274,7 +275,7 @@ class Observer:
         self.c.disconnect()
         self.c.loop_stop()
 
-    def requests(self) -> List[Tuple[str, float, float, float]]:
+    def requests(self) -> list[tuple[str, float, float, float]]:
         """(id, issued_at, expires_at, arrival) of each request observed."""
         out = []
         for arrived, payload in self.messages:
@@ -283,10 +284,10 @@ class Observer:
         return out
 
 
-def read_commits(path: Path) -> Tuple[Dict[str, float], List[float]]:
+def read_commits(path: Path) -> tuple[dict[str, float], list[float]]:
     """The probe persister's log: request id -> first commit time, and its connection times."""
-    commits: Dict[str, float] = {}
-    connected: List[float] = []
+    commits: dict[str, float] = {}
+    connected: list[float] = []
     if not path.exists():
         return commits, connected
     with open(path, encoding="utf-8") as f:
@@ -320,7 +321,7 @@ def wait_until(predicate: Any, timeout_s: float, step_s: float = 0.2) -> bool:
     return bool(predicate())
 
 
-def sim_stats(path: Path) -> Dict[str, Any]:
+def sim_stats(path: Path) -> dict[str, Any]:
     try:
         return dict(json.loads(path.read_text()))
     except (OSError, ValueError):

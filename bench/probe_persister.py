@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any, List, Optional
+from typing import IO, Any
 
 from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
@@ -27,7 +27,7 @@ class RecordingStore:
     def __init__(self, store: StoreWriter, out: IO[str]) -> None:
         self._store, self._out = store, out
 
-    def write(self, batch: Batch) -> List[RejectedRecord]:
+    def write(self, batch: Batch) -> list[RejectedRecord]:
         turned_away = self._store.write(batch)
         now = f"{time.time():.4f} "
         self._out.write("".join(now + item.message.id + "\n" for item in batch.responses))
@@ -45,7 +45,7 @@ class RecordingStore:
         return getattr(self._store, name)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = base_parser(PROG, __doc__ or "")
     parser.add_argument("--commits", required=True, metavar="PATH")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import json
 import sys
 import threading
 import time
-from typing import Any, List
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -39,7 +39,7 @@ def _connect(c: mqtt.Client, port: int, session: bool) -> None:
     no_delay(c)  # as every client of the system does
 
 
-def publish(port: int, topic_base: str, count: int, payloads: List[bytes], types: List[str]) -> dict[str, Any]:
+def publish(port: int, topic_base: str, count: int, payloads: list[bytes], types: list[str]) -> dict[str, Any]:
     c = _client()
     _connect(c, port, False)
     c.loop_start()

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable
 
 import stages
 from harness import ROOT, Bench, machine
@@ -25,9 +25,9 @@ from fleet_common import compat
 STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold")
 
 
-def run_stage(name: str, b: Bench, sizes: Sizes, results: Dict[str, Any], profile: bool) -> Dict[str, Any]:
+def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
     raw = results.get("raw") if isinstance(results.get("raw"), dict) and "error" not in results["raw"] else None
-    calls: Dict[str, Callable[[], Dict[str, Any]]] = {
+    calls: dict[str, Callable[[], dict[str, Any]]] = {
         "raw": lambda: stages.raw(b, sizes),
         "ingest": lambda: stages.ingest(b, sizes, raw),
         "e2e": lambda: stages.end_to_end(b, sizes, raw),
@@ -49,12 +49,12 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def table(results: Dict[str, Any]) -> List[str]:
-    rows: List[tuple[str, Any, str]] = []
+def table(results: dict[str, Any]) -> list[str]:
+    rows: list[tuple[str, Any, str]] = []
     raw = results.get("raw") or {}
     ceiling = raw.get("subscriber_msgs_per_s")
 
-    def ratio(v: Optional[float]) -> str:
+    def ratio(v: float | None) -> str:
         return f"{v / ceiling:.2f}x raw" if v and ceiling else ""
 
     if "subscriber_msgs_per_s" in raw:
@@ -125,7 +125,7 @@ def table(results: Dict[str, Any]) -> List[str]:
     return [f"{label:<{width}}  {_fmt(value):>24}  {note}" for label, value, note in rows]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="toy sizes: proves every stage works in seconds")
     p.add_argument("--only", default=",".join(STAGES), help=f"comma-separated stages of {', '.join(STAGES)}")
@@ -142,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"unknown stage(s) {', '.join(sorted(unknown))}")
     sizes = TINY if args.tiny else Sizes()
     run_dir = Path(args.run_dir or ROOT / "data" / "bench" / time.strftime("%Y%m%d-%H%M%S"))
-    results: Dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "run_dir": str(run_dir),
+    results: dict[str, Any] = {"machine": machine(), "sizes": sizes.__dict__, "run_dir": str(run_dir),
                                "broker_save_every_change": args.broker_save_every_change}
     print("machine: " + ", ".join(f"{k} {v}" for k, v in results["machine"].items()), flush=True)
     b = Bench(run_dir).start(save_every_change=args.broker_save_every_change)

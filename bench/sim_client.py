@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Set
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -62,7 +62,7 @@ class LoopGlue:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, misc_step_s: float = 0.5) -> None:
         self.loop, self.misc_step_s = loop, misc_step_s
-        self.clients: Set[mqtt.Client] = set()
+        self.clients: set[mqtt.Client] = set()
 
     def attach(self, c: mqtt.Client) -> None:
         c.on_socket_open = self._open
@@ -106,7 +106,7 @@ def _reply_props(correlation: Any) -> Properties:
     return props
 
 
-async def run_glue(args: argparse.Namespace, ids: List[str], ready: Callable[[], None]) -> None:
+async def run_glue(args: argparse.Namespace, ids: list[str], ready: Callable[[], None]) -> None:
     loop = asyncio.get_running_loop()
     glue = LoopGlue(loop)
     housekeeping = asyncio.create_task(glue.housekeeping(), name="housekeeping")
@@ -149,7 +149,7 @@ async def run_glue(args: argparse.Namespace, ids: List[str], ready: Callable[[],
     print(housekeeping, clients)  # never reached; keeps both referenced
 
 
-async def run_aiomqtt(args: argparse.Namespace, ids: List[str], ready: Callable[[], None]) -> None:
+async def run_aiomqtt(args: argparse.Namespace, ids: list[str], ready: Callable[[], None]) -> None:
     import aiomqtt
 
     gate = asyncio.Semaphore(args.concurrency)
@@ -219,7 +219,7 @@ class Requester:
         if self.answers >= self.expected:
             self.done.set()
 
-    def round(self, ids: List[str], timeout_s: float) -> float:
+    def round(self, ids: list[str], timeout_s: float) -> float:
         self.expected, started = len(ids), time.monotonic()
         for n, agent_id in enumerate(ids):
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -240,7 +240,7 @@ def cpu_s(p: psutil.Process) -> float:
     return float(t.user + t.system)
 
 
-def one_run(args: argparse.Namespace, variant: str, run: int, work: Path) -> Dict[str, float]:
+def one_run(args: argparse.Namespace, variant: str, run: int, work: Path) -> dict[str, float]:
     text = re.sub(r"(?m)^autosave_on_changes\s+true\s*\n", "", DEV_CONF.read_text(encoding="utf-8"))
     template = work / "broker.conf"
     template.write_text(re.sub(r"(?m)^autosave_interval\s+\d+", "autosave_interval 10", text))
@@ -287,7 +287,7 @@ def parent(args: argparse.Namespace) -> None:
                  "or --variants glue")
     if raise_nofile() < args.agents + 200:
         sys.exit(f"{args.agents} agents need {args.agents + 200} open files; raise the hard limit (ulimit -Hn)")
-    results: Dict[str, List[Dict[str, float]]] = {v: [] for v in args.variants}
+    results: dict[str, list[dict[str, float]]] = {v: [] for v in args.variants}
     with tempfile.TemporaryDirectory(prefix="sim-client-") as tmp:
         for run in range(args.runs):
             for variant in args.variants:  # interleaved: A B A B ..., so drifting load hits both alike

@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from fleet_sim.synthetic import TYPES, Host
 from harness import (
@@ -49,7 +49,7 @@ class Sizes:
     raw_messages: int = 20000
     ingest_backlog: int = 20000
     e2e_agents: int = 1000
-    e2e_intervals: Tuple[int, ...] = (16, 8, 4, 2, 1)
+    e2e_intervals: tuple[int, ...] = (16, 8, 4, 2, 1)
     e2e_min_window_s: float = 12.0
     fleet_agents: int = 10000
     fleet_interval_s: int = 60
@@ -71,7 +71,7 @@ def response_payload(host: Host, agent_id: str, type_: str, req_id: str) -> byte
     return ok_response_payload(req_id, agent_id, type_, host.reading(type_, {}), 0.5)
 
 
-def _last_json(proc: Proc) -> Dict[str, Any]:
+def _last_json(proc: Proc) -> dict[str, Any]:
     for line in reversed(proc.text().splitlines()):
         if line.startswith("{"):
             return dict(json.loads(line))
@@ -87,7 +87,7 @@ def _wait_exit(proc: Proc, timeout_s: float) -> None:
 
 
 # 1. raw ceiling ---------------------------------------------------------------------------
-def raw_payloads(b: Bench) -> Tuple[Path, List[int]]:
+def raw_payloads(b: Bench) -> tuple[Path, list[int]]:
     """One real-sized answer of each type, written once where rawmqtt.py reads them, and their sizes."""
     spec = b.run_dir / "raw-payloads.json"
     if not spec.exists():
@@ -97,7 +97,7 @@ def raw_payloads(b: Bench) -> Tuple[Path, List[int]]:
     return spec, [len(p.encode()) for p in json.loads(spec.read_text())["payloads"]]
 
 
-def raw_live_once(b: Bench, label: str, n: int) -> Tuple[float, float]:
+def raw_live_once(b: Bench, label: str, n: int) -> tuple[float, float]:
     """A paho publisher -> Mosquitto -> paho subscriber, QoS 1: (subscriber, publisher) msgs/s."""
     spec, _ = raw_payloads(b)
     ready = b.run_dir / f"raw-{label}.ready"
@@ -112,7 +112,7 @@ def raw_live_once(b: Bench, label: str, n: int) -> Tuple[float, float]:
     return s["received"] / max(s["last"] - s["first"], 1e-9), q["acked"] / max(q["last"] - q["first"], 1e-9)
 
 
-def raw(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+def raw(b: Bench, sizes: Sizes) -> dict[str, Any]:
     spec, sizes_b = raw_payloads(b)
     n = sizes.raw_messages
     live, pub, drain = [], [], []
@@ -160,7 +160,7 @@ def publish_backlog(b: Bench, prefix: str, n: int) -> None:
     c.loop_stop()
 
 
-def ingest_once(b: Bench, name: str, n: int, persisters: int, store: Dict[str, Any]) -> Dict[str, Any]:
+def ingest_once(b: Bench, name: str, n: int, persisters: int, store: dict[str, Any]) -> dict[str, Any]:
     prefix = name.replace("_", "-")
     commit_files = [b.run_dir / f"{name}-p{i}.commits" for i in range(persisters)]
     # One persister subscribes plainly (the default); several split the load on a share group,
@@ -169,7 +169,7 @@ def ingest_once(b: Bench, name: str, n: int, persisters: int, store: Dict[str, A
     configs = [b.config(f"{name}-p{i}", prefix, persister={**store, **share, "client_id": f"{prefix}-p{i}"})
                for i in range(persisters)]
 
-    def start() -> List[Proc]:
+    def start() -> list[Proc]:
         return [b.python(f"{name}-p{i}", "probe_persister.py", "--config", str(configs[i]),
                          "--commits", str(commit_files[i])) for i in range(persisters)]
 
@@ -218,9 +218,9 @@ def ingest_once(b: Bench, name: str, n: int, persisters: int, store: Dict[str, A
             "stored_twice": sum(1 for v in ids.values() if v > 1), "cpu": cpu}
 
 
-def ingest(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    stores: List[Tuple[str, Dict[str, Any]]] = [("sqlite", {"store": "sqlite"})]
+def ingest(b: Bench, sizes: Sizes, raw_result: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    stores: list[tuple[str, dict[str, Any]]] = [("sqlite", {"store": "sqlite"})]
     mongo = os.environ.get("FLEET_BENCH_MONGODB_URI")
     if mongo:
         stores.append(("mongodb", {"store": "mongodb", "mongodb_uri": mongo, "mongodb_database": "fleet_bench"}))
@@ -249,7 +249,7 @@ def ingest(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict
                 run["ratio_to_that_raw"] = round(run["msgs_per_s"] / max(reference, 1e-9), 2)
                 runs.append(run)
             rate = median(r["msgs_per_s"] for r in runs) or 0
-            fig: Dict[str, Any] = {"msgs_per_s": round(rate), "runs": runs,
+            fig: dict[str, Any] = {"msgs_per_s": round(rate), "runs": runs,
                                    "parse_workers": parse_workers(PersisterConfig(parse_workers=workers)),
                                    "ratio_to_raw_paired": median(r["ratio_to_that_raw"] for r in runs)}
             if raw_result:
@@ -282,15 +282,15 @@ class Stack:
         wait_until(lambda: bool(read_commits(self.commits)[1]), 30)
         self.observer = Observer(b.port, Topics(name).all_requests())
 
-    def controller(self, label: str, interval_s: int, budget_per_s: Optional[int] = None) -> Proc:
-        settings: Dict[str, Any] = {"schedule": {t: interval_s for t in TYPES}, "tick_s": 0.1}
+    def controller(self, label: str, interval_s: int, budget_per_s: int | None = None) -> Proc:
+        settings: dict[str, Any] = {"schedule": {t: interval_s for t in TYPES}, "tick_s": 0.1}
         if budget_per_s is not None:
             settings["max_dispatch_per_s"] = budget_per_s
         cfg = self.b.config(f"{self.name}-ctl-{label}", self.name, controller=settings)
         return self.b.service(f"{self.name}-controller-{label}", "fleet-controller", cfg)
 
     def first_request_after(self, t: float, timeout_s: float = 30) -> float:
-        def first() -> Optional[float]:
+        def first() -> float | None:
             for arrived, _ in self.observer.messages[-1:]:
                 if arrived >= t:
                     return arrived
@@ -309,7 +309,7 @@ class Stack:
             return time.monotonic() - last[1] >= quiet_s
         wait_until(quiet, timeout_s, 0.2)
 
-    def measure(self, t0: float, t1: float, interval_s: int) -> Dict[str, Any]:
+    def measure(self, t0: float, t1: float, interval_s: int) -> dict[str, Any]:
         commits, _ = read_commits(self.commits)
         reqs = [r for r in self.observer.requests() if t0 <= r[1] < t1]
         lat, in_time, stored = [], 0, 0
@@ -344,11 +344,11 @@ class Stack:
         self.persister.stop(30)
 
 
-def _r(x: Optional[float]) -> Optional[float]:
+def _r(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
 
 
-def end_to_end(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def end_to_end(b: Bench, sizes: Sizes, raw_result: dict[str, Any] | None) -> dict[str, Any]:
     stack = Stack(b, "e2e", sizes.e2e_agents)
     steps = []
     try:
@@ -376,7 +376,7 @@ def end_to_end(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> 
     if best is not None:
         target = best["offered_per_s"] / 2
         half = min((s for s in steps if s is not best), key=lambda s: abs(s["offered_per_s"] - target), default=None)
-    out: Dict[str, Any] = {"agents": sizes.e2e_agents, "steps": steps,
+    out: dict[str, Any] = {"agents": sizes.e2e_agents, "steps": steps,
                            "max_sustained_stored_per_s": best["stored_per_s"] if best else None,
                            "at_max": _pick(best), "at_half": _pick(half),
                            "criterion": ">= 99% of answers stored and p99 request-to-stored <= 2 s"}
@@ -386,16 +386,16 @@ def end_to_end(b: Bench, sizes: Sizes, raw_result: Optional[Dict[str, Any]]) -> 
     return out
 
 
-def _pick(step: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+def _pick(step: dict[str, Any] | None) -> dict[str, Any] | None:
     if step is None:
         return None
     return {k: step[k] for k in ("offered_per_s", "stored_per_s", "latency_ms_p50", "latency_ms_p99", "interval_s")}
 
 
-def fleet(b: Bench, sizes: Sizes, profile: bool) -> Dict[str, Any]:
+def fleet(b: Bench, sizes: Sizes, profile: bool) -> dict[str, Any]:
     stack = Stack(b, "fleet", sizes.fleet_agents)
     interval = sizes.fleet_interval_s
-    profiles: Dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
     try:
         ctl = stack.controller("main", interval)
         t0 = stack.first_request_after(time.time()) + 0.5
@@ -434,7 +434,7 @@ class _BrokerProc:
         return int(self.b.broker_rss_mb() * 2**20)
 
 
-def _profile(b: Bench, procs: Dict[str, Proc], seconds: float) -> Dict[str, Any]:
+def _profile(b: Bench, procs: dict[str, Proc], seconds: float) -> dict[str, Any]:
     """py-spy (sampling, from outside) on each process at once; the top functions by own time."""
     spy = shutil.which("py-spy") or str(BIN / "py-spy")
     if not os.path.exists(spy) or seconds < 5:
@@ -452,7 +452,7 @@ def _profile(b: Bench, procs: Dict[str, Proc], seconds: float) -> Dict[str, Any]
     return result
 
 
-def top_frames(path: Path, n: int = 12) -> Dict[str, Any]:
+def top_frames(path: Path, n: int = 12) -> dict[str, Any]:
     """Own-time share of the hottest functions in a py-spy raw (collapsed stacks) file."""
     own: Counter[str] = Counter()
     total = 0
@@ -470,7 +470,7 @@ def top_frames(path: Path, n: int = 12) -> Dict[str, Any]:
 
 
 # 5. controller at 100,000 agents --------------------------------------------------------------
-def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+def controller(b: Bench, sizes: Sizes) -> dict[str, Any]:
     prefix = "ctl100k"
     topics = Topics(prefix)
     n = sizes.controller_agents
@@ -534,7 +534,7 @@ def controller(b: Bench, sizes: Sizes) -> Dict[str, Any]:
 
 
 # 6. agent footprint ---------------------------------------------------------------------------
-def agent_install(b: Bench) -> Tuple[List[str], str]:
+def agent_install(b: Bench) -> tuple[list[str], str]:
     """fleet-agent as a host has it: a virtual environment with fleet-common, fleet-agent and their
     dependencies only. The development one also holds what the services need (pymongo brings
     dnspython, which paho then imports), and that would be counted against the agent."""
@@ -550,7 +550,7 @@ def agent_install(b: Bench) -> Tuple[List[str], str]:
         return [str(BIN / "fleet-agent")], f"development environment (no agent-only one: {exc})"
 
 
-def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+def agent(b: Bench, sizes: Sizes) -> dict[str, Any]:
     prefix = "agentfp"
     command, installed = agent_install(b)
     cfg = b.config("agentfp", prefix, agent={"id": "bench-agent", "outbox_path": str(b.run_dir / "outbox.db")},
@@ -563,7 +563,7 @@ def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
         wait_until(lambda: len(obs.messages) >= len(TYPES), 20, 0.05)
         time.sleep(2)  # the first answers prime psutil's counters
         t0 = time.time()
-        minutes: List[float] = []  # one figure per agent_seconds window, `repeats` of them
+        minutes: list[float] = []  # one figure per agent_seconds window, `repeats` of them
         rss = []
         for _ in range(sizes.repeats):
             w = CpuWindow({"agent": ag}).start()
@@ -577,7 +577,7 @@ def agent(b: Bench, sizes: Sizes) -> Dict[str, Any]:
     finally:
         obs.stop()
         ag.stop()
-    durations: Dict[str, List[float]] = {t: [] for t in TYPES}
+    durations: dict[str, list[float]] = {t: [] for t in TYPES}
     for arrived, payload in obs.messages:
         if t0 <= arrived < t1:
             obj = json.loads(payload)
@@ -597,7 +597,7 @@ class RequestLog:
     broker held, from its $SYS tree (the bench broker publishes it every second)."""
 
     def __init__(self, port: int, prefix: str) -> None:
-        self.seen: List[Tuple[float, str, str, str]] = []
+        self.seen: list[tuple[float, str, str, str]] = []
         self.stored_max = 0
         self._topics = Topics(prefix)
         self.c = client()
@@ -618,9 +618,9 @@ class RequestLog:
         self.c.loop_stop()
 
 
-def all_seven_at(log: RequestLog, commits: Dict[str, float], agents: int) -> Optional[float]:
+def all_seven_at(log: RequestLog, commits: dict[str, float], agents: int) -> float | None:
     """When the last agent had an answer of every type stored, or None if not yet."""
-    first: Dict[Tuple[str, str], float] = {}
+    first: dict[tuple[str, str], float] = {}
     for _, agent, type_, id_ in list(log.seen):
         at = commits.get(id_)
         if at is not None and at < first.get((agent, type_), float("inf")):
@@ -630,7 +630,7 @@ def all_seven_at(log: RequestLog, commits: Dict[str, float], agents: int) -> Opt
     return max(first.values())
 
 
-def cold_start(b: Bench, sizes: Sizes) -> Dict[str, Any]:
+def cold_start(b: Bench, sizes: Sizes) -> dict[str, Any]:
     """A fleet coming online all at once in front of a running controller and persister, as
     configured by default: how fast requests go out against the budget, the most messages the
     broker held, how long until every agent has all seven answers stored, and what expired."""
@@ -669,7 +669,7 @@ def cold_start(b: Bench, sizes: Sizes) -> Dict[str, Any]:
                                       for k in range(max(first_round, default=-1) + 1)]}
 
 
-def _states(db: Path) -> Dict[str, int]:
+def _states(db: Path) -> dict[str, int]:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
         rows = con.execute("SELECT state, COUNT(*) FROM requests GROUP BY state")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import orjson
 from fleet_sim.synthetic import TYPES, Host
@@ -31,7 +31,7 @@ def per_call_us(fn: Callable[[], Any], n: int) -> float:
 
 
 def row(type_: str, text: bytes, compile_schema: Any) -> str:
-    data: Dict[str, Any] = orjson.loads(text)
+    data: dict[str, Any] = orjson.loads(text)
     n = 200 if type_ == "processes" else 2000
     reference = per_call_us(lambda: BUILTIN[type_].check_data(data), n)
     fast = per_call_us(lambda: check_data(type_, data, len(text)), n)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import yaml
 
@@ -29,8 +29,8 @@ def schema_name(type_: str, part: str) -> str:
 
 
 def block() -> str:
-    schemas: Dict[str, Any] = {}
-    by_type: Dict[str, Any] = {}
+    schemas: dict[str, Any] = {}
+    by_type: dict[str, Any] = {}
     for type_, parts in json_schemas().items():
         t = BUILTIN[type_]
         schemas[schema_name(type_, "params")] = {"description": f"The params of a {type_} request.",

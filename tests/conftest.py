@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -36,13 +37,13 @@ def pytest_configure(config: Any) -> None:
     compat.apply()
 
 
-def pytest_collection_modifyitems(config: Any, items: List[Any]) -> None:
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if REAL_PARTS & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
-def pytest_report_header(config: Any) -> List[str]:
+def pytest_report_header(config: Any) -> list[str]:
     uri = os.environ.get("FLEET_TEST_MONGODB_URI")
     which = f"a real MongoDB server at {uri}" if uri else "mongomock (FLEET_TEST_MONGODB_URI is not set)"
     lines = [f"MongoDB store tests run against {which}", f"mosquitto: {find_mosquitto()}"]
@@ -97,9 +98,9 @@ def prefix() -> str:
     return "t" + uuid.uuid4().hex[:10]
 
 
-def config_file(tmp_path: Path, name: str, port: int, prefix: str, **sections: Dict[str, Any]) -> Path:
+def config_file(tmp_path: Path, name: str, port: int, prefix: str, **sections: dict[str, Any]) -> Path:
     """A config file for a test broker on `port`: every path under tmp_path, quick timings, debug logs."""
-    data: Dict[str, Any] = {
+    data: dict[str, Any] = {
         "mqtt": {"host": "127.0.0.1", "port": port, "topic_prefix": prefix,
                  "reconnect_min_s": 0.2, "reconnect_max_s": 2},
         "persister": {"sqlite_path": str(tmp_path / "fleet.db"), "batch_wait_s": 0.05,
@@ -121,7 +122,7 @@ def config_file(tmp_path: Path, name: str, port: int, prefix: str, **sections: D
 def write_config(tmp_path: Path, broker: EmbeddedBroker, prefix: str) -> Callable[..., Path]:
     """write_config(name, agent={...}, ...) -> path of a config file for this test's broker."""
 
-    def write(name: str = "config", **sections: Dict[str, Any]) -> Path:
+    def write(name: str = "config", **sections: dict[str, Any]) -> Path:
         return config_file(tmp_path, name, broker.port, prefix, **sections)
 
     return write
@@ -132,10 +133,10 @@ class Procs:
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.procs: Dict[str, subprocess.Popen[bytes]] = {}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, command: str, *args: str,
-              env: Optional[Dict[str, str]] = None) -> subprocess.Popen[bytes]:
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.tmp_path / f"{name}.log", "ab")
         # cwd: relative defaults (data/..., heartbeat files) land in the test's folder, not the checkout
         proc = subprocess.Popen([str(BIN / command), *args], stdout=log, stderr=subprocess.STDOUT,

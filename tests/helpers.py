@@ -6,7 +6,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import psutil
 
@@ -20,7 +20,7 @@ def examples(n: int) -> int:
     return max(10, n // 4) if FAST else n
 
 
-def rows(db: Path, sql: str, *args: Any) -> List[Dict[str, Any]]:
+def rows(db: Path, sql: str, *args: Any) -> list[dict[str, Any]]:
     """Run a read query on the SQLite store; an absent or half-created file reads as empty."""
     if not Path(db).exists():
         return []
@@ -38,7 +38,7 @@ def loads(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def parse_workers_of(pid: int) -> List[psutil.Process]:
+def parse_workers_of(pid: int) -> list[psutil.Process]:
     """A persister's parse worker processes (spawn also starts a resource tracker, which parses nothing)."""
     return [p for p in psutil.Process(pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
 

@@ -8,8 +8,9 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -29,17 +30,17 @@ class Msg:
     def __init__(self, m: mqtt.MQTTMessage) -> None:
         self.topic, self.retain = m.topic, bool(m.retain)
         try:
-            self.payload: Dict[str, Any] = json.loads(m.payload)
+            self.payload: dict[str, Any] = json.loads(m.payload)
         except ValueError:  # our own garbage requests, seen on prefix/#
             self.payload = {}
-        self.correlation: Optional[bytes] = getattr(m.properties, "CorrelationData", None)
+        self.correlation: bytes | None = getattr(m.properties, "CorrelationData", None)
 
 
 class Client:
     """A plain paho MQTT 5 client that records every message it receives."""
 
     def __init__(self, port: int, *topics: str) -> None:
-        self.messages: List[Msg] = []
+        self.messages: list[Msg] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-" + uuid.uuid4().hex[:8],
@@ -56,7 +57,7 @@ class Client:
         with self._lock:
             self.messages.append(Msg(m))
 
-    def find(self, pred: Callable[[Msg], bool]) -> List[Msg]:
+    def find(self, pred: Callable[[Msg], bool]) -> list[Msg]:
         with self._lock:
             return [m for m in self.messages if pred(m)]
 
@@ -67,8 +68,8 @@ class Client:
         return self.wait(lambda m: "/req/" not in m.topic and m.payload.get("id") == req_id,
                          f"a response to {req_id}", timeout_s)
 
-    def request(self, topic: str, payload: bytes, response_topic: Optional[str] = None,
-                correlation: Optional[bytes] = None) -> None:
+    def request(self, topic: str, payload: bytes, response_topic: str | None = None,
+                correlation: bytes | None = None) -> None:
         props = publish_properties(response_topic, correlation, 60)
         self.c.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
 
@@ -252,12 +253,12 @@ def test_collector_timeout_and_failure_in_process(broker: Any, write_config: Cal
     release = threading.Event()
 
     @register("slow_test")
-    def slow(params: Dict[str, Any]) -> Dict[str, Any]:
+    def slow(params: dict[str, Any]) -> dict[str, Any]:
         release.wait(10)
         return {"late": True}
 
     @register("boom_test")
-    def boom(params: Dict[str, Any]) -> Dict[str, Any]:
+    def boom(params: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("sensor on fire")
 
     cfg = load_config(str(write_config("agent", agent={"id": agent_id, "collector_timeout_s": 0.3})))
@@ -298,7 +299,7 @@ def test_one_watchdog_times_out_exactly_the_unanswered_jobs() -> None:
     from fleet_agent.intake import Job as _Job
     from fleet_common import Request
 
-    timed_out: List[str] = []
+    timed_out: list[str] = []
     threads = set()
 
     def on_timeout(job: _Job) -> None:
@@ -328,7 +329,7 @@ def test_the_watchdog_wakes_per_timeout_not_per_request() -> None:
     from fleet_agent.intake import Job as _Job
     from fleet_common import Request
 
-    timed_out: List[_Job] = []
+    timed_out: list[_Job] = []
     dog = _Watchdog(0.5, timed_out.append)
     dog.start()
     started = time.monotonic()
@@ -355,10 +356,10 @@ def test_acknowledged_answers_leave_the_outbox_in_batches(broker: Any, write_con
     wake-up of the courier thread and a SQLite transaction), and all of them do leave it."""
     cfg = load_config(str(write_config("agent", agent={"id": agent_id})))
     agent = Agent(cfg).start()
-    deletes: List[int] = []
+    deletes: list[int] = []
     real_delete = agent.outbox.delete
 
-    def counted(seqs: List[int]) -> None:
+    def counted(seqs: list[int]) -> None:
         deletes.append(len(seqs))
         real_delete(seqs)
 

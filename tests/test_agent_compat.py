@@ -10,8 +10,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any
 
 import psutil
 import pytest
@@ -51,9 +52,9 @@ def test_the_agents_main_applies_the_workarounds() -> None:
 
 
 @pytest.fixture
-def constructions(monkeypatch: pytest.MonkeyPatch) -> Iterator[List[int]]:
+def constructions(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     """Counts the psutil.Process objects made from now on (each reads the process's stat file)."""
-    made: List[int] = []
+    made: list[int] = []
     real = psutil.Process.__init__
 
     def counted(self: psutil.Process, *a: Any, **k: Any) -> None:
@@ -80,7 +81,7 @@ def test_psutil_records_identity_as_pid_and_monotonic_start_time() -> None:
         assert compat.pid_reused(proc) is True
 
 
-def test_psutil_is_running_still_makes_a_new_process(constructions: List[int]) -> None:
+def test_psutil_is_running_still_makes_a_new_process(constructions: list[int]) -> None:
     """Upstream: Process.is_running() builds a new Process to compare identities. If this fails,
     it became cheap, and compat.pid_reused can simply call it."""
     proc = psutil.Process()
@@ -93,7 +94,7 @@ def test_psutil_is_running_still_makes_a_new_process(constructions: List[int]) -
     assert constructions == []
 
 
-def test_psutil_ppid_still_checks_for_pid_reuse(constructions: List[int]) -> None:
+def test_psutil_ppid_still_checks_for_pid_reuse(constructions: list[int]) -> None:
     """Upstream: Process.ppid() calls is_running() first (psutil 6.0 on). If this fails, it no
     longer does, and compat.ppid_unchecked can become proc.ppid()."""
     proc = psutil.Process()
@@ -120,7 +121,7 @@ def test_psutil_name_reads_the_command_line_for_a_15_character_name(tmp_path: Pa
         deadline = time.monotonic() + 5
         while proc.name() != exe.name and time.monotonic() < deadline:
             time.sleep(0.02)  # until the child has exec'd
-        reads: List[int] = []
+        reads: list[int] = []
         real = psutil.Process.cmdline
         monkeypatch.setattr(psutil.Process, "cmdline", lambda self: reads.append(1) or real(self))
         assert compat.stat_name(proc) == exe.name[:15] and reads == []

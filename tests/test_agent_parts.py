@@ -8,9 +8,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable
 
 import pytest
 from conftest import wait_for
@@ -37,11 +38,11 @@ def request(type_: str = "ping", expires_in_s: float = 60.0, **fields: Any) -> R
     return Request(id=new_id(), type=type_, issued_at=iso(now - 1), expires_at=iso(now + expires_in_s), **fields)
 
 
-def props(reply_to: Optional[str] = None, correlation: Optional[bytes] = None) -> Any:
+def props(reply_to: str | None = None, correlation: bytes | None = None) -> Any:
     return SimpleNamespace(ResponseTopic=reply_to, CorrelationData=correlation)
 
 
-def ping(params: Dict[str, Any]) -> Dict[str, Any]:
+def ping(params: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
@@ -117,7 +118,7 @@ def test_intake_drops_requests_while_stopping_but_still_answers_malformed_ones(
     (TOPICS.response_base(AGENT) + "x" * MAX_TOPIC_BYTES, False),
     (None, False),
 ])
-def test_intake_uses_a_response_topic_only_under_the_agents_own_res(intake: Intake, reply_to: Optional[str],
+def test_intake_uses_a_response_topic_only_under_the_agents_own_res(intake: Intake, reply_to: str | None,
                                                                     used: bool) -> None:
     """The design's rule: a ResponseTopic under fleet/<id>/res/, with no wildcard or NUL and short enough."""
     routed = intake.route(TOPICS.request(AGENT, "ping"), request().payload(), props(reply_to))
@@ -134,15 +135,15 @@ def test_collect_makes_every_outcome_an_answer() -> None:
     """A reading is `ok` with JSON-safe data; BadParams is `bad_request`; a non-object, a result
     breaking the contract or an exception is `collector_failed` with what went wrong."""
 
-    def bad_params(params: Dict[str, Any]) -> Dict[str, Any]:
+    def bad_params(params: dict[str, Any]) -> dict[str, Any]:
         raise BadParams("limit must be 1-1000")
 
-    def boom(params: Dict[str, Any]) -> Dict[str, Any]:
+    def boom(params: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("sensor on fire")
 
     ok = collect(job(limit=3), lambda p: {"got": p, "t": (1, float("nan"))}, AGENT)
     assert ok.status == "ok" and ok.data == {"got": {"limit": 3}, "t": [1, None]} and ok.agent_id == AGENT
-    cases: List[Tuple[Callable[[Dict[str, Any]], Any], str, str]] = [
+    cases: list[tuple[Callable[[dict[str, Any]], Any], str, str]] = [
         (bad_params, "bad_request", "limit must be 1-1000"),
         (boom, "collector_failed", "sensor on fire"),
         (lambda p: [1, 2], "collector_failed", "collector returned list, not an object"),
@@ -159,8 +160,8 @@ class Answers:
     """What the agent's _answer does with a dispatcher's results: the first answer per job wins."""
 
     def __init__(self) -> None:
-        self.got: List[Response] = []
-        self.drops: List[str] = []
+        self.got: list[Response] = []
+        self.drops: list[str] = []
         self.cond = threading.Condition()
 
     def answer(self, job: Job, response: Response) -> bool:
@@ -174,7 +175,7 @@ class Answers:
     def drop(self, topic: str, why: str) -> None:
         self.drops.append(why)
 
-    def wait(self, n: int, timeout_s: float = 5.0) -> List[Response]:
+    def wait(self, n: int, timeout_s: float = 5.0) -> list[Response]:
         with self.cond:
             assert self.cond.wait_for(lambda: len(self.got) >= n, timeout_s), f"{len(self.got)} of {n} answers"
             return list(self.got)
@@ -219,7 +220,7 @@ def test_dispatcher_replaces_a_pool_whose_workers_are_all_stuck(answers: Answers
     dispatcher = Dispatcher(AGENT, 1, 0.1, answers.answer, answers.drop)
     dispatcher.start()
 
-    def hang(params: Dict[str, Any]) -> Dict[str, Any]:
+    def hang(params: dict[str, Any]) -> dict[str, Any]:
         release.wait(5)
         return {}
 
@@ -263,7 +264,7 @@ class FakeLink:
         if connected:
             self.connected.set()
         self.fail, self.waits = fail, 0
-        self.sent: List[Tuple[int, str, bytes, Any, bool]] = []  # mid, topic, payload, properties, retain
+        self.sent: list[tuple[int, str, bytes, Any, bool]] = []  # mid, topic, payload, properties, retain
         self._lock = threading.Lock()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
@@ -275,11 +276,11 @@ class FakeLink:
             self.sent.append((mid, topic, payload, properties, retain))
         return SimpleNamespace(mid=mid, wait_for_publish=lambda timeout: None)
 
-    def wait_connected(self, timeout_s: Optional[float] = None) -> bool:
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
         self.waits += 1
         return self.connected.wait(timeout_s)
 
-    def topics(self) -> List[str]:
+    def topics(self) -> list[str]:
         with self._lock:
             return [s[1] for s in self.sent]
 
@@ -454,7 +455,7 @@ def test_collector_health_is_logged_when_it_changes(caplog: pytest.LogCaptureFix
 # ------------------------------------------------------------------------------------------ priming and wiring
 def test_prime_all_primes_only_registered_collectors_and_survives_failures() -> None:
     """A collector replaced by another keeps its primer unused; a failing primer is not fatal."""
-    primed: List[str] = []
+    primed: list[str] = []
 
     def failing() -> None:
         raise OSError("not now")

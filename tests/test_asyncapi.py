@@ -7,7 +7,8 @@ import copy
 import json
 import subprocess
 import sys
-from typing import Any, Callable, Dict, Iterator, List
+from collections.abc import Iterator
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -21,10 +22,10 @@ from fleet_common.timefmt import _ID_RE
 from fleet_common.topics import AGENT_ID_RE, TYPE_RE, ParsedTopic
 from fleet_persister.datacheck import check_data
 
-DOC: Dict[str, Any] = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
-SCHEMAS: Dict[str, Any] = DOC["components"]["schemas"]
+DOC: dict[str, Any] = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
+SCHEMAS: dict[str, Any] = DOC["components"]["schemas"]
 TOPICS = Topics("fleet")
-PARSERS: Dict[str, Callable[[bytes, ParsedTopic], Any]] = {
+PARSERS: dict[str, Callable[[bytes, ParsedTopic], Any]] = {
     "Request": parse_request, "Response": parse_response, "Status": parse_status}
 WHERE = {"Request": TOPICS.parse(TOPICS.request("web-01", "cpu")),
          "Response": TOPICS.parse(TOPICS.response("web-01", "cpu")),
@@ -50,7 +51,7 @@ def refs(node: Any) -> Iterator[str]:
             yield from refs(item)
 
 
-def parses(schema: str, obj: Dict[str, Any]) -> bool:
+def parses(schema: str, obj: dict[str, Any]) -> bool:
     try:
         PARSERS[schema](json.dumps(obj).encode(), WHERE[schema])
     except ContractError:
@@ -127,7 +128,7 @@ def test_status_describes_what_the_agent_adds(tmp_path) -> None:
 @pytest.mark.parametrize("schema", ["Request", "Response", "Status"])
 def test_examples_are_accepted_by_the_contract(schema: str) -> None:
     """Every example payload in the document passes fleet_common's validation."""
-    examples: List[Dict[str, Any]] = SCHEMAS[schema]["examples"]
+    examples: list[dict[str, Any]] = SCHEMAS[schema]["examples"]
     assert examples
     for example in examples:
         assert parses(schema, example), example

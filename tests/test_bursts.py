@@ -13,8 +13,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -135,7 +136,7 @@ def test_broker_drops_are_logged_exported_and_shown_by_fleetctl_status(tmp_path:
         line = next(ln for ln in procs.log("persister-again").splitlines() if "the broker has dropped" in ln)
         dropped = int(re.search(r"dropped (\d+) messages", line).group(1))  # type: ignore[union-attr]
         assert dropped >= 150 and "max_queued_messages" in line
-        beat: Dict[str, Any] = wait_for(lambda: (b := json.loads(heartbeat.read_text())) and
+        beat: dict[str, Any] = wait_for(lambda: (b := json.loads(heartbeat.read_text())) and
                                         b["counters"]["broker"]["dropped"] and b, 10, what="drops in the heartbeat")
         assert beat["counters"]["broker"]["dropped"] == dropped and beat["counters"]["broker"]["sys"] is True
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()

@@ -10,7 +10,7 @@ import re
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -25,7 +25,7 @@ assert compat.apply(), "paho's Properties is not the class fleet_common.compat w
 # paho's own class, as it was before apply()
 Reference: Any = type("Reference", (), {**{k: v for k, v in vars(Properties).items()
                                            if k not in ("__dict__", "__weakref__")}, **compat.ORIGINAL})
-VALUES: Dict[str, List[Any]] = {
+VALUES: dict[str, list[Any]] = {
           "Byte": [1, 0, 2], "Two Byte Integer": [10, 0, 70000], "Four Byte Integer": [100, 0, 2**31],
           "Variable Byte Integer": [5, 0, 268435456], "Binary Data": [b"ab"], "UTF-8 Encoded String": ["x/y"],
           "UTF-8 String Pair": [("k", "v")]}
@@ -33,7 +33,7 @@ PAHO_TABLES = {"types", "names", "properties"}  # paho's object holds its own co
 PACKETS = [*range(PacketTypes.CONNECT, PacketTypes.AUTH + 1), PacketTypes.WILLMESSAGE]
 
 
-def outcome(obj: Any, name: str, value: Any) -> Tuple[str, str]:
+def outcome(obj: Any, name: str, value: Any) -> tuple[str, str]:
     try:
         setattr(obj, name, value)
     except Exception as exc:
@@ -41,7 +41,7 @@ def outcome(obj: Any, name: str, value: Any) -> Tuple[str, str]:
     return "ok", ""
 
 
-def state(obj: Any) -> Tuple[Any, ...]:
+def state(obj: Any) -> tuple[Any, ...]:
     try:
         packed: Any = obj.pack()
     except Exception as exc:  # paho packs 70000 as a Two Byte Integer only to fail here
@@ -111,9 +111,9 @@ def test_every_property_on_every_packet_type_as_paho_does() -> None:
 
 
 def test_names_with_spaces_unknown_names_repeats_and_clear() -> None:
-    def run(cls: Any) -> List[Any]:
+    def run(cls: Any) -> list[Any]:
         p = cls(PacketTypes.PUBLISH)
-        out: List[Any] = [outcome(p, "Message Expiry Interval", 30), outcome(p, "NoSuchThing", 1),
+        out: list[Any] = [outcome(p, "Message Expiry Interval", 30), outcome(p, "NoSuchThing", 1),
                           outcome(p, "UserProperty", ("a", "1")), outcome(p, "UserProperty", [("b", "2")]),
                           outcome(p, "SubscriptionIdentifier", 7), outcome(p, "ResponseTopic", "r/t")]
         out += [state(p), p.getIdentFromName("UserProperty"), p.getIdentFromName("Nope"),
@@ -129,7 +129,7 @@ def test_names_with_spaces_unknown_names_repeats_and_clear() -> None:
         out.append(outcome_of(lambda: twice.unpack(dup)))
         return out
 
-    def outcome_of(fn: Any) -> Tuple[str, str]:
+    def outcome_of(fn: Any) -> tuple[str, str]:
         try:
             fn()
         except Exception as exc:
@@ -161,7 +161,7 @@ def paho_publish_properties(response_topic: Any, correlation: Any, expiry_s: Any
 
 
 @pytest.mark.parametrize("args", PACKED_ARGS)
-def test_packed_properties_are_the_bytes_and_values_paho_has(args: Tuple[Any, Any, Any]) -> None:
+def test_packed_properties_are_the_bytes_and_values_paho_has(args: tuple[Any, Any, Any]) -> None:
     ours, theirs = PackedProperties(*args), paho_publish_properties(*args)
     assert ours.pack() == theirs.pack()
     assert (str(ours), ours.json(), ours.isEmpty()) == (str(theirs), theirs.json(), theirs.isEmpty())

@@ -6,8 +6,9 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -28,7 +29,7 @@ class FakeFleet:
 
     def __init__(self, port: int, prefix: str) -> None:
         self.topics = Topics(prefix)
-        self.requests: List[mqtt.MQTTMessage] = []
+        self.requests: list[mqtt.MQTTMessage] = []
         self._lock = threading.Lock()
         self._subscribed = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{prefix}-fake", protocol=mqtt.MQTTv5)
@@ -43,18 +44,18 @@ class FakeFleet:
         with self._lock:
             self.requests.append(msg)
 
-    def birth(self, agent_id: str, types: List[str]) -> None:
+    def birth(self, agent_id: str, types: list[str]) -> None:
         status = Status(agent_id=agent_id, online=True, hostname=agent_id, types=types)
         self.client.publish(self.topics.status(agent_id), status.payload(), qos=1, retain=True).wait_for_publish(10)
 
-    def asked(self, agent_id: str, type_: str) -> List[mqtt.MQTTMessage]:
+    def asked(self, agent_id: str, type_: str) -> list[mqtt.MQTTMessage]:
         with self._lock:
             return [m for m in self.requests if m.topic == self.topics.request(agent_id, type_)]
 
-    def pairs(self) -> Dict[Tuple[str, str], int]:
+    def pairs(self) -> dict[tuple[str, str], int]:
         with self._lock:
             topics = [self.topics.parse(m.topic) for m in self.requests]
-        counts: Dict[Tuple[str, str], int] = {}
+        counts: dict[tuple[str, str], int] = {}
         for t in topics:
             assert t.type is not None
             counts[(t.agent_id, t.type)] = counts.get((t.agent_id, t.type), 0) + 1

@@ -8,8 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 
 import pytest
 from conftest import BIN, wait_for
@@ -33,7 +34,7 @@ from fleetctl.broker import free_port
 NOW = time.time()
 
 
-def answer(store: SqliteStore, agent: str, type_: str, data: Dict[str, Any], at: float, n: int) -> None:
+def answer(store: SqliteStore, agent: str, type_: str, data: dict[str, Any], at: float, n: int) -> None:
     rid = f"{agent}-{type_}-{n}"
     store.write(Batch(requests=[Incoming(Request(id=rid, type=type_, issued_at=iso(at), expires_at=iso(at + 60)),
                                          agent, iso(at))],
@@ -42,7 +43,7 @@ def answer(store: SqliteStore, agent: str, type_: str, data: Dict[str, Any], at:
 
 
 def hello(store: SqliteStore, agent: str, online: bool, at: float) -> None:
-    extra: Dict[str, Any] = {"hostname": f"{agent}.example", "platform": "Linux-6.1-x86_64", "agent_version": "0.1.0",
+    extra: dict[str, Any] = {"hostname": f"{agent}.example", "platform": "Linux-6.1-x86_64", "agent_version": "0.1.0",
                              "types": ["cpu", "disk", "memory", "network", "os_info", "ping", "processes"]}
     store.write(Batch(statuses=[Incoming(Status(agent_id=agent, online=online, ts=iso(at), **extra), agent,
                                          iso(at))]))
@@ -89,7 +90,7 @@ def config(tmp_path: Path, **dashboard: Any) -> Config:
 
 class FakeAsker:
     def __init__(self) -> None:
-        self.asked: List[tuple] = []
+        self.asked: list[tuple] = []
 
     def __call__(self, cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
         self.asked.append((agent_id, type_, cfg.mqtt.username))
@@ -97,11 +98,11 @@ class FakeAsker:
                         collected_at=iso(time.time()))
 
 
-def client(tmp_path: Path, store: SqliteStore, asker: Optional[FakeAsker] = None, **dashboard: Any) -> Any:
+def client(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, **dashboard: Any) -> Any:
     return create_app(config(tmp_path, **dashboard), store, asker or FakeAsker()).test_client()
 
 
-def agent_order(html: str) -> List[str]:
+def agent_order(html: str) -> list[str]:
     return re.findall(r'<tr class="agent-row" data-agent="([^"]+)"', html)
 
 

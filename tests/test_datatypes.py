@@ -5,7 +5,7 @@ document all follow. Generated data (Hypothesis) holds the two checkers together
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Optional
+from typing import Any
 
 import pytest
 from helpers import examples
@@ -21,7 +21,7 @@ from fleet_persister.datacheck import check_data
 TYPES = sorted(BUILTIN)
 
 
-def verdict(fn: Any) -> Optional[str]:
+def verdict(fn: Any) -> str | None:
     try:
         fn()
     except ContractError as exc:
@@ -69,7 +69,7 @@ def test_the_fast_check_and_the_reference_agree_on_anything(type_: str, data: st
     if not isinstance(value, dict):
         return  # the envelope refuses data that is not an object
     ref = verdict(lambda: BUILTIN[type_].check_data(value))
-    fast: Optional[ContractError] = None
+    fast: ContractError | None = None
     try:
         check_data(type_, value, 100)
     except ContractError as exc:
@@ -91,7 +91,7 @@ def test_the_fast_check_and_the_reference_agree_on_anything(type_: str, data: st
     ("memory", example_data("memory", virtual={"total": 1.5}), "data.virtual.total is a number, not an integer"),
     ("os_info", example_data("os_info", boot_time=1790000000), "data.boot_time is an integer"),
 ])
-def test_non_conforming_data_is_refused_naming_the_field(type_: str, data: Dict[str, Any], says: str) -> None:
+def test_non_conforming_data_is_refused_naming_the_field(type_: str, data: dict[str, Any], says: str) -> None:
     """The shapes the issue found stored as ok (a string percent, a table of strings, a map keyed by
     process name) are refused as bad_data, with the path of the first field that is wrong."""
     with pytest.raises(ContractError) as info:
@@ -114,7 +114,7 @@ def test_types_beyond_the_built_ins_keep_the_envelope_checks_only() -> None:
 
 @given(params=st.dictionaries(st.sampled_from(["limit", "sort_by", "top"]), ANY_JSON, max_size=3))
 @example(params={"sort_by": ["rss"]})
-def test_params_are_checked_with_defaults_or_refused_naming_the_param(params: Dict[str, Any]) -> None:
+def test_params_are_checked_with_defaults_or_refused_naming_the_param(params: dict[str, Any]) -> None:
     """processes params: limit 1..10000 (default 50), sort_by one of five (default cpu_percent);
     anything else, a list for sort_by included, is bad_params naming it, never another error."""
     processes = BUILTIN["processes"]

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -37,16 +37,16 @@ FLEET_SERVICES = {"controller": "fleet-controller", "persister": "fleet-persiste
                   "dashboard": "fleet-dashboard"}
 
 
-def compose() -> Dict[str, Any]:
+def compose() -> dict[str, Any]:
     return dict(yaml.safe_load(COMPOSE.read_text()))
 
 
-def console_scripts() -> Dict[str, str]:
+def console_scripts() -> dict[str, str]:
     """Console script -> the distribution that installs it."""
     return {ep.name: ep.dist.name for ep in entry_points(group="console_scripts") if ep.dist is not None}
 
 
-def dist_folders() -> Dict[str, str]:
+def dist_folders() -> dict[str, str]:
     """Distribution name -> its folder in this repository."""
     out = {}
     for pyproject in ROOT.glob("*/pyproject.toml"):
@@ -56,15 +56,15 @@ def dist_folders() -> Dict[str, str]:
     return out
 
 
-def dockerfile(path: Path) -> List[Tuple[str, str]]:
+def dockerfile(path: Path) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
     text = re.sub(r"\\\n", " ", path.read_text())
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
-def dockerfile_env(path: Path) -> Dict[str, str]:
-    env: Dict[str, str] = {}
+def dockerfile_env(path: Path) -> dict[str, str]:
+    env: dict[str, str] = {}
     for instr, args in dockerfile(path):
         if instr == "ENV":
             env.update(dict(item.split("=", 1) for item in shlex.split(args)))
@@ -75,7 +75,7 @@ def service_dockerfile(name: str) -> Path:
     return ROOT / compose()["services"][name]["build"]["dockerfile"]
 
 
-def assert_real_config_keys(env: Dict[str, str], where: str) -> None:
+def assert_real_config_keys(env: dict[str, str], where: str) -> None:
     fleet = {k: str(v) for k, v in env.items() if k.startswith("FLEET_")}
     cfg = load_config(str(ROOT / "config.yaml"), env=fleet)  # an unknown key raises ConfigError naming it
     for name, value in fleet.items():
@@ -206,7 +206,7 @@ def test_check_passes_for_a_fresh_heartbeat_and_fails_when_stale_unhealthy_or_mi
     """check() is 0 for a fresh heartbeat naming no problems, and 1 for a stale one, one naming a
     problem, an unreadable one or none at all."""
     path = tmp_path / "hb.json"
-    problems: List[str] = []
+    problems: list[str] = []
     beat = Heartbeat(str(path), "svc", 5.0, lambda: {"n": 1}, lambda: problems)
     assert check(str(path))[0] == 1
     beat.beat()
@@ -279,7 +279,7 @@ def test_agent_check_and_its_counters_in_status(procs: Procs, write_config: Call
     beat = json.loads((tmp_path / "a.json").read_text())
     assert beat["counters"]["connected"] is True and beat["counters"]["outbox"]["dropped"] == 0
 
-    got: List[Dict[str, Any]] = []
+    got: list[dict[str, Any]] = []
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     sub.on_message = lambda c, u, m: got.append(json.loads(m.payload))
     sub.connect("127.0.0.1", broker.port)
@@ -299,7 +299,7 @@ def test_agent_check_and_its_counters_in_status(procs: Procs, write_config: Call
 
 # ------------------------------------------------------------------ metrics
 
-def scrape(port: int) -> Dict[str, float]:
+def scrape(port: int) -> dict[str, float]:
     """{'name{label="v",...}': value} of every sample; {} while the endpoint is not up."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, List
+from typing import Any, Callable
 
 import pytest
 from conftest import wait_for
@@ -19,7 +19,7 @@ from fleet_common import Topics
 from fleet_common.config import load_config
 
 
-def fill(box: Outbox, n: int, start: int = 0) -> List[int]:
+def fill(box: Outbox, n: int, start: int = 0) -> list[int]:
     return [box.put(f"t/{i}", f"answer {i}".encode(), f"c{i}".encode() if i % 2 else None)
             for i in range(start, start + n)]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
 
 from helpers import examples
 from hypothesis import given, settings
@@ -18,8 +17,8 @@ TYPES = ["cpu", "disk", "memory", "network", "os_info", "ping", "processes"]
 
 
 def run(pacer: Pacer, ticks: int, tick_s: float, due_per_tick: int = 0,
-        first_round_at: Optional[Dict[int, int]] = None, jitter: float = 0.0,
-        seed: int = 1) -> List[Tuple[float, str, str]]:
+        first_round_at: dict[int, int] | None = None, jitter: float = 0.0,
+        seed: int = 1) -> list[tuple[float, str, str]]:
     """Tick `ticks` times; each tick `due_per_tick` steady requests fall due, and at tick k
     `first_round_at[k]` agents come online. Returns (when, agent, type) of everything sent."""
     first_round_at = first_round_at or {}
@@ -35,7 +34,7 @@ def run(pacer: Pacer, ticks: int, tick_s: float, due_per_tick: int = 0,
     return sent
 
 
-def most_in_a_second(times: List[float]) -> int:
+def most_in_a_second(times: list[float]) -> int:
     times = sorted(times)
     best, start = 0, 0
     for end, t in enumerate(times):
@@ -73,7 +72,7 @@ def test_the_first_round_takes_what_the_steady_schedule_leaves() -> None:
     """With 300 of a tick's 500 going to the schedule, first rounds get the other 200 a tick."""
     pacer = Pacer(1000, 0.5)
     sent = run(pacer, 10, 0.5, due_per_tick=300, first_round_at={0: 2000})
-    per_tick: Dict[float, int] = defaultdict(int)
+    per_tick: dict[float, int] = defaultdict(int)
     for t, agent, _ in sent:
         if agent.startswith("new-"):
             per_tick[t] += 1

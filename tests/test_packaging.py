@@ -9,7 +9,6 @@ import subprocess
 import sys
 from importlib.metadata import distribution
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 from packaging.requirements import Requirement
@@ -19,11 +18,11 @@ ROOT = Path(__file__).resolve().parent.parent
 VERSION = (ROOT / "VERSION").read_text().strip()
 
 
-def pyprojects() -> Dict[str, Path]:
+def pyprojects() -> dict[str, Path]:
     return {p.parent.name: p for p in sorted(ROOT.glob("*/pyproject.toml"))}
 
 
-def requirements(path: Path) -> List[Requirement]:
+def requirements(path: Path) -> list[Requirement]:
     """The third-party requirements a pyproject.toml or requirements file names."""
     text = path.read_text()
     if path.name == "pyproject.toml":
@@ -36,7 +35,7 @@ def requirements(path: Path) -> List[Requirement]:
     return [r for r in reqs if not canonicalize_name(r.name).startswith(("fleet-", "fleetctl"))]
 
 
-def pins() -> Dict[str, str]:
+def pins() -> dict[str, str]:
     out = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any
 
 import psutil
 import pytest
@@ -34,10 +34,10 @@ T = Topics("fleet")
 NOW = time.time()
 
 
-def mixed(n: int) -> List[Raw]:
+def mixed(n: int) -> list[Raw]:
     """Responses (of a type beyond the built-ins, so its data may be anything), requests,
     statuses and bad messages, each with its own receive time."""
-    out: List[Raw] = []
+    out: list[Raw] = []
     for i in range(n):
         agent, now = f"a{i % 7}", NOW + i / 1000
         kind = i % 5
@@ -65,8 +65,8 @@ def comparable(item: Any) -> Any:
     return item
 
 
-def stage_run(raws: List[Raw], workers: int, encode: bool = False) -> Tuple[ParseStage, List[Tuple[Any, Any]]]:
-    got: List[Tuple[Any, Any]] = []
+def stage_run(raws: list[Raw], workers: int, encode: bool = False) -> tuple[ParseStage, list[tuple[Any, Any]]]:
+    got: list[tuple[Any, Any]] = []
     stage = ParseStage(T, workers, encode, lambda item, meta: got.append((item, meta)), capacity=1000).start()
     for i, raw in enumerate(raws):
         stage.put(raw, i, timeout=10)
@@ -110,7 +110,7 @@ def test_encoded_data_is_stored_exactly_as_encoding_on_the_writer(tmp_path: Path
 
 def test_put_waits_once_capacity_messages_are_held() -> None:
     release = threading.Event()
-    got: List[Any] = []
+    got: list[Any] = []
 
     def slow_writer(item: Any, meta: Any) -> None:
         release.wait(30)

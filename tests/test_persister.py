@@ -11,8 +11,9 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -69,7 +70,7 @@ def request(id_: str, issued_s: float, type_: str = "cpu", expires_in_s: float =
     return Request(id=id_, type=type_, issued_at=iso(issued_s), expires_at=iso(issued_s + expires_in_s))
 
 
-def one(db: Path, id_: str) -> Optional[Dict[str, Any]]:
+def one(db: Path, id_: str) -> dict[str, Any] | None:
     found = rows(db, "SELECT * FROM requests WHERE id = ?", id_)
     return found[0] if found else None
 
@@ -106,7 +107,7 @@ def test_requests_and_responses_are_stored(start_persister: Callable[..., Any], 
     assert rows(db, "SELECT last_seen FROM agents WHERE agent_id = ?", AGENT), "a response makes its agent known"
 
 
-BAD_RESPONSES: List[tuple[str, Any]] = [
+BAD_RESPONSES: list[tuple[str, Any]] = [
     ("bad_json", b'{"id": "r1", '),
     ("not_utf8", b'{"id": "\xff\xfe"}'),
     ("empty_payload", b""),
@@ -247,7 +248,7 @@ def test_a_backlog_is_taken_a_window_at_a_time(start_persister: Callable[..., An
         publisher(topics.response(AGENT, "processes"), Response.ok(id_, AGENT, "processes", data, 1.0).payload())
     heartbeat.unlink(missing_ok=True)
     procs.start("persister", "fleet-persister", "--config", str(write_config(persister=settings)))
-    held: List[int] = []
+    held: list[int] = []
     done = threading.Event()
 
     def slow_store() -> None:  # the store locked two thirds of the time: acks flow, slowly

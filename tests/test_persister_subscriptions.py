@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from typing import Any, Callable, List
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -26,7 +26,7 @@ from fleet_persister.persister import client_id
 def mqtt_client(port: int, cid: str, clean_start: bool = True) -> tuple:
     """A connected paho MQTT 5 client and its CONNACK's session_present flag."""
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
-    present: List[bool] = []
+    present: list[bool] = []
     c.on_connect = lambda client, userdata, flags, reason, props: present.append(flags.session_present)
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 0
@@ -36,7 +36,7 @@ def mqtt_client(port: int, cid: str, clean_start: bool = True) -> tuple:
     return c, present[0]
 
 
-def publish_answers(port: int, prefix: str, ids: List[str]) -> None:
+def publish_answers(port: int, prefix: str, ids: list[str]) -> None:
     c, _ = mqtt_client(port, f"pub-{secrets.token_hex(4)}")
     try:
         for req_id in ids:

@@ -10,8 +10,9 @@ import itertools
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any
 
 import mongomock
 import pytest
@@ -57,12 +58,12 @@ def times(now: float) -> st.SearchStrategy[Any]:
 
 
 @st.composite
-def messages(draw: Any, now: float) -> Tuple[str, bytes, bool]:
+def messages(draw: Any, now: float) -> tuple[str, bytes, bool]:
     kind = draw(st.sampled_from(["req", "res", "res", "res", "status"]))
     agent, type_ = draw(st.sampled_from(AGENTS)), draw(st.sampled_from(TYPES))
     rid = draw(st.sampled_from(["r1", "r2", "r3"]))  # few ids: answers and requests meet
     if kind == "status":
-        body: Dict[str, Any] = Status(agent_id=agent, online=draw(st.booleans()), hostname=agent,
+        body: dict[str, Any] = Status(agent_id=agent, online=draw(st.booleans()), hostname=agent,
                                       types=["cpu"]).to_dict()
         topic = T.status(agent)
     elif kind == "req":
@@ -112,7 +113,7 @@ def test_a_generated_message_is_stored_as_validated_or_a_dead_letter_with_a_reas
     """Parser and store together: no exception escapes, a dead letter always has a reason and a
     detail, and what is stored is what the parser let through (or a request_mismatch dead letter)."""
     now = time.time() + next(TICKS) * 0.002  # each example its own receive time (the newest rows are its own)
-    batch: List[Tuple[Any, Any]] = []
+    batch: list[tuple[Any, Any]] = []
     for _ in range(data.draw(st.integers(1, 6))):
         topic, payload, retained = data.draw(messages(now))
         encode = isinstance(store, SqliteStore) and data.draw(st.booleans())
@@ -131,7 +132,7 @@ def test_a_generated_message_is_stored_as_validated_or_a_dead_letter_with_a_reas
     assert all(r.reason == "request_mismatch" and r.detail for r in turned_away)
     kept = {r.id for r in store.rejected(10 ** 9)}  # a displaced answer's letter has its own, older time
     assert {r.id for r in write.rejected} | {r.id for r in turned_away} <= kept
-    last: Dict[Any, Any] = {}
+    last: dict[Any, Any] = {}
     for item in write.requests + write.statuses:
         stored_as_validated(store, item)
     for item in write.responses:  # of one id, the last answer of the record's owner is what stays

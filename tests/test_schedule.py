@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
 
 from fleet_common.messages import Status
 from fleet_controller.schedule import Schedule, Shard, phase_ms
@@ -23,7 +23,7 @@ def death(agent_id: str) -> Status:
     return Status(agent_id=agent_id, online=False)
 
 
-def fleet(n: int, start_s: float = T0, shard: Optional[Shard] = None, offline_forget_s: float = 86400) -> Schedule:
+def fleet(n: int, start_s: float = T0, shard: Shard | None = None, offline_forget_s: float = 86400) -> Schedule:
     """A schedule that learnt `n` agents from retained statuses at start-up."""
     schedule = Schedule(SCHEDULE, start_s=start_s, shard=shard or Shard(), offline_forget_s=offline_forget_s)
     for i in range(n):
@@ -31,7 +31,7 @@ def fleet(n: int, start_s: float = T0, shard: Optional[Shard] = None, offline_fo
     return schedule
 
 
-def run(schedule: Schedule, start_s: float, end_s: float, tick_s: float = TICK_S) -> List[List[Tuple[str, str]]]:
+def run(schedule: Schedule, start_s: float, end_s: float, tick_s: float = TICK_S) -> list[list[tuple[str, str]]]:
     """Tick from just after start_s up to and including end_s; the requests of each tick."""
     ticks = []
     steps = round((end_s - start_s) / tick_s)
@@ -40,7 +40,7 @@ def run(schedule: Schedule, start_s: float, end_s: float, tick_s: float = TICK_S
     return ticks
 
 
-def flat(ticks: Iterable[List[Tuple[str, str]]]) -> Counter[Tuple[str, str]]:
+def flat(ticks: Iterable[list[tuple[str, str]]]) -> Counter[tuple[str, str]]:
     return Counter(pair for tick in ticks for pair in tick)
 
 
@@ -64,7 +64,7 @@ def test_requests_spread_evenly_over_the_interval() -> None:
 def test_every_agent_once_per_type_per_interval() -> None:
     """Over several intervals each agent gets exactly one request per type per interval."""
     schedule = fleet(2_000)
-    counts: Dict[str, Counter[Tuple[str, str]]] = {}
+    counts: dict[str, Counter[tuple[str, str]]] = {}
     for k in range(3):  # three cpu intervals, six ping intervals
         start = T0 + 60 * k
         counts[str(k)] = flat(run(schedule, start, start + 60))

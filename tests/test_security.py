@@ -11,9 +11,10 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -46,7 +47,7 @@ def _empty_cwd(tmp_path_factory: pytest.TempPathFactory) -> None:
     FLEETCTL_CWD = tmp_path_factory.mktemp("cwd")
 
 
-FLEETCTL_CWD: Optional[Path] = None
+FLEETCTL_CWD: Path | None = None
 
 
 def fleetctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -65,7 +66,7 @@ class SecureBroker:
     pid_file: Path
     prefix: str
     tmp: Path
-    broker: Optional[EmbeddedBroker] = None
+    broker: EmbeddedBroker | None = None
 
     @property
     def ca_file(self) -> Path:
@@ -80,13 +81,13 @@ class SecureBroker:
                      "--out", str(self.tmp / f"{name}.yaml")]
         return fleetctl(*args)
 
-    def user_config(self, name: str) -> Dict[str, Any]:
+    def user_config(self, name: str) -> dict[str, Any]:
         return yaml.safe_load((self.tmp / f"{name}.yaml").read_text())
 
     def password(self, name: str) -> str:
         return str(self.user_config(name)["mqtt"]["password"])
 
-    def config(self, name: str, file: str = "", drop_password: bool = False, **sections: Dict[str, Any]) -> Path:
+    def config(self, name: str, file: str = "", drop_password: bool = False, **sections: dict[str, Any]) -> Path:
         """The config add-user/add-agent wrote for `name`, plus test settings, as a new file."""
         data = self.user_config(name)
         if drop_password:
@@ -135,12 +136,12 @@ def secure(tmp_path: Path, prefix: str) -> Iterator[SecureBroker]:
 class Client:
     """A bare paho MQTT 5 client that records its CONNACK, messages and PUBACK reason codes."""
 
-    def __init__(self, sb: SecureBroker, user: Optional[str], password: Optional[str] = None, *,
-                 tls: bool = True, ca_file: Optional[Path] = None, port: Optional[int] = None) -> None:
-        self.connack: Optional[int] = None
+    def __init__(self, sb: SecureBroker, user: str | None, password: str | None = None, *,
+                 tls: bool = True, ca_file: Path | None = None, port: int | None = None) -> None:
+        self.connack: int | None = None
         self.closed = threading.Event()
         self.answered = threading.Event()
-        self.messages: List[mqtt.MQTTMessage] = []
+        self.messages: list[mqtt.MQTTMessage] = []
         self.got = threading.Event()
         self.subscribed = threading.Event()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{user}", protocol=mqtt.MQTTv5)
@@ -163,7 +164,7 @@ class Client:
         self.messages.append(msg)
         self.got.set()
 
-    def connect(self) -> Optional[int]:
+    def connect(self) -> int | None:
         """Connect and wait for the broker's verdict: the CONNACK reason code, or None if it hung up."""
         self.client.connect("127.0.0.1", self.port)
         self.client.loop_start()
@@ -175,10 +176,10 @@ class Client:
         self.client.subscribe([(f, 1) for f in filters])
         assert self.subscribed.wait(5), "no SUBACK"
 
-    def publish(self, topic: str, payload: Dict[str, Any], retain: bool = False) -> int:
+    def publish(self, topic: str, payload: dict[str, Any], retain: bool = False) -> int:
         """Publish at QoS 1 and return the PUBACK reason code (135: refused by the ACL; 16: accepted,
         but nobody is subscribed)."""
-        codes: List[int] = []
+        codes: list[int] = []
         done = threading.Event()
 
         def on_publish(client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
@@ -196,25 +197,25 @@ class Client:
 
 
 @pytest.fixture
-def clients() -> Iterator[List[Client]]:
-    made: List[Client] = []
+def clients() -> Iterator[list[Client]]:
+    made: list[Client] = []
     yield made
     for c in made:
         c.close()
 
 
-def connected(made: List[Client], sb: SecureBroker, user: str, **kw: Any) -> Client:
+def connected(made: list[Client], sb: SecureBroker, user: str, **kw: Any) -> Client:
     c = Client(sb, user, **kw)
     made.append(c)
     assert c.connect() == 0, f"{user} could not connect"
     return c
 
 
-def request(req_id: str) -> Dict[str, Any]:
+def request(req_id: str) -> dict[str, Any]:
     return {"id": req_id, "type": "cpu"}
 
 
-def response(req_id: str, agent: str) -> Dict[str, Any]:
+def response(req_id: str, agent: str) -> dict[str, Any]:
     return {"v": 1, "id": req_id, "agent_id": agent, "type": "cpu", "status": "ok", "data": example("cpu", percent=1.0),
             "error": None, "collected_at": now_iso(), "duration_ms": 1.0}
 
@@ -415,7 +416,7 @@ def plain_persister_config(sb: SecureBroker, name: str) -> Path:
     return path
 
 
-def answers_stored_under_hijack(sb: SecureBroker, made: List[Client], group: str) -> int:
+def answers_stored_under_hijack(sb: SecureBroker, made: list[Client], group: str) -> int:
     """Agent host-a joins share group `group` on the persisters' filters (and subscribes to everything)
     while host-b and host-c publish HIJACK_ANSWERS answers; returns how many of them were stored."""
     p, db = sb.prefix, sb.tmp / "fleet.db"
@@ -589,7 +590,7 @@ def test_acl_is_generated_per_service_user_for_the_prefix(tmp_path) -> None:
 
 def test_example_acl_matches_what_fleetctl_generates() -> None:
     """broker_config/acl, the documented example, holds exactly the rules fleetctl writes for its users."""
-    def rules(text: str) -> List[str]:
+    def rules(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
     example = (ROOT / "broker_config" / "acl").read_text()

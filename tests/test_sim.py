@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Set, Tuple
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -24,7 +24,7 @@ from fleet_persister.datacheck import check_data
 from fleetctl.broker import EmbeddedBroker
 
 
-def envelope(host: Host, type_: str, params: Dict[str, Any]) -> bytes:
+def envelope(host: Host, type_: str, params: dict[str, Any]) -> bytes:
     data = host.reading(type_, params)
     return (b'{"v":1,"id":"r1","agent_id":"web-01","type":"' + type_.encode() + b'","status":"ok","data":' + data
             + b',"error":null,"collected_at":"' + now_iso().encode() + b'","duration_ms":0.1}')
@@ -101,7 +101,7 @@ class RequestLog:
     """Every request the broker carries under a prefix: (agent, type, issued_at)."""
 
     def __init__(self, port: int, prefix: str) -> None:
-        self.seen: List[Tuple[str, str, float]] = []
+        self.seen: list[tuple[str, str, float]] = []
         self.ready = threading.Event()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         c.on_connect = lambda cl, *a: cl.subscribe(f"{prefix}/+/req/+", qos=1)
@@ -143,7 +143,7 @@ def test_two_controller_shards_ask_every_agent_exactly_once_per_type_per_interva
     log.close()
 
     slots = interval_s * 1000 // SLOT_MS
-    due: Dict[Tuple[str, str], List[int]] = {}
+    due: dict[tuple[str, str], list[int]] = {}
     for agent, type_, issued in log.seen:
         own = phase_ms(agent, type_, interval_s) // SLOT_MS
         now_slot = round(issued * 1000) // SLOT_MS
@@ -151,7 +151,7 @@ def test_two_controller_shards_ask_every_agent_exactly_once_per_type_per_interva
     first, last = int(start * 1000) // SLOT_MS, int(end * 1000) // SLOT_MS
     assert len({a for a, _ in due}) == agents and len(due) == agents * len(TYPES)
     for (agent, type_), got in due.items():
-        expected: Set[int] = {a for a in range(first, last + 1) if a % slots == phase_ms(agent, type_, interval_s)
+        expected: set[int] = {a for a in range(first, last + 1) if a % slots == phase_ms(agent, type_, interval_s)
                               // SLOT_MS}
         inside = [a for a in got if first <= a <= last]
         assert sorted(inside) == sorted(expected), f"{agent}/{type_}: asked at slots {sorted(got)}, due {expected}"

@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import mongomock
 import pymongo
@@ -50,14 +51,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     client.close()
 
 
-def req(id_: str, at: float = T0, type_: str = "cpu", expires_in: Optional[float] = 60.0,
+def req(id_: str, at: float = T0, type_: str = "cpu", expires_in: float | None = 60.0,
         issued: bool = True, agent: str = AGENT) -> Incoming[Request]:
     return Incoming(Request(id=id_, type=type_, params={"limit": 5}, issued_at=iso(at) if issued else None,
                             expires_at=iso(at + expires_in) if expires_in is not None else None),
                     agent, iso(at + 0.005))
 
 
-def res(id_: str, at: float = T0 + 0.140, type_: str = "cpu", code: Optional[str] = None,
+def res(id_: str, at: float = T0 + 0.140, type_: str = "cpu", code: str | None = None,
         agent: str = AGENT) -> Incoming[Response]:
     if code is None:
         r = Response(id=id_, agent_id=agent, type=type_, status="ok", data={"percent": 12.5}, collected_at=iso(at))
@@ -67,7 +68,7 @@ def res(id_: str, at: float = T0 + 0.140, type_: str = "cpu", code: Optional[str
     return Incoming(r, agent, iso(at + 0.010))
 
 
-def status(online: bool, received: float, ts: Optional[float] = None, retained: bool = False) -> Incoming[Status]:
+def status(online: bool, received: float, ts: float | None = None, retained: bool = False) -> Incoming[Status]:
     extra: dict[str, Any] = {"hostname": "web-01.example", "platform": "Linux", "agent_version": "0.1.0",
                              "types": ["cpu", "ping"]} if online else {}
     return Incoming(Status(agent_id=AGENT, online=online, ts=iso(ts if ts is not None else received), **extra),
@@ -451,7 +452,7 @@ KINDS = ("cpu", "memory")
 
 
 @st.composite
-def arrivals(draw: Any) -> Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str, str, str]], List[bool]]:
+def arrivals(draw: Any) -> tuple[dict[str, tuple[str, str]], list[tuple[str, str, str, str]], list[bool]]:
     """One request per id (the controller's ids are unique) and answers from any agent, for any type and
     id, arriving in any order and cut into batches anywhere."""
     owners = {id_: (draw(st.sampled_from(AGENTS)), draw(st.sampled_from(KINDS))) for id_ in IDS}
@@ -466,7 +467,7 @@ def arrivals(draw: Any) -> Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str
 @settings(max_examples=examples(80), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=arrivals())
 def test_whatever_the_order_each_record_is_its_requests_and_holds_only_its_agents_answer(
-        store: Store, case: Tuple[Dict[str, Tuple[str, str]], List[Tuple[str, str, str, str]], List[bool]]) -> None:
+        store: Store, case: tuple[dict[str, tuple[str, str]], list[tuple[str, str, str, str]], list[bool]]) -> None:
     """Generated arrival orders and batchings of requests and answers (answer-first, request-first, foreign
     answers, wrong types, duplicates): each record ends as its request's, holding its own agent's answer
     or none, and every foreign answer is a dead letter. The own answer is stored whenever it arrives with

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from conftest import DEV_CONF, Procs, config_file
@@ -25,7 +25,7 @@ LOAD = Path(__file__).resolve().parent / "load.py"
 LOAD_RATE = 200  # request + response pairs per second
 
 
-def start_broker(tmp_path: Path, extra_conf: str = "", port: Optional[int] = None) -> EmbeddedBroker:
+def start_broker(tmp_path: Path, extra_conf: str = "", port: int | None = None) -> EmbeddedBroker:
     """A Mosquitto from dev.conf plus `extra_conf` lines (later settings win)."""
     template = tmp_path / "broker.conf.template"
     template.write_text(DEV_CONF.read_text() + extra_conf)
@@ -33,7 +33,7 @@ def start_broker(tmp_path: Path, extra_conf: str = "", port: Optional[int] = Non
     return EmbeddedBroker(template, port or free_port(), tmp_path / "broker", log=log).start()
 
 
-def write_config(tmp_path: Path, name: str, port: int, prefix: str, **sections: Dict[str, Any]) -> Path:
+def write_config(tmp_path: Path, name: str, port: int, prefix: str, **sections: dict[str, Any]) -> Path:
     return config_file(tmp_path, name, port, prefix, **sections)
 
 
@@ -51,10 +51,10 @@ class Load:
                 "--rate", str(LOAD_RATE)] + (["--twice"] if twice else [])
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def produced(self) -> List[str]:
+    def produced(self) -> list[str]:
         return self.out.read_text().split() if self.out.exists() else []
 
-    def finish(self, timeout_s: float = 150) -> Set[str]:
+    def finish(self, timeout_s: float = 150) -> set[str]:
         """Stop producing, wait until the broker acknowledged everything; the produced ids."""
         self.proc.terminate()
         code = self.proc.wait(timeout_s)
@@ -70,18 +70,18 @@ class Load:
             self.proc.wait()
 
 
-def stored_answered(db: Path, like: str = "%") -> Set[str]:
+def stored_answered(db: Path, like: str = "%") -> set[str]:
     """Ids whose response is stored (state ok)."""
     return {r["id"] for r in rows(db, "SELECT id FROM requests WHERE state = 'ok' AND id LIKE ?", like)}
 
 
-def stored_pairs(db: Path) -> Set[str]:
+def stored_pairs(db: Path) -> set[str]:
     """Ids of load pairs with both the request and the response stored."""
     return {r["id"] for r in rows(db, "SELECT id FROM requests WHERE state = 'ok' AND issued_at IS NOT NULL "
                                       "AND id LIKE 'ld%'")}
 
 
-def assert_exactly_stored(db: Path, produced: Set[str], timeout_s: float = 90) -> None:
+def assert_exactly_stored(db: Path, produced: set[str], timeout_s: float = 90) -> None:
     """Every produced pair ends as one stored record with its request and response, no more."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stored_pairs(db) >= produced:
@@ -100,7 +100,7 @@ def wait_persister_ready(procs: Procs, name: str, timeout_s: float = 30) -> None
     procs.wait_ready(name, "persister", timeout_s)
 
 
-def answered_in_log(text: str) -> Set[str]:
+def answered_in_log(text: str) -> set[str]:
     """Ids the agent logged as answered (the debug line written after the outbox commit)."""
     return set(re.findall(r"answered \w+ request (\S+) on ", text))
 
@@ -111,7 +111,7 @@ class Requester:
     def __init__(self, port: int, prefix: str, agent_id: str, rate: float = 40) -> None:
         self.topic = Topics(prefix).request(agent_id, "ping")
         self.rate = rate
-        self.sent: List[str] = []
+        self.sent: list[str] = []
         self._stop = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"req-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
@@ -134,7 +134,7 @@ class Requester:
             self.sent.append(id_)
             n += 1
 
-    def stop(self) -> Set[str]:
+    def stop(self) -> set[str]:
         self._stop.set()
         self._thread.join(15)
         self.client.disconnect()
@@ -154,7 +154,7 @@ class Proxy:
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(16)
         self.port = self.listener.getsockname()[1]
-        self.conns: List[socket.socket] = []
+        self.conns: list[socket.socket] = []
         self.dropped = 0
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="proxy-accept", daemon=True).start()
@@ -228,7 +228,7 @@ class Proxy:
         _close(src, dst)
 
 
-def _packet_size(buf: bytes) -> Optional[int]:
+def _packet_size(buf: bytes) -> int | None:
     """Length of the MQTT packet at the start of buf (fixed header + remaining length), if known yet."""
     value, shift = 0, 0
     for i in range(1, min(len(buf), 5)):

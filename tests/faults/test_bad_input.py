@@ -12,9 +12,10 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -78,7 +79,7 @@ class Stack:
                  what="the good request and its answer stored")
 
 
-def start_stack(tmp_path: Path, procs: Procs, extra_conf: str = "") -> Tuple[Stack, Callable[[], None]]:
+def start_stack(tmp_path: Path, procs: Procs, extra_conf: str = "") -> tuple[Stack, Callable[[], None]]:
     broker = start_broker(tmp_path, extra_conf)
     prefix = new_prefix()
     topics, db = Topics(prefix), tmp_path / "fleet.db"
@@ -132,7 +133,7 @@ def response(id_: str, type_: str = "cpu", **fields: Any) -> bytes:
 
 
 # (name, payload, reason) on fleet/<AGENT>/res/cpu
-BAD_RESPONSES: List[Tuple[str, bytes, str]] = [
+BAD_RESPONSES: list[tuple[str, bytes, str]] = [
     ("malformed JSON", b'{"id": "r1", "status": ', "bad_json"),
     ("non-UTF-8 bytes", b'{"id": "r\xff\xfe"}', "not_utf8"),
     ("empty payload", b"", "empty_payload"),
@@ -154,7 +155,7 @@ BAD_RESPONSES: List[Tuple[str, bytes, str]] = [
 ]
 
 # (name, agent id in the topic, payload, reason) on fleet/<agent>/status
-BAD_STATUSES: List[Tuple[str, str, bytes, str]] = [
+BAD_STATUSES: list[tuple[str, str, bytes, str]] = [
     ("malformed JSON", AGENT, b'{"online": tru', "bad_json"),
     ("non-UTF-8 bytes", AGENT, b'{"online": true, "hostname": "\xc3\x28"}', "not_utf8"),
     ("agent id not the topic's", AGENT, Status(agent_id="db-01", online=True).payload(), "agent_id_mismatch"),
@@ -175,20 +176,20 @@ class BadRequest:
     name: str
     type_: str  # the type level of the topic
     payload: bytes
-    correlation: Optional[bytes]
-    answer: Optional[str]  # error code the agent answers, or None
+    correlation: bytes | None
+    answer: str | None  # error code the agent answers, or None
     says: str  # what the agent's message or the persister's reason must contain
     persister: str  # "stored" or the rejected reason
 
 
-def bad_requests() -> List[BadRequest]:
-    def ids() -> Tuple[str, bytes]:
+def bad_requests() -> list[BadRequest]:
+    def ids() -> tuple[str, bytes]:
         id_ = new_id()
         return id_, id_.encode()
 
-    cases: List[BadRequest] = []
+    cases: list[BadRequest] = []
 
-    def add(name: str, type_: str, payload: Callable[[str], bytes], answer: Optional[str], says: str,
+    def add(name: str, type_: str, payload: Callable[[str], bytes], answer: str | None, says: str,
             persister: str, correlated: bool = True) -> None:
         id_, corr = ids()
         cases.append(BadRequest(name, type_, payload(id_), corr if correlated else None, answer, says, persister))
@@ -224,13 +225,13 @@ def bad_requests() -> List[BadRequest]:
     return cases
 
 
-def publish_raw(client: Client, topic: str, payload: bytes, correlation: Optional[bytes] = None) -> None:
+def publish_raw(client: Client, topic: str, payload: bytes, correlation: bytes | None = None) -> None:
     """Publish to a topic the Topics builders would refuse (that is the point)."""
     props = publish_properties(correlation=correlation) if correlation is not None else None
     client.c.publish(topic, payload, qos=1, properties=props).wait_for_publish(10)
 
 
-def rejected_by_topic(db: Path) -> List[Dict[str, Any]]:
+def rejected_by_topic(db: Path) -> list[dict[str, Any]]:
     return rows(db, "SELECT topic, reason, payload FROM rejected")
 
 
@@ -274,7 +275,7 @@ def test_every_kind_of_bad_input_gets_a_precise_reason_and_nothing_stops(stack: 
                        + [("req", c.persister) for c in cases if c.persister != "stored"])
     kind = {"res": "/res/", "req": "/req/", "status": "/status"}
 
-    def got() -> Counter[Tuple[str, str]]:
+    def got() -> Counter[tuple[str, str]]:
         return Counter((next(k for k, part in kind.items() if part in r["topic"]), r["reason"])
                        for r in rejected_by_topic(stack.db))
 
@@ -300,8 +301,8 @@ class BigPublisher:
 
     def __init__(self, port: int) -> None:
         self.disconnected = threading.Event()
-        self.reasons: List[str] = []
-        self.acks: List[int] = []
+        self.reasons: list[str] = []
+        self.acks: list[int] = []
         self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="big-" + uuid.uuid4().hex[:8],
                              protocol=mqtt.MQTTv5)
         self.c.on_disconnect = self._on_disconnect

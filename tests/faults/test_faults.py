@@ -10,8 +10,8 @@ import os
 import signal
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, List, Tuple
 
 import pytest
 from conftest import Procs, wait_for
@@ -43,8 +43,8 @@ def fbroker(tmp_path: Path) -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture
-def loads(tmp_path: Path) -> Iterator[List[Load]]:
-    started: List[Load] = []
+def loads(tmp_path: Path) -> Iterator[list[Load]]:
+    started: list[Load] = []
     yield started
     for load in started:
         load.kill()
@@ -55,7 +55,7 @@ def run_for(seconds: float) -> None:
 
 
 def test_1_persister_sigkill_mid_batch_loses_and_doubles_nothing(tmp_path: Path, fbroker: EmbeddedBroker,
-                                                                 procs: Procs, loads: List[Load]) -> None:
+                                                                 procs: Procs, loads: list[Load]) -> None:
     """A persister killed with SIGKILL under load gets everything it had not committed redelivered."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
     # batches of up to 0.5 s: a kill at any moment finds ~200 received, uncommitted messages
@@ -76,7 +76,7 @@ def test_1_persister_sigkill_mid_batch_loses_and_doubles_nothing(tmp_path: Path,
 
 
 def test_1b_persister_sigkill_with_a_received_uncommitted_batch_loses_nothing(
-        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: List[Load]) -> None:
+        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: list[Load]) -> None:
     """Deterministic case 1: with the SQLite file locked, the persister has received a batch it cannot
     commit; SIGKILLed then, it had acknowledged none of it, so the broker redelivers it all to the
     restarted persister and every produced pair is stored exactly once."""
@@ -97,7 +97,7 @@ def test_1b_persister_sigkill_with_a_received_uncommitted_batch_loses_nothing(
 
 
 def test_1c_parse_worker_sigkill_loses_and_doubles_nothing(tmp_path: Path, fbroker: EmbeddedBroker,
-                                                           procs: Procs, loads: List[Load]) -> None:
+                                                           procs: Procs, loads: list[Load]) -> None:
     """A parse worker killed with SIGKILL under load: the persister parses the chunks it held
     itself, starts a new worker, and every produced pair is stored exactly once."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
@@ -121,11 +121,11 @@ def test_1c_parse_worker_sigkill_loses_and_doubles_nothing(tmp_path: Path, fbrok
     assert proc.poll() is None
 
 
-def stored_pairs_now(db: Path) -> List[dict]:
+def stored_pairs_now(db: Path) -> list[dict]:
     return rows(db, "SELECT id FROM requests WHERE state = 'ok' AND id LIKE 'ld%'")
 
 
-def test_2_broker_sigkill_restart_from_persistence(tmp_path: Path, procs: Procs, loads: List[Load]) -> None:
+def test_2_broker_sigkill_restart_from_persistence(tmp_path: Path, procs: Procs, loads: list[Load]) -> None:
     """Mosquitto killed with SIGKILL and restarted from its persistence file, saving on every change:
     every produced pair is stored once, and agent, controller and persister reconnect by themselves."""
     broker = start_broker(tmp_path)  # the shipped dev.conf: saves on every change
@@ -164,7 +164,7 @@ def test_2_broker_sigkill_restart_from_persistence(tmp_path: Path, procs: Procs,
 
 
 def lock_store_under_load(tmp_path: Path, broker: EmbeddedBroker, procs: Procs,
-                          loads: List[Load]) -> Tuple[Path, Path, sqlite3.Connection]:
+                          loads: list[Load]) -> tuple[Path, Path, sqlite3.Connection]:
     """A persister storing the background load, then its SQLite file locked by another writer."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
     cfg = write_config(tmp_path, "persister", broker.port, prefix)
@@ -187,7 +187,7 @@ def stored_load(db: Path) -> set:
 
 
 def test_5_store_locked_persister_stops_acknowledging_and_loses_nothing(
-        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: List[Load]) -> None:
+        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: list[Load]) -> None:
     """With the SQLite file locked by another writer for 8 s, the persister acknowledges nothing,
     the broker queues, and everything is stored once the lock goes."""
     db, _, locker = lock_store_under_load(tmp_path, fbroker, procs, loads)
@@ -209,7 +209,7 @@ MONGODB_URI = os.environ.get("FLEET_TEST_MONGODB_URI")
 
 
 def test_5_mongodb_unreachable_through_proxy_loses_nothing(tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs,
-                                                          loads: List[Load]) -> None:
+                                                          loads: list[Load]) -> None:
     """With the persister's link to MongoDB cut for 8 s (TCP proxy) under load, it acknowledges
     nothing, the broker queues, and once the link is back every produced pair is stored once."""
     if not MONGODB_URI:
@@ -254,7 +254,7 @@ def test_5_mongodb_unreachable_through_proxy_loses_nothing(tmp_path: Path, fbrok
 
 
 def test_7_duplicates_two_persisters_and_redelivery_leave_one_record(
-        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: List[Load]) -> None:
+        tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs, loads: list[Load]) -> None:
     """Every message published twice, two persisters on the shared subscription, one of them
     killed with SIGKILL (QoS 1 redelivery): one record per produced pair."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
@@ -300,7 +300,7 @@ def start_agent_behind_proxy(tmp_path: Path, procs: Procs, broker: EmbeddedBroke
 
 
 def test_3_agent_link_cut_answers_wait_in_outbox(tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs,
-                                                 loads: List[Load]) -> None:
+                                                 loads: list[Load]) -> None:
     """The agent's answers are lost on the wire for 5 s, then its link is down for 3 s: what it
     answered meanwhile waits in its outbox and is stored once the link returns."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
@@ -329,7 +329,7 @@ def test_3_agent_link_cut_answers_wait_in_outbox(tmp_path: Path, fbroker: Embedd
 
 
 def test_4_agent_sigkill_answers_survive_in_outbox(tmp_path: Path, fbroker: EmbeddedBroker, procs: Procs,
-                                                   loads: List[Load]) -> None:
+                                                   loads: list[Load]) -> None:
     """Answers the agent produced but the broker never acknowledged survive SIGKILL in the
     outbox and are stored after the restart."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
@@ -357,7 +357,7 @@ def test_4_agent_sigkill_answers_survive_in_outbox(tmp_path: Path, fbroker: Embe
 
 
 def test_6_controller_restart_keeps_phases_without_burst(tmp_path: Path, fbroker: EmbeddedBroker,
-                                                         procs: Procs, loads: List[Load]) -> None:
+                                                         procs: Procs, loads: list[Load]) -> None:
     """A controller killed and restarted asks each agent at the same per-type phase as before,
     and never twice in one interval: no catch-up burst."""
     prefix, db = new_prefix(), tmp_path / "fleet.db"
@@ -396,7 +396,7 @@ def parse(ts: str) -> float:
     return parse_iso(ts)
 
 
-def _broker_restart_then_publish(tmp_path: Path, topic_filter: str) -> List[bytes]:
+def _broker_restart_then_publish(tmp_path: Path, topic_filter: str) -> list[bytes]:
     """Subscribe with a persistent session, SIGKILL and restart the broker, publish before the
     subscriber comes back, and return what the returning subscriber receives."""
     import paho.mqtt.client as mqtt
@@ -406,7 +406,7 @@ def _broker_restart_then_publish(tmp_path: Path, topic_filter: str) -> List[byte
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     broker = start_broker(tmp_path)
-    got: List[bytes] = []
+    got: list[bytes] = []
     subscribed = []
 
     def subscriber() -> mqtt.Client:

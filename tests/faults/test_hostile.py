@@ -12,8 +12,9 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -44,7 +45,7 @@ class Stack:
     def __init__(self, broker: EmbeddedBroker, procs: Procs, tmp: Path, prefix: str, config: Path) -> None:
         self.broker, self.procs, self.tmp = broker, procs, tmp
         self.topics, self.db, self.config = Topics(prefix), tmp / "fleet.db", config
-        self.answers: Dict[str, Dict[str, Any]] = {}
+        self.answers: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"attacker-{uuid.uuid4().hex[:8]}",
                         protocol=mqtt.MQTTv5)
@@ -64,7 +65,7 @@ class Stack:
             with self._lock:
                 self.answers[body["id"]] = body
 
-    def send(self, topic: str, payload: Any, retain: bool = False, correlation: Optional[bytes] = None) -> None:
+    def send(self, topic: str, payload: Any, retain: bool = False, correlation: bytes | None = None) -> None:
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         props = publish_properties(correlation=correlation) if correlation is not None else None
         self.client.publish(topic, raw, qos=1, retain=retain, properties=props).wait_for_publish(10)
@@ -89,11 +90,11 @@ class Stack:
         self.answer(B, "ping", marker.id)
         wait_for(lambda: self.record(marker.id).get("state") == "ok", 30, 0.05, what="the marker stored")
 
-    def record(self, req_id: str) -> Dict[str, Any]:
+    def record(self, req_id: str) -> dict[str, Any]:
         found = rows(self.db, "SELECT * FROM requests WHERE id = ?", req_id)
         return found[0] if found else {}
 
-    def dead(self, like: str) -> List[Dict[str, Any]]:
+    def dead(self, like: str) -> list[dict[str, Any]]:
         """Dead letters whose payload contains `like` (an id, usually)."""
         return rows(self.db, "SELECT * FROM rejected WHERE payload LIKE ? ORDER BY received_at", f"%{like}%")
 
@@ -246,7 +247,7 @@ def test_the_readme_mosquitto_rr_with_a_fixed_id_never_mixes_agents(stack: Stack
     ("processes", {"processes": {"nginx": {"pid": 1, "rss": 1}}}, "data.processes is an object, not an array"),
 ])
 def test_built_in_data_of_the_wrong_shape_is_a_dead_letter_naming_the_field(stack: Stack, type_: str,
-                                                                           data: Dict[str, Any], says: str) -> None:
+                                                                           data: dict[str, Any], says: str) -> None:
     """The answers the issue found stored as ok are bad_data, the detail naming the field; the request
     stays pending, and the dashboard's series for the agent still answer."""
     req = stack.ask(B, type_)
@@ -265,7 +266,7 @@ def test_built_in_data_of_the_wrong_shape_is_a_dead_letter_naming_the_field(stac
 
 # ----------------------------------------------------------------------------- smaller hostile inputs
 
-def _response(req_id: str, **fields: Any) -> Dict[str, Any]:
+def _response(req_id: str, **fields: Any) -> dict[str, Any]:
     return {**Response.ok(req_id, B, "cpu", example("cpu"), 1.0).to_dict(), **fields}
 
 

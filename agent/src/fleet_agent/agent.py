@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -45,12 +45,12 @@ class Agent:
     status) and disconnects; run(stop_event) does both around waiting for the event.
     """
 
-    def __init__(self, cfg: Config, agent_id: Optional[str] = None,
-                 collectors: Optional[Dict[str, Collector]] = None) -> None:
+    def __init__(self, cfg: Config, agent_id: str | None = None,
+                 collectors: dict[str, Collector] | None = None) -> None:
         self.cfg = cfg
         self.id = check_agent_id(agent_id or cfg.agent.id or sanitise_agent_id())
         self.topics = Topics(cfg.mqtt.topic_prefix)
-        self.collectors: Dict[str, Collector] = REGISTRY if collectors is None else collectors
+        self.collectors: dict[str, Collector] = REGISTRY if collectors is None else collectors
         self.timeout_s = float(cfg.agent.collector_timeout_s) or 10.0
         self.workers = max(1, int(cfg.agent.workers))
         self._stopping = threading.Event()
@@ -67,11 +67,11 @@ class Agent:
         self.link.client.on_publish = self._on_publish
 
     @property
-    def types(self) -> List[str]:
+    def types(self) -> list[str]:
         return sorted(self.collectors)
 
     @property
-    def stats(self) -> Dict[str, int]:
+    def stats(self) -> dict[str, int]:
         """The request counters (presence.COUNTERS), as of now."""
         return self.presence.counters.snapshot()
 
@@ -80,7 +80,7 @@ class Agent:
         """Number of collectors still running (a hung one keeps counting)."""
         return self.dispatcher.busy
 
-    def health(self) -> Dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         return self.presence.health()
 
     # ----------------------------------------------------------------- lifecycle
@@ -94,7 +94,7 @@ class Agent:
         self.link.start()
         return self
 
-    def wait_connected(self, timeout_s: Optional[float] = None) -> bool:
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
         return self.link.wait_connected(timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> None:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from typing import List, Optional
 
 from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.errors import ConfigError, ContractError
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def once(type_: str, params_text: Optional[str]) -> int:
+def once(type_: str, params_text: str | None) -> int:
     collector = REGISTRY.get(type_)
     if collector is None:
         print(f"{PROG}: unknown type {type_!r}; known: {', '.join(sorted(REGISTRY))}", file=sys.stderr)
@@ -57,7 +56,7 @@ def once(type_: str, params_text: Optional[str]) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     compat.apply()  # before paho is imported
     args = build_parser().parse_args(argv)
     cfg = load(args, PROG)
@@ -79,7 +78,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     stop = stop_event()
     agent = Agent(cfg, agent_id=args.id)
 
-    def problems() -> List[str]:
+    def problems() -> list[str]:
         return [] if agent.link.connected.is_set() else [f"not connected to the broker at {agent.link.where}"]
 
     with Heartbeat(cfg.agent.heartbeat.path, PROG, cfg.agent.heartbeat.interval_s,

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable
 
 from fleet_common.errors import ContractError
 from fleet_common.messages import Response, check_document
@@ -70,7 +70,7 @@ class Watchdog:
 
     def __init__(self, timeout_s: float, on_timeout: Callable[[Job], None]) -> None:
         self.timeout_s, self._on_timeout = timeout_s, on_timeout
-        self._jobs: Deque[Tuple[float, Job]] = collections.deque()
+        self._jobs: collections.deque[tuple[float, Job]] = collections.deque()
         self._cond = threading.Condition()
         self._idle = True  # waiting with no deadline: a new job must wake it
         self._stopped = False
@@ -92,11 +92,11 @@ class Watchdog:
             self._stopped = True
             self._cond.notify()
 
-    def _due(self, now: float) -> List[Job]:
+    def _due(self, now: float) -> list[Job]:
         """At a deadline: the unanswered jobs past theirs; answered jobs are forgotten. Caller holds _cond."""
-        due: List[Job] = []
+        due: list[Job] = []
         if self._jobs and self._jobs[0][0] <= now:
-            kept: Deque[Tuple[float, Job]] = collections.deque()
+            kept: collections.deque[tuple[float, Job]] = collections.deque()
             for deadline, job in self._jobs:
                 if job.answered:
                     continue
@@ -135,10 +135,10 @@ class Dispatcher:
     def __init__(self, agent_id: str, workers: int, timeout_s: float, answer: AnswerFn, drop: DropFn) -> None:
         self.agent_id, self.workers, self.timeout_s = agent_id, workers, timeout_s
         self._answer, self._drop = answer, drop
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: ThreadPoolExecutor | None = None
         self._watchdog = Watchdog(timeout_s, self._on_timeout)
         self._lock = threading.Lock()
-        self._active: Dict[int, float] = {}  # running collectors: id(job) -> monotonic start
+        self._active: dict[int, float] = {}  # running collectors: id(job) -> monotonic start
         self.replaced = 0
 
     def start(self) -> None:

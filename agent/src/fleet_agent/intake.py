@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Union
 
 from fleet_common.errors import ContractError
 from fleet_common.messages import Request, Response, parse_request
@@ -25,7 +26,7 @@ class Job:
 
     __slots__ = ("answered", "correlation", "lock", "reply_to", "req", "started")
 
-    def __init__(self, req: Request, reply_to: str, correlation: Optional[bytes]) -> None:
+    def __init__(self, req: Request, reply_to: str, correlation: bytes | None) -> None:
         self.req, self.reply_to, self.correlation = req, reply_to, correlation
         self.started = time.monotonic()
         self.lock = threading.Lock()
@@ -106,7 +107,7 @@ class Intake:
         return Dispatch(job, collector)
 
 
-def recover_id(payload: bytes, correlation: Optional[bytes]) -> Optional[str]:
+def recover_id(payload: bytes, correlation: bytes | None) -> str | None:
     """The request id of a malformed request, from its JSON or its CorrelationData, if either holds one."""
     try:
         obj = json.loads(payload.decode("utf-8"))

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Optional
 
 from fleet_common.errors import FleetError
 
@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-Entry = Tuple[int, str, bytes, Optional[bytes]]  # seq, topic, payload, correlation
+Entry = tuple[int, str, bytes, Optional[bytes]]  # seq, topic, payload, correlation
 
 
 class OutboxError(FleetError):
@@ -57,7 +57,7 @@ class Outbox:
                                   "agent.outbox_path names a file in a folder this user can write") from None
             path = str(file)
         self.path = path
-        self.recovered_from: Optional[str] = None  # where a corrupt file was moved to, if one was
+        self.recovered_from: str | None = None  # where a corrupt file was moved to, if one was
         try:
             self._db = self._open(path)
         except sqlite3.DatabaseError as exc:
@@ -102,7 +102,7 @@ class Outbox:
                   "waiting in it are lost", path, exc, aside)
         return aside
 
-    def put(self, topic: str, payload: bytes, correlation: Optional[bytes]) -> int:
+    def put(self, topic: str, payload: bytes, correlation: bytes | None) -> int:
         """Store one response durably; drop the oldest entries beyond max_messages."""
         with self._lock:
             db = self._db
@@ -129,7 +129,7 @@ class Outbox:
             assert seq is not None
             return int(seq)
 
-    def delete(self, seqs: List[int]) -> None:
+    def delete(self, seqs: list[int]) -> None:
         if not seqs:
             return
         with self._lock:
@@ -147,7 +147,7 @@ class Outbox:
                 raise
             self.queued -= removed
 
-    def entries(self, after: int = 0, limit: int = 500) -> List[Entry]:
+    def entries(self, after: int = 0, limit: int = 500) -> list[Entry]:
         """Entries in order, from sequence number `after` (exclusive)."""
         with self._lock:
             rows = self._db.execute("SELECT seq, topic, payload, correlation FROM outbox WHERE seq > ? "

@@ -12,7 +12,7 @@ import logging
 import platform
 import socket
 import threading
-from typing import Any, Callable, Dict, List, Protocol, Tuple
+from typing import Any, Callable, Protocol
 
 from fleet_common.messages import Response, Status
 from fleet_common.topics import Topics
@@ -38,7 +38,7 @@ def offline(agent_id: str) -> Status:
     return Status(agent_id=agent_id, online=False)
 
 
-def will(topics: Topics, agent_id: str) -> Tuple[str, bytes]:
+def will(topics: Topics, agent_id: str) -> tuple[str, bytes]:
     """The Last Will (topic, payload) to connect with: the broker says the agent is offline for it."""
     return topics.status(agent_id), offline(agent_id).payload()
 
@@ -48,7 +48,7 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: Dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._values: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
     def count(self, key: str) -> None:
         with self._lock:
@@ -62,7 +62,7 @@ class Counters:
             if code == "timeout":
                 self._values["timeouts"] += 1
 
-    def snapshot(self) -> Dict[str, int]:
+    def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self._values)
 
@@ -72,18 +72,18 @@ class Presence:
     answers, sorted, when a birth is made."""
 
     def __init__(self, agent_id: str, topics: Topics, link: StatusLink, outbox: Outbox,
-                 types: Callable[[], List[str]]) -> None:
+                 types: Callable[[], list[str]]) -> None:
         self.id, self.link, self.outbox, self._types = agent_id, link, outbox, types
         self.topic = topics.status(agent_id)
         self.counters = Counters()
-        self._health: Dict[str, str] = {}  # type -> last outcome, to log changes only
+        self._health: dict[str, str] = {}  # type -> last outcome, to log changes only
         self._reported_drops = outbox.dropped
 
     def birth(self) -> Status:
         return Status(agent_id=self.id, online=True, hostname=socket.gethostname(), platform=platform.platform(),
                       agent_version=__version__, types=self._types(), extra=self.health())
 
-    def health(self) -> Dict[str, Any]:
+    def health(self) -> dict[str, Any]:
         """The agent's own counters: in its status message (it serves no metrics) and its heartbeat."""
         return {"outbox": self.outbox.counts(), "counters": self.counters.snapshot()}
 

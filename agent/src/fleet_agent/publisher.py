@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Protocol, Set, Union
+from typing import Any, Callable, NamedTuple, Protocol, Union
 
 from fleet_common.link import publish_properties
 
@@ -33,7 +33,7 @@ class Transport(Protocol):
     def publish(self, topic: str, payload: bytes, qos: int = ..., retain: bool = ..., properties: Any = ...) -> Any:
         ...
 
-    def wait_connected(self, timeout_s: Optional[float] = ...) -> bool:
+    def wait_connected(self, timeout_s: float | None = ...) -> bool:
         ...
 
 
@@ -64,10 +64,10 @@ class DurablePublisher:
         # _lock makes "stored in the outbox, handed to paho, mid recorded" one step, so a
         # PUBACK (seen by the courier, never on the network thread) always finds its mid.
         self._lock = threading.Lock()
-        self._inflight: Dict[int, int] = {}  # paho mid -> outbox seq
-        self._handed: Set[int] = set()  # outbox seqs paho holds (it resends them after a reconnect)
+        self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
+        self._handed: set[int] = set()  # outbox seqs paho holds (it resends them after a reconnect)
         self._queue: queue.Queue[CourierItem] = queue.Queue()
-        self._courier: Optional[threading.Thread] = None
+        self._courier: threading.Thread | None = None
 
     @property
     def unacked(self) -> int:
@@ -89,7 +89,7 @@ class DurablePublisher:
         with self._lock:
             self.outbox.close()
 
-    def send(self, topic: str, payload: bytes, correlation: Optional[bytes]) -> None:
+    def send(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
         with self._lock:
             seq = self.outbox.put(topic, payload, correlation)
             if self.link.connected.is_set():  # else it waits in the outbox, not in paho's memory
@@ -102,7 +102,7 @@ class DurablePublisher:
     def replay(self) -> None:
         self._queue.put(Signal.REPLAY)
 
-    def _hand_over(self, seq: int, topic: str, payload: bytes, correlation: Optional[bytes]) -> None:
+    def _hand_over(self, seq: int, topic: str, payload: bytes, correlation: bytes | None) -> None:
         """Publish one outbox entry (caller holds _lock). QoS 1: paho keeps it until
         PUBACK and resends it after a reconnect, so it is not handed over twice."""
         props = publish_properties(correlation=correlation) if correlation is not None else None
@@ -115,12 +115,12 @@ class DurablePublisher:
         self._inflight[info.mid] = seq
         self._handed.add(seq)
 
-    def _take(self) -> List[CourierItem]:
+    def _take(self) -> list[CourierItem]:
         """What has come in: waits up to COURIER_CHECK_S for the first item. After a PUBACK it
         lets the next ones gather for a moment, so they are deleted together: this thread is not
         waiting on the queue meanwhile, so their puts do not wake it, and at a few answers a
         second it wakes twice per ACK_LINGER_S, not per answer."""
-        items: List[CourierItem] = []
+        items: list[CourierItem] = []
         try:
             items.append(self._queue.get(timeout=COURIER_CHECK_S))
             if isinstance(items[0], Acked):
@@ -149,7 +149,7 @@ class DurablePublisher:
             except Exception:  # the courier must outlive a failing disk; entries wait for the next round
                 log.exception("outbox courier failed; retrying in %.0f s", COURIER_CHECK_S)
 
-    def _delete_acked(self, mids: List[int]) -> None:
+    def _delete_acked(self, mids: list[int]) -> None:
         if not mids:
             return
         with self._lock:

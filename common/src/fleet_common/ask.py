@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
@@ -27,7 +27,7 @@ class NoAnswer(FleetError):
 class OutgoingRequest(NamedTuple):
     topic: str  # <prefix>/<agent_id>/req/<type>
     request: Request
-    properties: Optional[Properties]  # ResponseTopic, CorrelationData (the id), MessageExpiryInterval
+    properties: Properties | None  # ResponseTopic, CorrelationData (the id), MessageExpiryInterval
     reply_topic: str  # where the agent answers: <prefix>/<agent_id>/res/<type>
 
     def payload(self) -> bytes:
@@ -35,7 +35,7 @@ class OutgoingRequest(NamedTuple):
 
 
 def build_request(topics: Topics, agent_id: str, type_: str, ttl_s: float,
-                  params: Optional[JsonObject] = None, now_s: Optional[float] = None) -> OutgoingRequest:
+                  params: JsonObject | None = None, now_s: float | None = None) -> OutgoingRequest:
     """A request for `type_` to `agent_id`, issued at `now_s` (default: now) and expiring `ttl_s`
     later; the broker holds it for an offline agent at most that long (at least a second)."""
     now = time.time() if now_s is None else now_s
@@ -45,7 +45,7 @@ def build_request(topics: Topics, agent_id: str, type_: str, ttl_s: float,
     return OutgoingRequest(topic, request, props, reply_topic)
 
 
-def ask(cfg: Config, agent_id: str, type_: str, params: Optional[JsonObject] = None,
+def ask(cfg: Config, agent_id: str, type_: str, params: JsonObject | None = None,
         timeout_s: float = 10.0) -> Response:
     """Publish one request with ResponseTopic and CorrelationData, and wait for the matching answer;
     NoAnswer if none comes within `timeout_s`."""
@@ -54,7 +54,7 @@ def ask(cfg: Config, agent_id: str, type_: str, params: Optional[JsonObject] = N
     topics = cfg.mqtt.topics()
     out = build_request(topics, agent_id, type_, timeout_s, params)
     req_id = out.request.id
-    answer: Dict[str, Response] = {}
+    answer: dict[str, Response] = {}
     got = threading.Event()
     subscribed = threading.Event()
     link = Link(cfg.mqtt, f"fleetctl-{uuid.uuid4().hex[:12]}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable
 
 DROPPED = "$SYS/broker/publish/messages/dropped"
 STORED = "$SYS/broker/store/messages/count"
@@ -31,15 +31,15 @@ class BrokerWatch:
 
     def __init__(self, log: logging.Logger, advice: str, clock: Clock = time.time) -> None:
         self.log, self.advice, self._clock = log, advice, clock
-        self.dropped: Optional[int] = None  # the broker's count since it started
-        self.dropped_first: Optional[int] = None  # as first seen by this process
-        self.stored: Optional[int] = None
-        self.stored_max: Optional[int] = None
-        self.version: Optional[str] = None
+        self.dropped: int | None = None  # the broker's count since it started
+        self.dropped_first: int | None = None  # as first seen by this process
+        self.stored: int | None = None
+        self.stored_max: int | None = None
+        self.version: str | None = None
         self._warned_at = float("-inf")
-        self._warned_count: Optional[int] = None
+        self._warned_count: int | None = None
         self._said_no_sys = False
-        self.subscribe_mid: Optional[int] = None  # the owner's on_subscribe leaves this one alone
+        self.subscribe_mid: int | None = None  # the owner's on_subscribe leaves this one alone
         self._lock = threading.Lock()
 
     def attach(self, client: Any) -> None:
@@ -88,7 +88,7 @@ class BrokerWatch:
             self.log.warning("the broker has dropped %d messages since it started (max_queued_messages reached for "
                              "a client); %s", value, self.advice)
 
-    def snapshot(self) -> Dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         """For the heartbeat file and the metrics. `dropped` is None while the broker has dropped
         nothing (it publishes the count only once it changes), or publishes no $SYS tree."""
         with self._lock:

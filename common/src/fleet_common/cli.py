@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import Callable, List, Optional
+from typing import Callable
 
 from .config import Config, load_config
 from .errors import FleetError
@@ -60,7 +60,7 @@ def stop_event() -> threading.Event:
     return event
 
 
-def run_main(prog: str, main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
+def run_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Run `main`, turning project errors into one line on stderr and exit code 2."""
     try:
         return main(argv)

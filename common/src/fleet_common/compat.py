@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable
 
 import paho.mqtt
 from paho.mqtt.exception import MQTTException  # what paho's Properties raises
@@ -33,7 +33,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
 PATCHED = ("__init__", "__setattr__", "getIdentFromName", "allowsMultiple", "getNameFromIdent", "clear", "isEmpty")
-ORIGINAL: Dict[str, Callable[..., Any]] = {}  # paho's own methods, kept when apply() replaced them
+ORIGINAL: dict[str, Callable[..., Any]] = {}  # paho's own methods, kept when apply() replaced them
 _PRIVATE = frozenset(("packetType", "types", "names", "properties"))  # paho's __setattr__ lets these through
 _MULTIPLE = (11, 38)  # Subscription Identifier, User Property: what paho's allowsMultiple() lists
 _RANGES = {"ReceiveMaximum": (1, 65535), "TopicAlias": (1, 65535), "TopicAliasMaximum": (0, 65535),
@@ -64,7 +64,7 @@ def _install() -> bool:
         template = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         types, names, table = template.types, template.names, template.properties
         ident_of = {name.replace(" ", ""): ident for name, ident in names.items()}
-        name_of: Dict[int, str] = {}
+        name_of: dict[int, str] = {}
         for name, ident in names.items():  # the last name wins, as in paho's getNameFromIdent()
             name_of[ident] = name
         if len(ident_of) != len(names) or set(table) != set(name_of) or not all(
@@ -136,11 +136,11 @@ class PackedProperties(Properties):
     paho builds its tables here as it does for any Properties object: correct, and the cost apply()
     exists to remove."""
 
-    _args: Tuple[Optional[str], Optional[bytes], Optional[int]]
+    _args: tuple[str | None, bytes | None, int | None]
     _packed: bytes
 
-    def __init__(self, response_topic: Optional[str] = None, correlation: Optional[bytes] = None,
-                 expiry_s: Optional[int] = None) -> None:
+    def __init__(self, response_topic: str | None = None, correlation: bytes | None = None,
+                 expiry_s: int | None = None) -> None:
         super().__init__(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         expiry_s = None if expiry_s is None else max(1, int(expiry_s))
         body = b""
@@ -186,7 +186,7 @@ class PackedProperties(Properties):
     def clear(self) -> None:
         raise AttributeError("PackedProperties are immutable (packed when made)")
 
-    def json(self) -> Dict[str, Any]:
+    def json(self) -> dict[str, Any]:
         return self.unpacked().json()  # type: ignore[no-untyped-call, no-any-return]
 
     def __str__(self) -> str:

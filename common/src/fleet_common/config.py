@@ -19,9 +19,10 @@ import re
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -92,9 +93,9 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class TlsConfig:
     enabled: bool = False
-    ca_file: Optional[str] = None
-    cert_file: Optional[str] = None
-    key_file: Optional[str] = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -112,9 +113,9 @@ class MqttConfig:
     host: str = "localhost"
     port: int = 1883
     topic_prefix: str = "fleet"
-    username: Optional[str] = None
-    password: Optional[str] = None
-    client_id: Optional[str] = None
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
     keepalive_s: int = 30
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
@@ -133,7 +134,7 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    id: Optional[str] = None
+    id: str | None = None
     session_expiry_s: int = 604800
     outbox_path: str = "~/.local/state/fleet-agent/outbox.db"
     outbox_max_messages: int = 10000
@@ -152,13 +153,13 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    schedule: Dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
+    schedule: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
     offline_forget_s: int = 86400
     shard: Shard = Shard()
     tick_s: float = 0.5
     max_unacked_requests: int = 50000
     max_dispatch_per_s: int = 2000
-    client_id: Optional[str] = None
+    client_id: str | None = None
     heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("data/fleet-controller.heartbeat.json"), metadata=FLAT)
     metrics: MetricsConfig = field(default=MetricsConfig(port=9811), metadata=FLAT)
 
@@ -184,15 +185,15 @@ class PersisterConfig:
     sqlite_path: str = "data/fleet.db"
     mongodb_uri: str = "mongodb://localhost:27017"
     mongodb_database: str = "fleet"
-    retention_s: Dict[str, int] = field(default_factory=lambda: {"default": 2592000, "processes": 86400})
+    retention_s: dict[str, int] = field(default_factory=lambda: {"default": 2592000, "processes": 86400})
     batch_size: int = 500
     batch_wait_s: float = 0.2
     receive_maximum: int = 3000
-    parse_workers: Optional[int] = None  # None: one per core beyond the first, up to 4
+    parse_workers: int | None = None  # None: one per core beyond the first, up to 4
     shared_subscription: bool = False
-    share_group: Optional[str] = None  # required when shared: a per-deployment secret (SHARE_GROUP_RE)
+    share_group: str | None = None  # required when shared: a per-deployment secret (SHARE_GROUP_RE)
     session_expiry_s: int = 604800
-    client_id: Optional[str] = None
+    client_id: str | None = None
     expire_grace_s: float = 5.0
     sweep_interval_s: float = 5.0
     heartbeat: HeartbeatConfig = field(default=HeartbeatConfig("data/fleet-persister.heartbeat.json"), metadata=FLAT)
@@ -221,9 +222,9 @@ class DashboardConfig:
     silent_after_s: int = 300
     ask_enabled: bool = False
     ask_timeout_s: float = 10.0
-    operator_token: Optional[str] = None
-    mqtt_username: Optional[str] = None
-    mqtt_password: Optional[str] = None
+    operator_token: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = None
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
@@ -250,7 +251,7 @@ class Config:
     persister: PersisterConfig = field(default_factory=PersisterConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    source: Optional[str] = field(default=None, compare=False)
+    source: str | None = field(default=None, compare=False)
 
     def replace(self, section: str, **changes: Any) -> Config:
         return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
@@ -287,7 +288,7 @@ def eval_annotation(text: str, namespace: Mapping[str, Any]) -> Any:
 
 
 @functools.cache
-def _hints(cls: Any) -> Dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
     """The type of each field of the dataclass `cls`, however its annotation is spelled."""
     try:
         return typing.get_type_hints(cls)
@@ -297,9 +298,9 @@ def _hints(cls: Any) -> Dict[str, Any]:
     return postponed_hints(cls)
 
 
-def postponed_hints(cls: Any) -> Dict[str, Any]:
+def postponed_hints(cls: Any) -> dict[str, Any]:
     """get_type_hints for Python 3.9, through eval_annotation."""
-    hints: Dict[str, Any] = {}
+    hints: dict[str, Any] = {}
     for klass in reversed(cls.__mro__):
         namespace = vars(sys.modules[klass.__module__])
         for name, text in vars(klass).get("__annotations__", {}).items():
@@ -307,10 +308,10 @@ def postponed_hints(cls: Any) -> Dict[str, Any]:
     return hints
 
 
-def _keys(cls: Any) -> Dict[str, Any]:
+def _keys(cls: Any) -> dict[str, Any]:
     """The keys a user writes for `cls` -> their types; a FLAT field's keys are spelled `<field>_<key>`."""
     hints = _hints(cls)
-    keys: Dict[str, Any] = {}
+    keys: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.metadata.get("flat"):
             keys.update({f"{f.name}_{inner}": tp for inner, tp in _keys(hints[f.name]).items()})
@@ -408,10 +409,10 @@ def _is_text(tp: Any) -> bool:
     return tp is str or hasattr(tp, "parse")
 
 
-def _env_overrides(env: Mapping[str, str], sections: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+def _env_overrides(env: Mapping[str, str], sections: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """FLEET_MQTT_PORT=1884 -> {"mqtt": {"port": 1884}}; FLEET_MQTT_TLS_ENABLED -> mqtt.tls.enabled.
     Text for string keys, else YAML: 1884, true, null."""
-    out: Dict[str, Dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name, text in env.items():
         if not name.startswith("FLEET_"):
             continue
@@ -429,7 +430,7 @@ def _env_overrides(env: Mapping[str, str], sections: Mapping[str, Any]) -> Dict[
     return out
 
 
-def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -439,13 +440,13 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return merged
 
 
-def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
                 required: bool = False) -> Config:
     """Read `path` (default ./config.yaml; a missing default file means built-in defaults),
     apply environment overrides, check every key, and return a frozen Config."""
     env = os.environ if env is None else env
     file = Path(path or "config.yaml")
-    raw: Dict[str, Any] = {}
+    raw: dict[str, Any] = {}
     if file.exists():
         try:
             loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
@@ -460,7 +461,7 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
 
 
 def build_sections(raw: Mapping[str, Any], env: Mapping[str, str],
-                   sections: Mapping[str, Any] = SECTIONS) -> Dict[str, Any]:
+                   sections: Mapping[str, Any] = SECTIONS) -> dict[str, Any]:
     """Each of `sections` (name -> dataclass) from `raw`, the file's mapping, and FLEET_* in `env`."""
     merged = _merge(dict(raw), _env_overrides(env, sections))
     unknown = next((name for name in merged if name not in sections), None)

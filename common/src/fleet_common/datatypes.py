@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import Any, Callable
 
 from .errors import ContractError
 
-JsonObject = Dict[str, Any]
+JsonObject = dict[str, Any]
 Check = Callable[[Any, str], None]
 
 _NONE = type(None)
@@ -50,13 +51,13 @@ class Shape:
     nullable: bool = False
 
     # what the value may be, for the column-wise check of a table
-    def kinds(self) -> FrozenSet[type]:
+    def kinds(self) -> frozenset[type]:
         raise NotImplementedError
 
     def schema(self) -> JsonObject:
         raise NotImplementedError
 
-    def checker(self) -> Optional[Check]:
+    def checker(self) -> Check | None:
         """A check beyond the value's type (bounds, pattern, nested fields); None if the type is all."""
         return None
 
@@ -84,10 +85,10 @@ class Shape:
 
 @dataclass(frozen=True)
 class Str(Shape):
-    enum: Tuple[str, ...] = ()
-    max_length: Optional[int] = None
+    enum: tuple[str, ...] = ()
+    max_length: int | None = None
 
-    def kinds(self) -> FrozenSet[type]:
+    def kinds(self) -> frozenset[type]:
         return frozenset({str})
 
     def _expected(self) -> str:
@@ -101,7 +102,7 @@ class Str(Shape):
             out["maxLength"] = self.max_length
         return self._typed(out)
 
-    def checker(self) -> Optional[Check]:
+    def checker(self) -> Check | None:
         if not self.enum and self.max_length is None:
             return None
         enum, longest = frozenset(self.enum), self.max_length
@@ -119,7 +120,7 @@ class Str(Shape):
 class Timestamp(Shape):
     """RFC 3339 text, as the agent writes times inside data (boot_time, users[].started)."""
 
-    def kinds(self) -> FrozenSet[type]:
+    def kinds(self) -> frozenset[type]:
         return frozenset({str})
 
     def _expected(self) -> str:
@@ -128,7 +129,7 @@ class Timestamp(Shape):
     def schema(self) -> JsonObject:
         return self._typed({"type": "string", "format": "date-time"})
 
-    def checker(self) -> Optional[Check]:
+    def checker(self) -> Check | None:
         def check(value: Any, path: str) -> None:
             if not _TS_RE.match(value):
                 raise _fail(path, f"is {value[:40]!r}, not an RFC 3339 timestamp")
@@ -140,11 +141,11 @@ class Timestamp(Shape):
 class Num(Shape):
     """A number; with `integer`, a JSON integer (written without fraction or exponent)."""
 
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
+    minimum: float | None = None
+    maximum: float | None = None
     integer: bool = False
 
-    def kinds(self) -> FrozenSet[type]:
+    def kinds(self) -> frozenset[type]:
         return frozenset({int} if self.integer else {int, float})
 
     def _expected(self) -> str:
@@ -158,7 +159,7 @@ class Num(Shape):
             out["maximum"] = self.maximum
         return self._typed(out)
 
-    def checker(self) -> Optional[Check]:
+    def checker(self) -> Check | None:
         low, high = self.minimum, self.maximum
         if low is None and high is None:
             return None
@@ -172,7 +173,7 @@ class Num(Shape):
         return check
 
 
-def Int(minimum: Optional[float] = 0, maximum: Optional[float] = None, nullable: bool = False) -> Num:
+def Int(minimum: float | None = 0, maximum: float | None = None, nullable: bool = False) -> Num:
     """A whole number, by default not negative (counters, sizes, ids)."""
     return Num(nullable=nullable, minimum=minimum, maximum=maximum, integer=True)
 
@@ -183,7 +184,7 @@ def Percent(nullable: bool = False) -> Num:
 
 @dataclass(frozen=True)
 class Bool(Shape):
-    def kinds(self) -> FrozenSet[type]:
+    def kinds(self) -> frozenset[type]:
         return frozenset({bool})
 
     def _expected(self) -> str:
@@ -216,12 +217,12 @@ class Obj(Shape):
     whose every value has that shape (times_percent: {"user": 12.0, ...})."""
 
     fields: Mapping[str, Field] = field(default_factory=dict)
-    values: Optional[Shape] = None
+    values: Shape | None = None
     # A field that is not required may be missing, and in data also null (a reading a platform
     # lacks); params are strict: a param given as null is refused.
     strict: bool = False
 
-    def kinds(self) -> FrozenSet[type]:
+    def kinds(self) -> frozenset[type]:
         return frozenset({dict})
 
     def _expected(self) -> str:
@@ -247,7 +248,7 @@ class Obj(Shape):
         out["additionalProperties"] = self.values.schema() if self.values is not None else True
         return self._typed(out)
 
-    def checker(self) -> Optional[Check]:
+    def checker(self) -> Check | None:
         fields = [(name, f.required, f.shape.compile()) for name, f in self.fields.items()]
         values = self.values.compile() if self.values is not None else None
         strict = self.strict
@@ -273,9 +274,9 @@ class Obj(Shape):
 @dataclass(frozen=True)
 class Arr(Shape):
     items: Shape = field(default_factory=Shape)
-    max_items: Optional[int] = None
+    max_items: int | None = None
 
-    def kinds(self) -> FrozenSet[type]:
+    def kinds(self) -> frozenset[type]:
         return frozenset({list})
 
     def _expected(self) -> str:
@@ -287,7 +288,7 @@ class Arr(Shape):
             out["maxItems"] = self.max_items
         return self._typed(out)
 
-    def checker(self) -> Optional[Check]:
+    def checker(self) -> Check | None:
         longest, each = self.max_items, self.items.compile()
 
         def check(value: Any, path: str) -> None:
@@ -311,7 +312,7 @@ class DataType:
     params: Obj
     data: Obj
     max_payload_bytes: int
-    _checks: Tuple[Check, Check] = field(init=False, repr=False, compare=False)
+    _checks: tuple[Check, Check] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_checks", (self.params.compile(), self.data.compile()))
@@ -347,7 +348,7 @@ COUNTERS = ("bytes_sent", "bytes_recv", "packets_sent", "packets_recv", "errin",
 _SIZES = {"total": req(Int(nullable=True)), "used": req(Int(nullable=True)), "free": req(Int(nullable=True)),
           "percent": req(Percent(nullable=True))}
 
-BUILTIN: Dict[str, DataType] = {t.name: t for t in (
+BUILTIN: dict[str, DataType] = {t.name: t for t in (
     DataType("os_info", "Host name, operating system, boot time, CPU count and logged-in users.", NO_PARAMS,
              Obj(fields={
         "hostname": req(Str()), "os": req(Str()), "release": req(Str()), "version": req(Str()), "arch": req(Str()),
@@ -414,7 +415,7 @@ BUILTIN: Dict[str, DataType] = {t.name: t for t in (
 
 # One answer of each type, as the agent gives it on Linux (shortened): the AsyncAPI examples,
 # and what tests start from.
-EXAMPLES: Dict[str, JsonObject] = {
+EXAMPLES: dict[str, JsonObject] = {
     "os_info": {"hostname": "web-01", "os": "Linux", "release": "6.1.0-21-amd64", "version": "#1 SMP Debian",
                 "platform": "Linux-6.1.0-21-amd64-x86_64-with-glibc2.36", "arch": "x86_64",
                 "boot_time": "2026-11-20T08:00:00.000Z", "uptime_s": 513000.0, "cpu_count": 2,
@@ -449,12 +450,12 @@ def example(name: str, **changes: Any) -> JsonObject:
     return {**copy.deepcopy(EXAMPLES[name]), **changes}
 
 
-def datatype(name: str) -> Optional[DataType]:
+def datatype(name: str) -> DataType | None:
     """The built-in type of that name, or None for a type this contract does not define."""
     return BUILTIN.get(name)
 
 
-def json_schemas() -> Dict[str, Dict[str, JsonObject]]:
+def json_schemas() -> dict[str, dict[str, JsonObject]]:
     """{type: {"params": schema, "data": schema}}: what docs/asyncapi.yaml carries."""
     return {name: {"params": dict(t.params.schema(), additionalProperties=False), "data": t.data.schema()}
             for name, t in BUILTIN.items()}

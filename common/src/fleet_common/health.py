@@ -25,15 +25,16 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable
 
 from .timefmt import iso
 
 STALE_AFTER_INTERVALS = 3
 
 Snapshot = Callable[[], Mapping[str, Any]]
-Problems = Callable[[], List[str]]
+Problems = Callable[[], list[str]]
 
 log = logging.getLogger("fleet.health")
 
@@ -49,7 +50,7 @@ class Readiness:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._listeners: List[Callable[[], None]] = []
+        self._listeners: list[Callable[[], None]] = []
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -67,7 +68,7 @@ class Readiness:
     def clear(self) -> None:
         self.set(False)
 
-    def wait(self, timeout_s: Optional[float] = None) -> bool:
+    def wait(self, timeout_s: float | None = None) -> bool:
         return self._event.wait(timeout_s)
 
     def listen(self, listener: Callable[[], None]) -> None:
@@ -79,18 +80,18 @@ class Heartbeat:
     daemon thread; a context manager."""
 
     def __init__(self, path: str, service: str, interval_s: float, counters: Snapshot,
-                 problems: Optional[Problems] = None, ready: Optional[Readiness] = None) -> None:
+                 problems: Problems | None = None, ready: Readiness | None = None) -> None:
         self.path = Path(path).expanduser()
         self.service, self.interval_s = service, max(interval_s, 0.05)
         self._counters, self._problems, self._ready = counters, problems or (lambda: []), ready
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._failing = False
         if ready is not None:
             ready.listen(self._wake.set)
 
-    def payload(self, now_s: Optional[float] = None) -> Dict[str, Any]:
+    def payload(self, now_s: float | None = None) -> dict[str, Any]:
         now_s = time.time() if now_s is None else now_s
         beat = {"service": self.service, "pid": os.getpid(), "ts": iso(now_s), "ts_s": round(now_s, 3),
                 "interval_s": self.interval_s, "problems": list(self._problems()),
@@ -149,7 +150,7 @@ class Heartbeat:
             self.beat()
 
 
-def check(path: str, now_s: Optional[float] = None) -> Tuple[int, str]:
+def check(path: str, now_s: float | None = None) -> tuple[int, str]:
     """(0, why) if the heartbeat at `path` is fresh and names no problems, else (1, why)."""
     file = Path(path).expanduser()
     now_s = time.time() if now_s is None else now_s
@@ -170,7 +171,7 @@ def check(path: str, now_s: Optional[float] = None) -> Tuple[int, str]:
     return 0, f"healthy: heartbeat {max(age_s, 0.0):.1f} s old (pid {beat.get('pid')})"
 
 
-def read_beat(path: str) -> Optional[Dict[str, Any]]:
+def read_beat(path: str) -> dict[str, Any] | None:
     """The heartbeat at `path`, or None if there is none (yet) or it cannot be read."""
     try:
         beat = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -34,8 +34,8 @@ def no_delay(client: mqtt.Client) -> None:
         pass
 
 
-def publish_properties(response_topic: Optional[str] = None, correlation: Optional[bytes] = None,
-                       expiry_s: Optional[int] = None) -> Optional[Properties]:
+def publish_properties(response_topic: str | None = None, correlation: bytes | None = None,
+                       expiry_s: int | None = None) -> Properties | None:
     """PUBLISH properties packed once (fleet_common.compat.PackedProperties), or None for none."""
     if response_topic is None and correlation is None and expiry_s is None:
         return None
@@ -46,9 +46,9 @@ class Link:
     """A long-lived connection to the broker; use as a context manager or start()/stop()."""
 
     def __init__(self, cfg: MqttConfig, client_id: str, *, clean_start: bool = True,
-                 session_expiry_s: int = 0, receive_maximum: Optional[int] = None,
-                 manual_ack: bool = False, will: Optional[Tuple[str, bytes]] = None,
-                 username: Optional[str] = None, logger: Optional[logging.Logger] = None,
+                 session_expiry_s: int = 0, receive_maximum: int | None = None,
+                 manual_ack: bool = False, will: tuple[str, bytes] | None = None,
+                 username: str | None = None, logger: logging.Logger | None = None,
                  max_inflight: int = 1000, max_unacked: int = 0, count_unacked: bool = False) -> None:
         """`max_inflight` QoS 1 messages are sent before their acks, the rest wait in paho (0: no
         limit); `max_unacked` bounds both together, and publish() past it fails (0: no bound).
@@ -57,8 +57,8 @@ class Link:
         self.cfg, self.client_id = cfg, client_id
         self.log = logger or logging.getLogger("fleet.link")
         self.clean_start, self.session_expiry_s, self.receive_maximum = clean_start, session_expiry_s, receive_maximum
-        self.on_connect_hooks: List[OnConnect] = []
-        self.on_disconnect_hooks: List[Callable[[], None]] = []  # on losing (or closing) a connection
+        self.on_connect_hooks: list[OnConnect] = []
+        self.on_disconnect_hooks: list[Callable[[], None]] = []  # on losing (or closing) a connection
         self.connected = threading.Event()
         # What the broker's CONNACK allows in flight from us (MQTT 5 Receive Maximum; Mosquitto
         # says its max_inflight_messages): a client that sends more has them queued, and past
@@ -112,10 +112,10 @@ class Link:
         self.client.loop_start()
         return self
 
-    def wait_connected(self, timeout_s: Optional[float] = None) -> bool:
+    def wait_connected(self, timeout_s: float | None = None) -> bool:
         return self.connected.wait(timeout_s)
 
-    def stop(self, before_disconnect: Optional[Callable[[], None]] = None, timeout_s: float = 5.0) -> None:
+    def stop(self, before_disconnect: Callable[[], None] | None = None, timeout_s: float = 5.0) -> None:
         """Optionally publish last words, then disconnect cleanly (keeping the session) and stop the loop."""
         if self.connected.is_set() and before_disconnect is not None:
             before_disconnect()
@@ -132,7 +132,7 @@ class Link:
         self.stop()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
-                properties: Optional[Properties] = None) -> mqtt.MQTTMessageInfo:
+                properties: Properties | None = None) -> mqtt.MQTTMessageInfo:
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             with self._room:

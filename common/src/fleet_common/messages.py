@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import AbstractSet, Any, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any
 
 from .errors import ContractError
 from .timefmt import is_canonical, is_valid_id, iso, now_iso, parse_iso
@@ -23,7 +24,7 @@ MAX_DEPTH = 32
 ERROR_CODES = ("unknown_type", "bad_request", "expired", "collector_failed", "timeout")
 STATUSES = ("ok", "error")
 
-JsonObject = Dict[str, Any]
+JsonObject = dict[str, Any]
 
 
 def dumps(obj: JsonObject) -> bytes:
@@ -46,10 +47,10 @@ def _int(text: str) -> Any:
     return value if INT_RANGE[0] <= value < INT_RANGE[1] else _finite(text)
 
 
-def _unique(pairs: List[Tuple[str, Any]]) -> JsonObject:
+def _unique(pairs: list[tuple[str, Any]]) -> JsonObject:
     obj = dict(pairs)
     if len(obj) != len(pairs):
-        seen: Set[str] = set()
+        seen: set[str] = set()
         twice = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise ContractError("duplicate_key", f"key {twice[:60]!r} appears twice in one object")
     return obj
@@ -91,7 +92,7 @@ try:  # orjson where it is installed (the persister requires it); the agent stay
             raise ContractError("bad_json", str(exc)) from None
         return obj
 
-    def unique_keys(payload: bytes, obj: JsonObject, data_text: Optional[bytes] = None) -> None:
+    def unique_keys(payload: bytes, obj: JsonObject, data_text: bytes | None = None) -> None:
         """ContractError("duplicate_key") if `payload` repeats a key in some object of `obj`, its
         parse. orjson keeps the last of repeated keys without a word. Every key in JSON text is
         followed by a colon, and so is every key orjson writes back, while colons inside strings
@@ -114,7 +115,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     _loads = _loads_stdlib
     JSON_PARSER = "json"
 
-    def unique_keys(payload: bytes, obj: JsonObject, data_text: Optional[bytes] = None) -> None:
+    def unique_keys(payload: bytes, obj: JsonObject, data_text: bytes | None = None) -> None:
         """The reference parser refuses repeated keys as it parses."""
 
 
@@ -137,7 +138,7 @@ def decode_object(payload: bytes, check_keys_unique: bool = True) -> JsonObject:
     return obj
 
 
-_GOOD_KEYS: Set[str] = set()  # keys already found acceptable: most documents repeat the same few
+_GOOD_KEYS: set[str] = set()  # keys already found acceptable: most documents repeat the same few
 _GOOD_KEYS_MAX = 4096
 
 
@@ -155,7 +156,7 @@ class _Seen:
 
     def __init__(self) -> None:
         self.dicts, self.lists = 0, 0
-        self.tables: List[Tuple[Any, int]] = []
+        self.tables: list[tuple[Any, int]] = []
 
 
 def _check_parsed(obj: Any, payload: bytes) -> None:
@@ -172,7 +173,7 @@ def _check_parsed(obj: Any, payload: bytes) -> None:
             _check_cells(items, depth, False)
 
 
-def _check(value: Any, depth: int, floats: bool, seen: Optional[_Seen] = None) -> None:
+def _check(value: Any, depth: int, floats: bool, seen: _Seen | None = None) -> None:
     # This runs on every message the persister takes; a processes answer is a table of 250
     # objects of a dozen scalars. Per container, the keys are one C-level subset test against keys
     # already found good, the values one set of their types, and only containers recurse; a list
@@ -222,7 +223,7 @@ def _check_cells(rows: Any, depth: int, floats: bool) -> None:
                 _check(cell, depth + 2, floats)
 
 
-def _check_keys(keys: AbstractSet[str]) -> None:
+def _check_keys(keys: Set[str]) -> None:
     if keys <= _GOOD_KEYS:
         return
     for key in keys:
@@ -278,8 +279,8 @@ MAX_DURATION_MS = 86400000.0
 UNBOUNDED = float("inf")
 
 
-def _opt_ts(obj: JsonObject, key: str, now_s: Optional[float], past_s: float = PAST_S,
-            future_s: float = FUTURE_S) -> Optional[str]:
+def _opt_ts(obj: JsonObject, key: str, now_s: float | None, past_s: float = PAST_S,
+            future_s: float = FUTURE_S) -> str | None:
     """The timestamp at `key` as canonical text (UTC, milliseconds), checked against the window
     around `now_s` when one is given."""
     value = obj.get(key)
@@ -299,7 +300,7 @@ def _span(seconds: float) -> str:
     return f"{days:g} day{'s' if days != 1 else ''}"
 
 
-def _number(obj: JsonObject, key: str, low: float, high: float) -> Optional[float]:
+def _number(obj: JsonObject, key: str, low: float, high: float) -> float | None:
     value = obj.get(key)
     if value is None:
         return None
@@ -318,8 +319,8 @@ class Request:
     id: str
     type: str
     params: JsonObject = field(default_factory=dict)
-    issued_at: Optional[str] = None
-    expires_at: Optional[str] = None
+    issued_at: str | None = None
+    expires_at: str | None = None
     v: int = VERSION
 
     def to_dict(self) -> JsonObject:
@@ -341,7 +342,7 @@ class Request:
         return self.expires_at is not None and parse_iso(self.expires_at) <= now_s
 
 
-def parse_request(payload: bytes, topic: ParsedTopic, now_s: Optional[float] = None) -> Request:
+def parse_request(payload: bytes, topic: ParsedTopic, now_s: float | None = None) -> Request:
     """A request on `topic`; with `now_s` (the receiver's clock), its times must lie near it."""
     obj = decode_object(payload)
     assert topic.type is not None
@@ -363,10 +364,10 @@ class Response:
     agent_id: str
     type: str
     status: str
-    data: Optional[JsonObject] = None
-    error: Optional[JsonObject] = None
+    data: JsonObject | None = None
+    error: JsonObject | None = None
     collected_at: str = field(default_factory=now_iso)
-    duration_ms: Optional[float] = None
+    duration_ms: float | None = None
     v: int = VERSION
 
     @classmethod
@@ -376,7 +377,7 @@ class Response:
 
     @classmethod
     def fail(cls, req_id: str, agent_id: str, type_: str, code: str, message: str,
-             duration_ms: Optional[float] = None) -> Response:
+             duration_ms: float | None = None) -> Response:
         if code not in ERROR_CODES:
             raise ValueError(f"unknown error code {code!r}")
         return cls(id=req_id, agent_id=agent_id, type=type_, status="error",
@@ -392,7 +393,7 @@ class Response:
 
 
 def ok_response_payload(req_id: str, agent_id: str, type_: str, data_json: bytes, duration_ms: float,
-                        collected_at: Optional[str] = None) -> bytes:
+                        collected_at: str | None = None) -> bytes:
     """The bytes of Response.ok(...).payload() around data already serialised: `data_json` is a
     JSON object as dumps() writes it. The simulator's answers are pre-serialised (a 40 KB
     processes table), and parsing and dumping them again would double what an answer costs.
@@ -414,13 +415,13 @@ def ok_response_payload(req_id: str, agent_id: str, type_: str, data_json: bytes
     return b"".join((head, b',"data":', data_json, b",", tail))
 
 
-def parse_response(payload: bytes, topic: ParsedTopic, now_s: Optional[float] = None) -> Response:
+def parse_response(payload: bytes, topic: ParsedTopic, now_s: float | None = None) -> Response:
     """A response on `topic`. Its envelope only: a built-in type's data is checked against
     fleet_common.datatypes by whoever stores it. With `now_s`, collected_at must lie near it."""
     return response_of(decode_object(payload), topic, now_s)
 
 
-def response_of(obj: JsonObject, topic: ParsedTopic, now_s: Optional[float] = None) -> Response:
+def response_of(obj: JsonObject, topic: ParsedTopic, now_s: float | None = None) -> Response:
     """parse_response for a payload already decoded (decode_object)."""
     assert topic.type is not None
     status = obj.get("status")
@@ -452,10 +453,10 @@ class Status:
     agent_id: str
     online: bool
     ts: str = field(default_factory=now_iso)
-    hostname: Optional[str] = None
-    platform: Optional[str] = None
-    agent_version: Optional[str] = None
-    types: Optional[List[str]] = None
+    hostname: str | None = None
+    platform: str | None = None
+    agent_version: str | None = None
+    types: list[str] | None = None
     extra: JsonObject = field(default_factory=dict)
     v: int = VERSION
 
@@ -476,7 +477,7 @@ STATUS_STRINGS = {"hostname": 255, "platform": 255, "agent_version": 64}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def parse_status(payload: bytes, topic: ParsedTopic, now_s: Optional[float] = None) -> Status:
+def parse_status(payload: bytes, topic: ParsedTopic, now_s: float | None = None) -> Status:
     """A birth or Last Will on `topic`. Its strings are short and printable, its types distinct
     type names; with `now_s`, its ts may not lie ahead of it (any age is fine, see PAST_S)."""
     obj = decode_object(payload)

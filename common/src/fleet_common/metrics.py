@@ -8,7 +8,8 @@ controller and the persister, not of fleet-common (the agent stays small and exp
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Protocol
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigError
 
@@ -19,7 +20,7 @@ log = logging.getLogger("fleet.metrics")
 
 
 class MetricsServer(Protocol):
-    url: Optional[str]
+    url: str | None
 
     def stop(self) -> None: ...
 
@@ -27,7 +28,7 @@ class MetricsServer(Protocol):
 class NoMetrics:
     """metrics_enabled: false."""
 
-    url: Optional[str] = None
+    url: str | None = None
 
     def stop(self) -> None:
         pass
@@ -46,7 +47,7 @@ class HttpMetrics:
                               f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); "
                               f"choose a free port or set {section}.metrics_enabled: false") from None
         shown = f"[{host}]" if ":" in host else host
-        self.url: Optional[str] = f"http://{shown}:{self._server.server_port}/metrics"
+        self.url: str | None = f"http://{shown}:{self._server.server_port}/metrics"
         log.info("serving Prometheus metrics at %s", self.url)
 
     def stop(self) -> None:

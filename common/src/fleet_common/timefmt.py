@@ -6,7 +6,6 @@ import os
 import re
 import time
 from datetime import datetime, timezone
-from typing import Dict, Optional
 
 from .errors import ContractError
 
@@ -17,8 +16,8 @@ _TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{
 # Every message carries timestamps and the persister formats and parses several per message,
 # so both directions keep the whole-second part ("2026-11-26T04:30:00") in a small cache.
 _CANONICAL_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z\Z")
-_HEADS: Dict[int, str] = {}
-_SECONDS: Dict[str, int] = {}
+_HEADS: dict[int, str] = {}
+_SECONDS: dict[str, int] = {}
 _CACHE_MAX = 512
 
 
@@ -89,7 +88,7 @@ def _parse_iso(text: str) -> float:
         raise ContractError("bad_timestamp", str(exc)) from None
 
 
-def ago(ts: Optional[str], now_s: Optional[float] = None) -> str:
+def ago(ts: str | None, now_s: float | None = None) -> str:
     """How long before `now_s` (default: now) timestamp `ts` was, for people: "never", "42s ago",
     "5m ago", "3h ago", "2d ago" (a time ahead reads "0s ago")."""
     if not ts:

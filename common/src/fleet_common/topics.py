@@ -11,7 +11,7 @@ import re
 import socket
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, Optional, Tuple
+from typing import Literal
 
 from .errors import ContractError
 
@@ -45,7 +45,7 @@ def check_type(value: object) -> str:
     return value
 
 
-def sanitise_agent_id(name: Optional[str] = None) -> str:
+def sanitise_agent_id(name: str | None = None) -> str:
     """Turn a host name into a valid agent id (the default id)."""
     raw = name if name is not None else socket.gethostname()
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", raw).lstrip(".")[:64]
@@ -74,7 +74,7 @@ def _response_base(prefix: str, agent_id: str) -> str:
 class ParsedTopic:
     kind: Kind
     agent_id: str
-    type: Optional[str]
+    type: str | None
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class Topics:
     def response(self, agent_id: str, type_: str) -> str:
         return f"{self.prefix}/{check_agent_id(agent_id)}/{RES}/{check_type(type_)}"
 
-    def request_and_response(self, agent_id: str, type_: str) -> Tuple[str, str]:
+    def request_and_response(self, agent_id: str, type_: str) -> tuple[str, str]:
         """request() and response() of one agent and type, checked once: the controller asks
         thousands a second, and the second check cost more than the tuple build_request returns."""
         head, tail = f"{self.prefix}/{check_agent_id(agent_id)}/", f"/{check_type(type_)}"

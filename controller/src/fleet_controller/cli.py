@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import List, Optional
 
 from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
@@ -17,7 +16,7 @@ from .metrics import registry_for, snapshot
 PROG = "fleet-controller"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = base_parser(PROG, "Ask every agent for each request type on a spread schedule.")
     add_check_argument(parser)
     args = parser.parse_args(argv)

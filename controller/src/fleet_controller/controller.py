@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Dict
+from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -110,7 +110,7 @@ class Controller:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         with self._lock:  # the network thread may add a type to `issued` meanwhile
             known, online, issued = self.schedule.known, self.schedule.online, dict(self.issued)
             p, waiting = self.pacer.stats, self.pacer.waiting()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,7 +14,7 @@ from fleet_common.metrics import broker_families
 from .controller import Controller
 
 
-def snapshot(controller: Controller) -> Dict[str, Any]:
+def snapshot(controller: Controller) -> dict[str, Any]:
     """The controller's counters, for the heartbeat and the metrics."""
     return {**controller.stats(), "mqtt_reconnects": controller.link.reconnects,
             "broker": controller.broker.snapshot()}

@@ -19,8 +19,8 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Tuple
 
 from .schedule import Due
 
@@ -29,7 +29,7 @@ FIRST_ROUND_GAP_S = 0.1
 FIRST_ROUND_ORDER = ("ping", "cpu", "memory", "network", "disk", "os_info", "processes")
 
 
-def first_round_order(types: Iterable[str]) -> List[str]:
+def first_round_order(types: Iterable[str]) -> list[str]:
     rank = {t: i for i, t in enumerate(FIRST_ROUND_ORDER)}
     return sorted(types, key=lambda t: (rank.get(t, len(rank)), t))
 
@@ -58,12 +58,12 @@ class Pacer:
         self._tokens = 0.0
         self._refilled_at: float = -1.0
         self._due: OrderedDict[Due, None] = OrderedDict()  # steady requests waiting, oldest first
-        self._first: List[Tuple[float, int, str, str]] = []  # heap of (ready at, seq, agent, type)
+        self._first: list[tuple[float, int, str, str]] = []  # heap of (ready at, seq, agent, type)
         self._seq = itertools.count()
-        self._recent: List[Tuple[float, int]] = []  # (when, how many) sent in the last second
+        self._recent: list[tuple[float, int]] = []  # (when, how many) sent in the last second
 
 
-    def waiting(self) -> Dict[str, int]:
+    def waiting(self) -> dict[str, int]:
         return {"due": len(self._due), "first_round": len(self._first)}
 
     def add_due(self, due: Iterable[Due]) -> None:
@@ -84,12 +84,12 @@ class Pacer:
         self._due.clear()
         return n
 
-    def take(self, now_s: float) -> List[Due]:
+    def take(self, now_s: float) -> list[Due]:
         """What to send now: waiting steady requests first, then first-round ones whose time has
         come, as far as the budget allows. Steady requests left over count as deferred."""
         self._refill(now_s)
         self._tokens = min(self._tokens, self.budget_per_s - self.rate_per_s(now_s))
-        out: List[Due] = []
+        out: list[Due] = []
         while self._due and self._tokens >= 1:
             pair, _ = self._due.popitem(last=False)
             out.append(pair)
@@ -105,7 +105,7 @@ class Pacer:
             self._recent.append((now_s, len(out)))
         return out
 
-    def put_back(self, pairs: List[Due]) -> None:
+    def put_back(self, pairs: list[Due]) -> None:
         """Requests taken but not sent (the broker's window was full): first in line next time,
         and not counted as sent."""
         for pair in reversed(pairs):

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterator, List, Mapping, Set, Tuple
 
 from fleet_common.config import Shard as Shard  # re-exported: fleet_controller.Shard
 from fleet_common.messages import Status
 
 SLOT_MS = 100
 
-Due = Tuple[str, str]  # (agent_id, type)
+Due = tuple[str, str]  # (agent_id, type)
 
 
 def stable_hash(text: str) -> int:
@@ -46,7 +46,7 @@ class Wheel:
     def __init__(self, type_: str, interval_s: int, slot_ms: int) -> None:
         self.type, self.interval_s, self.slot_ms = type_, interval_s, slot_ms
         self.slots = interval_s * 1000 // slot_ms
-        self.buckets: Dict[int, Set[str]] = {}
+        self.buckets: dict[int, set[str]] = {}
 
     def slot_of(self, agent_id: str) -> int:
         return phase_ms(agent_id, self.type, self.interval_s) // self.slot_ms
@@ -75,7 +75,7 @@ class Wheel:
 
 @dataclass
 class AgentState:
-    types: FrozenSet[str] = frozenset()
+    types: frozenset[str] = frozenset()
     online: bool = True
     offline_since_s: float = 0.0
 
@@ -102,9 +102,9 @@ class Schedule:
         if self.slot_ms <= 0 or 1000 % self.slot_ms:
             raise ValueError(f"slot_ms must divide 1000, not {self.slot_ms}")
         self.wheels = {t: Wheel(t, i, self.slot_ms) for t, i in self.intervals_s.items()}
-        self.agents: Dict[str, AgentState] = {}
+        self.agents: dict[str, AgentState] = {}
         self.online = 0
-        self._forget_at: List[Tuple[float, str]] = []  # a heap; entries go stale, checked on pop
+        self._forget_at: list[tuple[float, str]] = []  # a heap; entries go stale, checked on pop
         self._last_slot = self._slot(self.start_s)
         self._longest_slots = max((w.slots for w in self.wheels.values()), default=1)
 
@@ -118,7 +118,7 @@ class Schedule:
     def is_known(self, agent_id: str) -> bool:
         return agent_id in self.agents
 
-    def observe(self, status: Status, now_s: float, live: bool) -> List[str]:
+    def observe(self, status: Status, now_s: float, live: bool) -> list[str]:
         """Take in an agent's status; return the types to ask it right away: all of them when a
         live birth comes from an agent that was not online (never seen, or last seen offline),
         so a new or restarted host shows data at once. Retained statuses at start-up and
@@ -153,7 +153,7 @@ class Schedule:
         state.offline_since_s = now_s
         heapq.heappush(self._forget_at, (now_s + self.offline_forget_s, agent_id))
 
-    def _retype(self, agent_id: str, state: AgentState, types: FrozenSet[str]) -> None:
+    def _retype(self, agent_id: str, state: AgentState, types: frozenset[str]) -> None:
         for type_ in state.types - types:
             self.wheels[type_].remove(agent_id)
         for type_ in types - state.types:
@@ -169,7 +169,7 @@ class Schedule:
         if state.online:
             self.online -= 1
 
-    def _forget_offline(self, now_s: float) -> List[str]:
+    def _forget_offline(self, now_s: float) -> list[str]:
         forgotten = []
         while self._forget_at and self._forget_at[0][0] <= now_s:
             _, agent_id = heapq.heappop(self._forget_at)
@@ -180,7 +180,7 @@ class Schedule:
                 forgotten.append(agent_id)
         return forgotten
 
-    def due(self, now_s: float) -> List[Due]:
+    def due(self, now_s: float) -> list[Due]:
         """Everything that fell due in (previous call, now_s], each pair at most once."""
         self._forget_offline(now_s)
         current = self._slot(now_s)

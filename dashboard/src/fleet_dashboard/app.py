@@ -8,7 +8,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable
 
 from flask import Flask, abort, jsonify, redirect, render_template, request, session, url_for
 from werkzeug.wrappers.response import Response as HttpResponse
@@ -41,11 +41,11 @@ def as_operator(cfg: Config) -> Config:
                                                            password=d.mqtt_password)
 
 
-def pct(value: Optional[float]) -> str:
+def pct(value: float | None) -> str:
     return NONE if value is None else f"{value:.0f}%" if value >= 10 else f"{value:.1f}%"
 
 
-def ms(value: Optional[float]) -> str:
+def ms(value: float | None) -> str:
     return NONE if value is None else f"{value:.0f} ms" if value >= 10 else f"{value:.1f} ms"
 
 
@@ -72,7 +72,7 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
     app.extensions["fleet"] = fleet
 
     @app.context_processor
-    def common() -> Dict[str, Any]:
+    def common() -> dict[str, Any]:
         return {"refresh_s": cfg.dashboard.refresh_s, "ops": ops, "is_operator": ops.is_operator(),
                 "csrf": ops.csrf(), "store_kind": cfg.persister.store}
 

@@ -10,7 +10,6 @@ import sys
 import threading
 import urllib.error
 import urllib.request
-from typing import List, Optional
 
 from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
@@ -80,7 +79,7 @@ def fleetctl_command(cfg: Config, args: argparse.Namespace) -> int:
     return serve(with_overrides(cfg, args), stop_event())
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = base_parser("fleet-dashboard", "Serve the read-only fleet dashboard over the store.")
     add_arguments(parser)
     parser.add_argument("--check", action="store_true", help="exit 0 if a running dashboard answers /healthz, else 1")

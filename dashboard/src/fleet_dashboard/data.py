@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable
 
 from fleet_common.config import Config
 from fleet_common.timefmt import parse_iso
@@ -24,26 +25,26 @@ class FleetRow:
     agent_id: str
     state: str
     last_seen: str
-    hostname: Optional[str]
-    platform: Optional[str]
+    hostname: str | None
+    platform: str | None
     issued: int
     answered: int
-    median_latency_ms: Optional[float]
-    cpu: Optional[float]
-    memory: Optional[float]
-    disk: Optional[float]
-    disk_mount: Optional[str]
+    median_latency_ms: float | None
+    cpu: float | None
+    memory: float | None
+    disk: float | None
+    disk_mount: str | None
 
     @property
-    def answered_ratio(self) -> Optional[float]:
+    def answered_ratio(self) -> float | None:
         return self.answered / self.issued if self.issued else None
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    rows: List[FleetRow]
-    agents: Dict[str, AgentRecord]
-    counts: Dict[str, int]
+    rows: list[FleetRow]
+    agents: dict[str, AgentRecord]
+    counts: dict[str, int]
     taken_at: float
     took_ms: float
 
@@ -70,7 +71,7 @@ class FleetQuery:
 
 @dataclass(frozen=True)
 class FleetPage:
-    rows: List[FleetRow]
+    rows: list[FleetRow]
     matched: int
     pages: int
     query: FleetQuery
@@ -81,34 +82,34 @@ class FleetPage:
 class Series:
     """Aligned columns for one chart: times (epoch seconds) and one list of values per line."""
 
-    t: List[float] = field(default_factory=list)
-    lines: Dict[str, List[Optional[float]]] = field(default_factory=dict)
+    t: list[float] = field(default_factory=list)
+    lines: dict[str, list[float | None]] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"t": self.t, "lines": self.lines}
 
 
-def _int(text: Optional[str], default: int) -> int:
+def _int(text: str | None, default: int) -> int:
     try:
         return int(text) if text is not None else default
     except ValueError:
         return default
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def cpu_percent(data: Optional[Dict[str, Any]]) -> Optional[float]:
+def cpu_percent(data: dict[str, Any] | None) -> float | None:
     return _number((data or {}).get("percent"))
 
 
-def memory_percent(data: Optional[Dict[str, Any]]) -> Optional[float]:
+def memory_percent(data: dict[str, Any] | None) -> float | None:
     virtual = (data or {}).get("virtual")
     return _number(virtual.get("percent")) if isinstance(virtual, dict) else None
 
 
-def fullest_disk(data: Optional[Dict[str, Any]]) -> Tuple[Optional[float], Optional[str]]:
+def fullest_disk(data: dict[str, Any] | None) -> tuple[float | None, str | None]:
     parts = [p for p in (data or {}).get("partitions") or [] if isinstance(p, dict) and _number(p.get("percent"))
              is not None]
     if not parts:
@@ -134,7 +135,7 @@ class Fleet:
         self.store, self.cfg, self.clock = store, cfg, clock
         self.max_age_s = max(0.5, cfg.dashboard.refresh_s / 2)
         self._lock = threading.Lock()
-        self._snapshot: Optional[Snapshot] = None
+        self._snapshot: Snapshot | None = None
         self._rebuilding = threading.Lock()
 
     def _current_since(self, type_: str) -> float:
@@ -198,20 +199,20 @@ class Fleet:
                          snapshot=snap)
 
     # one agent
-    def agent(self, agent_id: str) -> Optional[AgentRecord]:
+    def agent(self, agent_id: str) -> AgentRecord | None:
         found = self.snapshot().agents.get(agent_id)  # else it is newer than the snapshot
         return found or next((a for a in self.store.agents() if a.agent_id == agent_id), None)
 
-    def newest(self, agent_id: str, type_: str) -> Optional[RequestRecord]:
+    def newest(self, agent_id: str, type_: str) -> RequestRecord | None:
         return next((r for r in self.store.history(agent_id, type_, limit=20) if r.state == "ok"), None)
 
-    def recent(self, agent_id: str, limit: int = 20) -> List[RequestRecord]:
+    def recent(self, agent_id: str, limit: int = 20) -> list[RequestRecord]:
         return self.store.recent_requests(agent_id, limit)
 
-    def series(self, agent_id: str, range_s: float) -> Dict[str, Dict[str, Any]]:
+    def series(self, agent_id: str, range_s: float) -> dict[str, dict[str, Any]]:
         since = self.clock() - range_s
 
-        def answers(type_: str) -> List[RequestRecord]:
+        def answers(type_: str) -> list[RequestRecord]:
             found = [r for r in self.store.history(agent_id, type_, limit=MAX_POINTS, since_s=since)
                      if r.state == "ok" and r.data is not None]
             return sorted(found, key=answer_time)
@@ -221,13 +222,13 @@ class Fleet:
                 "disk": disk_series(answers("disk")).to_dict(),
                 "network": network_series(answers("network")).to_dict()}
 
-    def rejected(self, limit: int = 200) -> List[Any]:
+    def rejected(self, limit: int = 200) -> list[Any]:
         return self.store.rejected(limit)
 
 
-def sort_rows(rows: Sequence[FleetRow], key: str, desc: bool) -> List[FleetRow]:
+def sort_rows(rows: Sequence[FleetRow], key: str, desc: bool) -> list[FleetRow]:
     """Sorted by `key`; rows without a value go last whichever the direction."""
-    getters: Dict[str, Callable[[FleetRow], Any]] = {
+    getters: dict[str, Callable[[FleetRow], Any]] = {
         "agent_id": lambda r: r.agent_id, "state": lambda r: STATES.index(r.state), "last_seen": lambda r: r.last_seen,
         "answered": lambda r: r.answered_ratio, "latency": lambda r: r.median_latency_ms, "cpu": lambda r: r.cpu,
         "memory": lambda r: r.memory, "disk": lambda r: r.disk}
@@ -243,7 +244,7 @@ def answer_time(rec: RequestRecord) -> float:
 
 
 def percent_series(records: Sequence[RequestRecord], name: str,
-                   pick: Callable[[Optional[Dict[str, Any]]], Optional[float]]) -> Series:
+                   pick: Callable[[dict[str, Any] | None], float | None]) -> Series:
     return Series(t=[answer_time(r) for r in records], lines={name: [pick(r.data) for r in records]})
 
 
@@ -252,7 +253,7 @@ def disk_series(records: Sequence[RequestRecord], max_lines: int = 6) -> Series:
     newest = (records[-1].data or {}).get("partitions") or [] if records else []
     mounts = [str(p.get("mountpoint")) for p in sorted(newest, key=lambda p: -(_number(p.get("percent")) or 0))
               if isinstance(p, dict)][:max_lines]
-    lines: Dict[str, List[Optional[float]]] = {m: [] for m in mounts}
+    lines: dict[str, list[float | None]] = {m: [] for m in mounts}
     for r in records:
         by_mount = {str(p.get("mountpoint")): _number(p.get("percent"))
                     for p in (r.data or {}).get("partitions") or [] if isinstance(p, dict)}
@@ -264,13 +265,13 @@ def disk_series(records: Sequence[RequestRecord], max_lines: int = 6) -> Series:
 def network_series(records: Sequence[RequestRecord]) -> Series:
     """Bytes per second received and sent, all interfaces but loopback, from the counters' deltas
     between consecutive answers (a counter that went backwards, as after a reboot, leaves a gap)."""
-    def totals(rec: RequestRecord) -> Tuple[float, float]:
+    def totals(rec: RequestRecord) -> tuple[float, float]:
         nics = [n for n in (rec.data or {}).get("interfaces") or [] if isinstance(n, dict) and n.get("name") != "lo"]
         return (sum(_number(n.get("bytes_recv")) or 0 for n in nics), sum(_number(n.get("bytes_sent")) or 0
                                                                            for n in nics))
 
     out = Series(lines={"received B/s": [], "sent B/s": []})
-    prev: Optional[Tuple[float, Tuple[float, float]]] = None
+    prev: tuple[float, tuple[float, float]] | None = None
     for rec in records:
         at, now = answer_time(rec), totals(rec)
         if prev is not None and at > prev[0]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-from typing import Optional, Protocol
+from typing import Protocol
 
 from flask import request, session
 
@@ -27,7 +27,7 @@ class Operators(Protocol):
     def may_ask(self) -> bool:
         """An operator, and the request carries proof it came from our page (or a bearer token)."""
 
-    def csrf(self) -> Optional[str]: ...
+    def csrf(self) -> str | None: ...
 
 
 class Disabled:
@@ -42,7 +42,7 @@ class Disabled:
     def may_ask(self) -> bool:
         return False
 
-    def csrf(self) -> Optional[str]:
+    def csrf(self) -> str | None:
         return None
 
 
@@ -76,7 +76,7 @@ class TokenOperators:
         sent = request.headers.get("X-CSRF-Token", "")
         return bool(session.get("operator")) and bool(sent) and hmac.compare_digest(sent, session.get("csrf", ""))
 
-    def csrf(self) -> Optional[str]:
+    def csrf(self) -> str | None:
         return session.get("csrf") if session.get("operator") else None
 
 

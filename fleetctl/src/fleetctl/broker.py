@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, List, Optional
+from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -28,7 +28,7 @@ class BrokerError(FleetError):
     pass
 
 
-def find_mosquitto() -> Optional[str]:
+def find_mosquitto() -> str | None:
     found = shutil.which("mosquitto")
     for candidate in (found, "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto"):
         if candidate and os.access(candidate, os.X_OK):
@@ -54,7 +54,7 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
 WANTED_INFLIGHT = 1000
 
 
-def receive_maximum(cfg: MqttConfig, timeout_s: float = 3.0) -> Optional[int]:
+def receive_maximum(cfg: MqttConfig, timeout_s: float = 3.0) -> int | None:
     """The Receive Maximum a running broker announces in its CONNACK (Mosquitto: its
     max_inflight_messages, 20 unless configured); 65535 if it announces none (no limit), None if
     it could not be asked."""
@@ -64,7 +64,7 @@ def receive_maximum(cfg: MqttConfig, timeout_s: float = 3.0) -> Optional[int]:
         client.username_pw_set(cfg.username, cfg.password)
     if cfg.tls.enabled:
         client.tls_set(ca_certs=cfg.tls.ca_file, certfile=cfg.tls.cert_file, keyfile=cfg.tls.key_file)
-    got: List[int] = []
+    got: list[int] = []
     done = threading.Event()
 
     def on_connect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -86,7 +86,7 @@ def receive_maximum(cfg: MqttConfig, timeout_s: float = 3.0) -> Optional[int]:
     return got[0] if got else None
 
 
-def stock_limits_warning(cfg: MqttConfig) -> Optional[str]:
+def stock_limits_warning(cfg: MqttConfig) -> str | None:
     """One line if the broker at cfg's address keeps Mosquitto's default limits, else None."""
     found = receive_maximum(cfg)
     if found is None or found >= WANTED_INFLIGHT:
@@ -112,9 +112,9 @@ def render_config(template: Path, port: int, data_dir: Path, bind: str = "127.0.
 class EmbeddedBroker:
     """A Mosquitto process on `port` with data under `data_dir`; a context manager."""
 
-    def __init__(self, template: Path, port: int, data_dir: Path, log: Optional[IO[bytes]] = None) -> None:
+    def __init__(self, template: Path, port: int, data_dir: Path, log: IO[bytes] | None = None) -> None:
         self.template, self.port, self.data_dir, self.log = template, port, Path(data_dir), log
-        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self.conf_path = self.data_dir / "mosquitto.conf"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedBroker:

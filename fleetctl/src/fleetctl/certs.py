@@ -16,9 +16,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence
 
 from fleet_common.errors import FleetError
 from fleet_common.topics import check_agent_id
@@ -36,8 +36,8 @@ class CertError(FleetError):
 @dataclass
 class MadeCerts:
     directory: Path
-    created: List[Path] = field(default_factory=list)
-    kept: List[Path] = field(default_factory=list)
+    created: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
 
     @property
     def ca_file(self) -> Path:

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 from importlib import metadata
-from typing import Callable, List, Optional
+from typing import Callable
 
 from fleet_common import compat
 from fleet_common.ask import ask
@@ -28,7 +28,7 @@ Command = Callable[[Config, argparse.Namespace], int]
 INSTALL_DASHBOARD = "install it with 'pip install ./dashboard' (or 'make run', which installs every part)"
 
 
-def installed_command(name: str) -> Optional[Command]:
+def installed_command(name: str) -> Command | None:
     """The command `name` an installed distribution declares in the `fleetctl.commands` entry
     points, or None if none does; ImportError if it is declared but cannot be imported."""
     for found in metadata.entry_points(group=COMMANDS, name=name):
@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = load(args, "fleetctl")
     compat.apply()

@@ -27,10 +27,11 @@ import secrets
 import signal
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any
 
 import yaml
 
@@ -50,7 +51,7 @@ DEFAULT_TLS_PORT = 8883
 # The broker's own figures on messages it dropped (fleet_common.brokerwatch): topics of their own,
 # not under the prefix.
 SYS_READ = tuple(("read", topic) for topic in BROKER_TOPICS)
-ROLE_RULES: Dict[str, Tuple[Tuple[str, str], ...]] = {
+ROLE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     # schedules requests; learns the fleet from the retained statuses
     "controller": (("write", f"+/{REQ}/#"), ("read", f"+/{STATUS}"), *SYS_READ),
     # stores everything; reads plainly or through $share/<secret group>/..., which these rules cover
@@ -85,8 +86,8 @@ class BrokerFiles:
     acl: Path
 
     @classmethod
-    def under(cls, root: str | Path, passwd: Optional[str | Path] = None,
-              acl: Optional[str | Path] = None) -> BrokerFiles:
+    def under(cls, root: str | Path, passwd: str | Path | None = None,
+              acl: str | Path | None = None) -> BrokerFiles:
         base = Path(root)
         return cls(base, Path(passwd) if passwd else base / "passwd", Path(acl) if acl else base / "acl")
 
@@ -105,7 +106,7 @@ class BrokerFiles:
 
 # ----------------------------------------------------------------------------- passwords
 
-def hash_password(password: str, salt: Optional[bytes] = None, iterations: int = PBKDF2_ITERATIONS) -> str:
+def hash_password(password: str, salt: bytes | None = None, iterations: int = PBKDF2_ITERATIONS) -> str:
     """The `$7$` PBKDF2-SHA512 hash that mosquitto_passwd 2.0 writes and Mosquitto 2.0 checks."""
     salt = salt if salt is not None else secrets.token_bytes(SALT_BYTES)
     digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, iterations)
@@ -124,8 +125,8 @@ def new_password() -> str:
     return secrets.token_urlsafe(24)  # 192 bits; URL-safe, so it survives YAML and shell quoting
 
 
-def read_passwd(path: Path) -> Dict[str, str]:
-    users: Dict[str, str] = {}
+def read_passwd(path: Path) -> dict[str, str]:
+    users: dict[str, str] = {}
     if not path.exists():
         return users
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -162,7 +163,7 @@ def write_passwd(path: Path, users: Mapping[str, str]) -> None:
 
 # ----------------------------------------------------------------------------- roles and ACL
 
-def read_roles(files: BrokerFiles) -> Dict[str, str]:
+def read_roles(files: BrokerFiles) -> dict[str, str]:
     if not files.roles.exists():
         return {}
     loaded = yaml.safe_load(files.roles.read_text(encoding="utf-8")) or {}
@@ -325,7 +326,7 @@ def remove_user(files: BrokerFiles, name: str, prefix: str) -> None:
         write_acl(files, prefix)
 
 
-def list_users(files: BrokerFiles) -> List[Tuple[str, str]]:
+def list_users(files: BrokerFiles) -> list[tuple[str, str]]:
     """(name, role) for every user; agents have the role 'agent'."""
     roles = read_roles(files)
     return [(name, roles.get(name, "agent")) for name in sorted(read_passwd(files.passwd))]
@@ -340,18 +341,18 @@ class BrokerAddress:
     host: str
     port: int
     prefix: str
-    ca_file: Optional[str]  # None: plain MQTT (the localhost listener)
+    ca_file: str | None  # None: plain MQTT (the localhost listener)
 
 
 def client_config(name: str, role: str, password: str, broker: BrokerAddress,
-                  share_group: Optional[str] = None) -> Dict[str, Any]:
+                  share_group: str | None = None) -> dict[str, Any]:
     """The config file of a new user: its mqtt section and, per role, its own id (and for a
     persister the deployment's share group, so more persisters split the load)."""
-    mqtt: Dict[str, Any] = {"host": broker.host, "port": broker.port, "topic_prefix": broker.prefix,
+    mqtt: dict[str, Any] = {"host": broker.host, "port": broker.port, "topic_prefix": broker.prefix,
                             "username": name, "password": password}
     if broker.ca_file is not None:
         mqtt["tls"] = {"enabled": True, "ca_file": broker.ca_file}
-    data: Dict[str, Any] = {"mqtt": mqtt}
+    data: dict[str, Any] = {"mqtt": mqtt}
     if role == "agent":
         data["agent"] = {"id": name}
     elif role in ("controller", "persister"):
@@ -361,7 +362,7 @@ def client_config(name: str, role: str, password: str, broker: BrokerAddress,
     return data
 
 
-def emit_config(data: Dict[str, Any], out: Optional[Path]) -> str:
+def emit_config(data: dict[str, Any], out: Path | None) -> str:
     """Write the config to `out` (a new file, mode 0600) or return it as text to print."""
     name = data["mqtt"]["username"]
     text = (f"# fleet config for {name!r}. It holds the password, which is shown only once:\n"
@@ -392,7 +393,7 @@ def _is_mosquitto(pid: int) -> bool:
         return False
 
 
-def reload_broker(pid: Optional[int], pid_file: Path) -> str:
+def reload_broker(pid: int | None, pid_file: Path) -> str:
     """Send SIGHUP so Mosquitto rereads its password and ACL files; return what happened."""
     source = "--broker-pid"
     if pid is None:
@@ -421,7 +422,7 @@ def reload_broker(pid: Optional[int], pid_file: Path) -> str:
 # ----------------------------------------------------------------------------- test/embedded config
 
 def render_prod_config(template: Path, files: BrokerFiles, data_dir: Path, tls_port: int,
-                       plain_port: Optional[int], pid_file: Path) -> str:
+                       plain_port: int | None, pid_file: Path) -> str:
     """prod.conf for a broker of our own (the tests): our two ports on 127.0.0.1, our files,
     and, as root, `user root` (see broker.render_config) so Mosquitto can read a private folder."""
     text = render_config(template, tls_port, data_dir)  # first listener, persistence, user root
@@ -516,7 +517,7 @@ def _address(args: argparse.Namespace, cfg: Config, prefix: str) -> BrokerAddres
     return BrokerAddress(args.broker_host or cfg.mqtt.host, args.broker_port or DEFAULT_TLS_PORT, prefix, ca_file)
 
 
-def run_provision(args: argparse.Namespace, cfg: Config) -> Optional[int]:
+def run_provision(args: argparse.Namespace, cfg: Config) -> int | None:
     """Run a provisioning command; None if `args.command` is not one."""
     if args.command not in PROVISION_COMMANDS:
         return None

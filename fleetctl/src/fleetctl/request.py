@@ -4,14 +4,14 @@ answer is fleet_common.ask, which the dashboard's "ask now" uses too."""
 from __future__ import annotations
 
 import json
-from typing import Any, Dict
+from typing import Any
 
 from fleet_common.errors import FleetError
 
 
-def parse_params(pairs: list[str]) -> Dict[str, Any]:
+def parse_params(pairs: list[str]) -> dict[str, Any]:
     """key=value pairs; values are JSON when they parse as JSON (limit=5 -> 5), else strings."""
-    params: Dict[str, Any] = {}
+    params: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Callable, List, Optional
+from typing import IO, Callable
 
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
@@ -27,7 +27,7 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 READY_TIMEOUT_S = 30.0  # a persister on MongoDB waits for its server; past this the agent starts anyway
 
 
-def find_broker_template(explicit: Optional[str]) -> Path:
+def find_broker_template(explicit: str | None) -> Path:
     candidates = [Path(explicit)] if explicit else [
         Path.cwd() / "broker_config" / "dev.conf",
         Path(__file__).resolve().parents[3] / "broker_config" / "dev.conf",
@@ -42,7 +42,7 @@ def find_broker_template(explicit: Optional[str]) -> Path:
 class Child:
     """One service process whose output is echoed line by line with its name in front."""
 
-    def __init__(self, name: str, argv: List[str], out: IO[str], watch: Optional[Callable[[str], None]] = None):
+    def __init__(self, name: str, argv: list[str], out: IO[str], watch: Callable[[str], None] | None = None):
         self.name = name
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      bufsize=1, start_new_session=True)
@@ -74,12 +74,12 @@ class Child:
         self._thread.join(2)
 
 
-def run_stack(cfg: Config, config_path: Optional[str], stop: threading.Event, *,
-              broker_config: Optional[str] = None, data_dir: str = "data",
-              extra_args: Optional[List[str]] = None, summary_every_s: float = 3.0,
+def run_stack(cfg: Config, config_path: str | None, stop: threading.Event, *,
+              broker_config: str | None = None, data_dir: str = "data",
+              extra_args: list[str] | None = None, summary_every_s: float = 3.0,
               out: IO[str] = sys.stdout) -> int:
-    broker: Optional[EmbeddedBroker] = None
-    children: List[Child] = []
+    broker: EmbeddedBroker | None = None
+    children: list[Child] = []
     host, port = cfg.mqtt.host, cfg.mqtt.port
 
     def say(text: str) -> None:

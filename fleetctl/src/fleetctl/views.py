@@ -6,8 +6,9 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, TextIO
 
 from fleet_common import health
 from fleet_common.brokerwatch import ADVICE
@@ -22,11 +23,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells)
 
 
-def fmt_ms(ms: Optional[float]) -> str:
+def fmt_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
 
 
-def status_rows(cfg: Config, since_s: float) -> List[Dict[str, Any]]:
+def status_rows(cfg: Config, since_s: float) -> list[dict[str, Any]]:
     store = open_store(cfg.persister)
     try:
         stats = store.agent_stats(time.time() - since_s)
@@ -45,7 +46,7 @@ def status_rows(cfg: Config, since_s: float) -> List[Dict[str, Any]]:
         store.close()
 
 
-def render_status(rows: List[Dict[str, Any]], as_json: bool) -> str:
+def render_status(rows: list[dict[str, Any]], as_json: bool) -> str:
     if as_json:
         return json.dumps(rows, indent=2)
     if not rows:
@@ -58,10 +59,10 @@ def render_status(rows: List[Dict[str, Any]], as_json: bool) -> str:
             + f"\n\n{online} of {len(rows)} agents online")
 
 
-def broker_warnings(cfg: Config) -> List[str]:
+def broker_warnings(cfg: Config) -> list[str]:
     """A line if the broker has dropped messages, as a running persister or controller on this
     machine last saw in the broker's $SYS tree (their heartbeat files); nothing otherwise."""
-    seen: List[Tuple[int, str]] = []
+    seen: list[tuple[int, str]] = []
     for service, path in (("fleet-persister", cfg.persister.heartbeat.path),
                           ("fleet-controller", cfg.controller.heartbeat.path)):
         code, why = health.check(path)
@@ -89,7 +90,7 @@ def status_frame(cfg: Config, since_s: float, as_json: bool) -> str:
     return render_status(rows, False)
 
 
-def watch(frame: Callable[[], str], interval_s: float, stop: threading.Event, out: Optional[TextIO] = None) -> None:
+def watch(frame: Callable[[], str], interval_s: float, stop: threading.Event, out: TextIO | None = None) -> None:
     """Print frame() every interval_s until `stop` is set. On a terminal the frame is redrawn in
     place (cursor home, each line cleared to its end, the rest of the screen cleared), so it
     does not flicker or scroll; otherwise (a pipe, a file) frames follow one another."""
@@ -111,7 +112,7 @@ def watch(frame: Callable[[], str], interval_s: float, stop: threading.Event, ou
             return
 
 
-def summarise(type_: str, data: Optional[Dict[str, Any]]) -> str:
+def summarise(type_: str, data: dict[str, Any] | None) -> str:
     """One short human line for a stored answer."""
     if not isinstance(data, dict):
         return ""
@@ -137,7 +138,7 @@ def summarise(type_: str, data: Optional[Dict[str, Any]]) -> str:
     return json.dumps(data)[:80]
 
 
-def render_history(records: List[Any], as_json: bool) -> str:
+def render_history(records: list[Any], as_json: bool) -> str:
     if as_json:
         return json.dumps([r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for r in records], indent=2)
     if not records:

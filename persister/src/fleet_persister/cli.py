@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import List, Optional
 
 from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main, stop_event
@@ -18,7 +17,7 @@ from .persister import Persister
 PROG = "fleet-persister"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = base_parser(PROG, "Validate and store every request, response and status; "
                                "acknowledge each message only after it is committed.")
     add_check_argument(parser)

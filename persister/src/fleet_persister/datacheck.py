@@ -11,7 +11,7 @@ tests/test_datatypes.py holds the two together on generated data.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Tuple
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import msgspec
 
@@ -26,10 +26,10 @@ def msgspec_type(shape: Shape, name: str = "Data") -> Any:
     t: Any
     if isinstance(shape, Obj):
         if shape.values is not None:
-            t = Dict[str, msgspec_type(shape.values, name)]  # type: ignore[misc]
+            t = dict[str, msgspec_type(shape.values, name)]  # type: ignore[misc]
         else:
-            required: List[Tuple[str, Any]] = []
-            optional: List[Tuple[str, Any, Any]] = []
+            required: list[tuple[str, Any]] = []
+            optional: list[tuple[str, Any, Any]] = []
             for key, f in shape.fields.items():
                 inner = msgspec_type(f.shape, f"{name}_{key}")
                 if f.required:
@@ -39,7 +39,7 @@ def msgspec_type(shape: Shape, name: str = "Data") -> Any:
             # gc=False: the objects are dropped at once and hold no cycles; a fifth quicker
             t = msgspec.defstruct(name, [*required, *optional], forbid_unknown_fields=False, gc=False)
     elif isinstance(shape, Arr):
-        t = List[msgspec_type(shape.items, name)]  # type: ignore[misc]
+        t = list[msgspec_type(shape.items, name)]  # type: ignore[misc]
         if shape.max_items is not None:
             t = _meta(t, max_length=shape.max_items)
     elif isinstance(shape, Num):
@@ -60,14 +60,14 @@ def _meta(t: Any, **bounds: Any) -> Any:
     return Annotated[t, msgspec.Meta(**given)] if given else t
 
 
-Checker = Callable[[Dict[str, Any], int], None]
+Checker = Callable[[dict[str, Any], int], None]
 
 
 def _checker(datatype: DataType) -> Checker:
     target = msgspec_type(datatype.data, f"{datatype.name}_data")
     convert, invalid, limit = msgspec.convert, msgspec.ValidationError, datatype.max_payload_bytes
 
-    def check(data: Dict[str, Any], payload_bytes: int) -> None:
+    def check(data: dict[str, Any], payload_bytes: int) -> None:
         if payload_bytes > limit:
             datatype.check_data(data, payload_bytes)  # says so
         try:
@@ -80,10 +80,10 @@ def _checker(datatype: DataType) -> Checker:
     return check
 
 
-CHECKERS: Dict[str, Checker] = {name: _checker(t) for name, t in BUILTIN.items()}
+CHECKERS: dict[str, Checker] = {name: _checker(t) for name, t in BUILTIN.items()}
 
 
-def check_data(type_: str, data: Dict[str, Any], payload_bytes: int) -> None:
+def check_data(type_: str, data: dict[str, Any], payload_bytes: int) -> None:
     """ContractError("bad_data", ...) if `data` is not what built-in type `type_` answers with;
     nothing to check for types beyond the built-ins."""
     checker = CHECKERS.get(type_)

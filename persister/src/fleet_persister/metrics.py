@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,7 +26,7 @@ class MeasuredStore:
     """A StoreWriter that counts what was committed; the counts move only after a write succeeds,
     so a batch retried after a failure is counted once."""
 
-    def __init__(self, inner: StoreWriter, registry: Optional[CollectorRegistry] = None) -> None:
+    def __init__(self, inner: StoreWriter, registry: CollectorRegistry | None = None) -> None:
         self.inner = inner
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self.batch_size = Histogram("fleet_persister_batch_size", "Messages per committed batch",
@@ -33,11 +34,11 @@ class MeasuredStore:
         self.commit_seconds = Histogram("fleet_persister_commit_seconds",
                                         "Time to write one batch to the store (successful attempts)",
                                         buckets=COMMIT_BUCKETS, registry=self.registry)
-        self.requests: Dict[str, int] = {}
-        self.answers: Dict[Tuple[str, str], int] = {}
+        self.requests: dict[str, int] = {}
+        self.answers: dict[tuple[str, str], int] = {}
         self.failing = False
 
-    def write(self, batch: Batch) -> List[RejectedRecord]:
+    def write(self, batch: Batch) -> list[RejectedRecord]:
         started = time.perf_counter()
         try:
             turned_away = self.inner.write(batch)
@@ -67,7 +68,7 @@ class MeasuredStore:
         self.inner.close()
 
 
-def snapshot(persister: Persister) -> Dict[str, Any]:
+def snapshot(persister: Persister) -> dict[str, Any]:
     """The persister's counters, for the heartbeat and the metrics."""
     c = persister.counters
     out = {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}
@@ -80,7 +81,7 @@ def snapshot(persister: Persister) -> Dict[str, Any]:
     return out
 
 
-def problems(persister: Persister, store: MeasuredStore) -> List[str]:
+def problems(persister: Persister, store: MeasuredStore) -> list[str]:
     found = []
     if not persister.link.connected.is_set():
         found.append(f"not connected to the broker at {persister.link.where}")

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, Union
 
 import orjson
 
@@ -65,7 +65,7 @@ class Ignored:
 
 Item = Union[Incoming[Request], Incoming[Response], Incoming[Status], RejectedRecord, Ignored]
 # topic, payload, retained, when it was received (epoch s)
-Raw = Tuple[str, bytes, bool, float]
+Raw = tuple[str, bytes, bool, float]
 
 
 def rejected_record(topic: str, payload: bytes, reason: str, received_s: float, detail: str = "") -> RejectedRecord:
@@ -123,7 +123,7 @@ _KINDS = (Request, Response, Status)
 _RESPONSE = _KINDS.index(Response)
 _FIELDS = tuple(tuple(f.name for f in dataclasses.fields(k)) for k in _KINDS)
 _DATA = _FIELDS[_RESPONSE].index("data")
-Packed = Tuple[Any, ...]
+Packed = tuple[Any, ...]
 
 
 def pack(item: Item) -> Packed:
@@ -158,7 +158,7 @@ def unpack(packed: Packed, encode: bool, raw: Raw) -> Item:
     return Incoming(message, packed[1], packed[2], packed[3], raw[:2])
 
 
-def parse_chunk(topics: Topics, encode: bool, chunk: List[Raw]) -> List[Packed]:
+def parse_chunk(topics: Topics, encode: bool, chunk: list[Raw]) -> list[Packed]:
     """What a worker does with one hand-over."""
     return [pack(parse_message(topics, *raw, encode=encode)) for raw in chunk]
 
@@ -187,10 +187,10 @@ class ParseStage:
                  capacity: int) -> None:
         self.topics, self.workers, self.encode, self.deliver = topics, workers, encode, deliver
         self.capacity = max(1, capacity)
-        self._in: queue.Queue[Tuple[Raw, Any]] = queue.Queue()  # bounded by capacity, below
-        self._handed: queue.Queue[Optional[Tuple[Optional[Future[List[Packed]]], ProcessPoolExecutor,
-                                                 List[Raw], List[Any]]]] = \
-            queue.Queue(maxsize=workers * IN_FLIGHT_PER_WORKER)
+        self._in: queue.Queue[tuple[Raw, Any]] = queue.Queue()  # bounded by capacity, below
+        self._handed: queue.Queue[
+            tuple[Future[list[Packed]] | None, ProcessPoolExecutor, list[Raw], list[Any]] | None
+        ] = queue.Queue(maxsize=workers * IN_FLIGHT_PER_WORKER)
         self._pool_lock = threading.Lock()
         self._pool = self._new_pool()
         self._stopping = threading.Event()
@@ -239,7 +239,7 @@ class ParseStage:
         return done
 
     # hand-over thread
-    def _take(self) -> List[Tuple[Raw, Any]]:
+    def _take(self) -> list[tuple[Raw, Any]]:
         try:
             first = self._in.get(timeout=0.1)
         except queue.Empty:
@@ -263,7 +263,7 @@ class ParseStage:
                 continue
             raws = [t[0] for t in taken]
             pool = self._pool
-            future: Optional[Future[List[Packed]]]
+            future: Future[list[Packed]] | None
             try:
                 future = pool.submit(parse_chunk, self.topics, self.encode, raws)
             except Exception:  # the pool broke: pass-on parses this chunk itself and replaces the pool
@@ -278,7 +278,7 @@ class ParseStage:
             if handed is None:
                 return
             future, pool, raws, metas = handed
-            items: Optional[List[Item]] = None
+            items: list[Item] | None = None
             if future is not None:
                 try:
                     items = [unpack(p, self.encode, raw) for p, raw in zip(future.result(), raws)]
@@ -297,7 +297,7 @@ class ParseStage:
                 self._busy -= len(raws)
                 self._room.notify()
 
-    def _replace(self, broken: ProcessPoolExecutor, exc: Optional[BaseException]) -> None:
+    def _replace(self, broken: ProcessPoolExecutor, exc: BaseException | None) -> None:
         with self._pool_lock:
             if self._pool is not broken or self._stopping.is_set():
                 return

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -60,8 +60,8 @@ class Counters:
     ignored: int = 0
     expired: int = 0
     purged: int = 0
-    last_commit_ms: Optional[float] = None
-    last_commit_at: Optional[str] = None
+    last_commit_ms: float | None = None
+    last_commit_at: str | None = None
 
 
 def client_id(cfg: Config) -> str:
@@ -84,7 +84,7 @@ def parse_workers(pcfg: PersisterConfig) -> int:
     return max(0, min(4, usable_cores() - 1))
 
 
-def _batch_of(items: List[Any]) -> Batch:
+def _batch_of(items: list[Any]) -> Batch:
     """Stored items (parsed messages and dead letters) sorted into a Batch, in arrival order."""
     batch = Batch()
     for it in items:
@@ -132,7 +132,7 @@ class Persister:
         self.link.client.on_message = self._on_message
         self.link.client.on_subscribe = self._on_subscribe
         self.link.client.on_unsubscribe = self._on_unsubscribe
-        self._unsubscribing: Tuple[Optional[int], List[str]] = (None, [])  # (mid, filters) of the last UNSUBSCRIBE
+        self._unsubscribing: tuple[int | None, list[str]] = (None, [])  # (mid, filters) of the last UNSUBSCRIBE
         self._generation = 0
         self._accepting = threading.Event()
         self._accepting.set()
@@ -142,7 +142,7 @@ class Persister:
         self._sweep_failing = False
         self.workers = parse_workers(self.pcfg)
         self.encode = self.pcfg.store in ENCODES_JSON  # data as the JSON text the store keeps
-        self.stage: Optional[ParseStage] = None
+        self.stage: ParseStage | None = None
 
     # network thread
     def _subscribe(self, client: mqtt.Client, session_present: bool) -> None:
@@ -161,7 +161,7 @@ class Persister:
             stale = [f for f in self._data_filters_in_any_form() if f not in wanted]
             self._unsubscribing = (client.unsubscribe(stale)[1], stale)
 
-    def _data_filters(self) -> List[str]:
+    def _data_filters(self) -> list[str]:
         """Requests and responses: plain by default (every message reaches this persister), or in
         the configured share group so several split the load. The group is a secret: Mosquitto 2.0
         lets anyone join a group and drops what it hands a member that may not read it."""
@@ -171,7 +171,7 @@ class Persister:
         assert self.pcfg.share_group is not None  # load_config requires it
         return [Topics.shared(f, self.pcfg.share_group) for f in plain]
 
-    def _data_filters_in_any_form(self) -> List[str]:
+    def _data_filters_in_any_form(self) -> list[str]:
         """Every form of them this session can have had that can be named: plain, the fixed group of
         earlier versions, and the configured group (a group since changed cannot be named)."""
         plain = [self.topics.all_requests(), self.topics.all_responses()]
@@ -239,7 +239,7 @@ class Persister:
             log.debug("rejected message on %s: %s", item.topic, reason)
         self.counters.rejected[reason] += 1
 
-    def _deliver(self, item: Item, meta: Tuple[int, int, int], timeout: Optional[float] = None) -> None:
+    def _deliver(self, item: Item, meta: tuple[int, int, int], timeout: float | None = None) -> None:
         """Queue for the writer; with no timeout, wait as long as the writer runs."""
         received = Received(item, *meta)
         while True:
@@ -250,7 +250,7 @@ class Persister:
                 if timeout is not None or self._writer_done.is_set():
                     raise
 
-    def _passed_on(self, item: Item, meta: Tuple[int, int, int]) -> None:
+    def _passed_on(self, item: Item, meta: tuple[int, int, int]) -> None:
         self._count(item)
         try:
             self._deliver(item, meta)
@@ -301,7 +301,7 @@ class Persister:
             self._writer_done.set()
 
     def _write_until_stopped(self, stop: threading.Event) -> None:
-        deadline: Optional[float] = None
+        deadline: float | None = None
         while True:
             if stop.is_set() and deadline is None:
                 deadline = time.monotonic() + SHUTDOWN_GRACE_S
@@ -316,7 +316,7 @@ class Persister:
     def _stage_idle(self) -> bool:
         return self.stage is None or self.stage.idle()
 
-    def _take(self, stop: threading.Event) -> List[Received]:
+    def _take(self, stop: threading.Event) -> list[Received]:
         """Up to batch_size messages: wait for the first, then at most batch_wait_s for more."""
         try:
             waiting = 0.05 if self.stage is not None else 0.0  # stopping: for what the parse stage holds
@@ -340,7 +340,7 @@ class Persister:
                 pass
         return taken
 
-    def _commit(self, taken: List[Received], deadline: Optional[float]) -> bool:
+    def _commit(self, taken: list[Received], deadline: float | None) -> bool:
         """Write until it succeeds (nothing is acked before), then ack; False if shutdown gave up."""
         items = [r.item for r in taken if not isinstance(r.item, Ignored)]
         ignored = len(taken) - len(items)
@@ -376,7 +376,7 @@ class Persister:
         log.debug("committed a batch of %d in %.1f ms", len(taken), c.last_commit_ms)
         return True
 
-    def _write(self, batch: Batch) -> List[RejectedRecord]:
+    def _write(self, batch: Batch) -> list[RejectedRecord]:
         """Write `batch`, returning the dead letters made of it. A batch the store refuses for a
         value it cannot hold (StoreWriter.refuses: a retry cannot help) is split until the messages at
         fault are found; each becomes a dead letter (store_refused, with the store's error) and the
@@ -386,7 +386,7 @@ class Persister:
         except Exception as exc:
             if not self.store.refuses(exc):
                 raise
-            items: List[Any] = [*batch.requests, *batch.responses, *batch.statuses, *batch.rejected]
+            items: list[Any] = [*batch.requests, *batch.responses, *batch.statuses, *batch.rejected]
             if len(items) > 1:
                 half = len(items) // 2
                 return self._write(_batch_of(items[:half])) + self._write(_batch_of(items[half:]))
@@ -396,7 +396,7 @@ class Persister:
             self.store.write(Batch(rejected=[letter]))
             return [letter]
 
-    def _ack(self, taken: List[Received]) -> None:
+    def _ack(self, taken: list[Received]) -> None:
         client = self.link.client
         for r in taken:
             # paho drops packets queued while disconnected, so acking then is harmless

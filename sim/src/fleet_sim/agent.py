@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -40,7 +40,7 @@ class SimAgent:
         self.status_topic = topics.status(agent_id)
         self.connected = False
         self.was_online = False
-        self.pending: Optional[asyncio.Future[bool]] = None
+        self.pending: asyncio.Future[bool] | None = None
         cfg = fleet.mqtt
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=agent_id, protocol=mqtt.MQTTv5,
                         userdata=self, reconnect_on_failure=False)

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import signal
 import sys
-from typing import List, Optional
 
 from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main
@@ -56,7 +55,7 @@ async def serve(fleet_args: argparse.Namespace, mqtt_cfg: object) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load(args, PROG)
     compat.apply()

@@ -12,7 +12,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from fleet_common.config import MqttConfig
 from fleet_common.errors import FleetError
@@ -35,7 +35,7 @@ class SimError(FleetError):
 class SimSettings:
     agents: int = 10
     id_prefix: str = "sim"
-    types: Tuple[str, ...] = tuple(TYPES)
+    types: tuple[str, ...] = tuple(TYPES)
     processes: int = DEFAULT_PROCESSES
     session_expiry_s: int = 0
     keepalive_s: int = 60
@@ -44,9 +44,9 @@ class SimSettings:
     reconnect_max_s: float = 10.0
     stop_grace_s: float = 15.0
     stats_every_s: float = 10.0
-    stats_file: Optional[str] = None
+    stats_file: str | None = None
 
-    def agent_ids(self) -> List[str]:
+    def agent_ids(self) -> list[str]:
         width = len(str(self.agents))
         return [check_agent_id(f"{self.id_prefix}-{i:0{width}d}") for i in range(1, self.agents + 1)]
 
@@ -62,10 +62,10 @@ class SimStats:
     ok: int = 0
     dropped: int = 0
     bytes_out: int = 0
-    all_connected_after_s: Optional[float] = None
+    all_connected_after_s: float | None = None
     started_at: float = field(default_factory=time.time)
 
-    def as_dict(self) -> Dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -95,9 +95,9 @@ class Fleet:
         self.stats = SimStats(agents=settings.agents)
         self.loop = asyncio.get_running_loop()
         self.glue = LoopGlue(self.loop)
-        self.agents: List[SimAgent] = []
+        self.agents: list[SimAgent] = []
         self.running = False
-        self._retry: Dict[str, int] = {}
+        self._retry: dict[str, int] = {}
 
     async def run(self, stop: asyncio.Event) -> SimStats:
         raise_fd_limit(self.settings.agents + FDS_PER_PROCESS)

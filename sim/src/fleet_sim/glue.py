@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Set
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -42,7 +42,7 @@ MISC_SLICES = 10  # loop_misc visits every client once per MISC_SLICES * misc_st
 class LoopGlue:
     def __init__(self, loop: asyncio.AbstractEventLoop, misc_step_s: float = 0.5) -> None:
         self.loop, self.misc_step_s = loop, misc_step_s
-        self.clients: Set[mqtt.Client] = set()
+        self.clients: set[mqtt.Client] = set()
 
     def attach(self, client: mqtt.Client) -> None:
         client.on_socket_open = self._open

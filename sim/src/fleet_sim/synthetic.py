@@ -15,7 +15,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable
 
 from fleet_common.datatypes import BUILTIN
 from fleet_common.errors import ContractError
@@ -51,7 +51,7 @@ class ProcessRow:
     tail: str  # ',"create_time":..,"num_threads":..}'
 
 
-def _process_table(seed: int, count: int) -> Tuple[ProcessRow, ...]:
+def _process_table(seed: int, count: int) -> tuple[ProcessRow, ...]:
     rng = random.Random(seed)
     boot = 1_790_000_000 + rng.randrange(0, 5_000_000)
     rows = []
@@ -68,10 +68,10 @@ def _process_table(seed: int, count: int) -> Tuple[ProcessRow, ...]:
     return tuple(rows)
 
 
-_TABLES: Dict[Tuple[int, int], Tuple[ProcessRow, ...]] = {}
+_TABLES: dict[tuple[int, int], tuple[ProcessRow, ...]] = {}
 
 
-def process_table(profile: int, count: int) -> Tuple[ProcessRow, ...]:
+def process_table(profile: int, count: int) -> tuple[ProcessRow, ...]:
     """One of PROFILES shared process tables (10,000 hosts need not hold 10,000 tables)."""
     key = (profile, count)
     table = _TABLES.get(key)
@@ -217,7 +217,7 @@ def _processes(host: Host, params: JsonObject) -> bytes:
     k = host.calls
     cpus, rsss = _CPU_VALUES, _RSS_VALUES
     picked = [(row, cpus[(i * 7 + k) % len(cpus)], rsss[(i * 13 + k) % len(rsss)]) for i, row in enumerate(table)]
-    key: Callable[[Tuple[ProcessRow, str, str]], Any] = {
+    key: Callable[[tuple[ProcessRow, str, str]], Any] = {
         "cpu_percent": lambda p: -float(p[1]), "rss": lambda p: -int(p[2]),
         "create_time": lambda p: -p[0].create_time, "pid": lambda p: p[0].pid, "name": lambda p: p[0].name,
     }[sort_by]
@@ -226,8 +226,8 @@ def _processes(host: Host, params: JsonObject) -> bytes:
     return (f'{{"processes":[{body}],"total":{len(table)},"sort_by":"{sort_by}","limit":{limit}}}').encode()
 
 
-READINGS: Dict[str, Callable[[Host, JsonObject], bytes]] = {
+READINGS: dict[str, Callable[[Host, JsonObject], bytes]] = {
     "cpu": _cpu, "disk": _disk, "memory": _memory, "network": _network, "os_info": _os_info, "ping": _ping,
     "processes": _processes,
 }
-TYPES: List[str] = sorted(READINGS)
+TYPES: list[str] = sorted(READINGS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Dict, Optional
+from typing import Callable
 
 from fleet_common.backoff import Backoff
 from fleet_common.config import PersisterConfig
@@ -46,7 +46,7 @@ def _mongodb(cfg: PersisterConfig) -> Store:
     return MongoStore.from_uri(cfg.mongodb_uri, cfg.retention_s, cfg.mongodb_database)
 
 
-STORES: Dict[str, Callable[[PersisterConfig], Store]] = {"sqlite": _sqlite, "mongodb": _mongodb}
+STORES: dict[str, Callable[[PersisterConfig], Store]] = {"sqlite": _sqlite, "mongodb": _mongodb}
 # Stores that keep JSON as text, and so take a response's data already encoded (EncodedJSON).
 ENCODES_JSON = frozenset({"sqlite"})
 
@@ -61,7 +61,7 @@ def open_store(cfg: PersisterConfig) -> Store:
 
 
 def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
-                       backoff: Optional[Backoff] = None) -> Optional[Store]:
+                       backoff: Backoff | None = None) -> Store | None:
     """open_store, retrying with backoff (1 s doubling to 30 s) while the store's server is
     unreachable, as the link does for the broker; None if `stop` is set first. A store that
     can never work (bad path, bad URI, failed authentication) raises StoreError at once."""

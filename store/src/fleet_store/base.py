@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Dict, Generic, List, Mapping, NamedTuple, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 from fleet_common import FleetError, Request, Response, Status, iso, parse_iso
 from fleet_common.config import PersisterConfig
@@ -35,7 +36,7 @@ class StoreUnreachable(StoreError):
 
 
 # Where a raw message came from: its topic and payload, kept for a dead letter.
-Source = Tuple[str, bytes]
+Source = tuple[str, bytes]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class Incoming(Generic[M]):
     agent_id: str
     received_at: str
     retained: bool = False
-    source: Optional[Source] = field(default=None, compare=False, repr=False)
+    source: Source | None = field(default=None, compare=False, repr=False)
 
 
 class EncodedJSON(str):
@@ -79,7 +80,7 @@ class RejectedRecord:
 
 
 def dead_letter(topic: str, payload: bytes, reason: str, detail: str, received_at: str,
-                id_: Optional[str] = None) -> RejectedRecord:
+                id_: str | None = None) -> RejectedRecord:
     """A dead letter for a raw message. Without `id_`, the id is made from the message and the
     reason, so a store that writes it twice (a retried bulk write) keeps one."""
     if id_ is None:
@@ -105,10 +106,10 @@ def _json_bytes(value: Any) -> bytes:
 
 @dataclass
 class Batch:
-    requests: List[Incoming[Request]] = field(default_factory=list)
-    responses: List[Incoming[Response]] = field(default_factory=list)
-    statuses: List[Incoming[Status]] = field(default_factory=list)
-    rejected: List[RejectedRecord] = field(default_factory=list)
+    requests: list[Incoming[Request]] = field(default_factory=list)
+    responses: list[Incoming[Response]] = field(default_factory=list)
+    statuses: list[Incoming[Status]] = field(default_factory=list)
+    rejected: list[RejectedRecord] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.responses) + len(self.statuses) + len(self.rejected)
@@ -119,17 +120,17 @@ class RequestRecord:
     id: str
     agent_id: str
     type: str
-    params: Optional[Dict[str, Any]]
-    issued_at: Optional[str]
-    expires_at: Optional[str]
+    params: dict[str, Any] | None
+    issued_at: str | None
+    expires_at: str | None
     state: str
-    answered_at: Optional[str]
-    latency_ms: Optional[float]
-    data: Optional[Dict[str, Any]]
-    error: Optional[Dict[str, Any]]
-    expire_at: Optional[str]
-    collected_at: Optional[str] = None  # as the agent's clock said
-    received_at: Optional[str] = None  # when a persister received the answer, by its clock
+    answered_at: str | None
+    latency_ms: float | None
+    data: dict[str, Any] | None
+    error: dict[str, Any] | None
+    expire_at: str | None
+    collected_at: str | None = None  # as the agent's clock said
+    received_at: str | None = None  # when a persister received the answer, by its clock
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,14 @@ class AgentRecord:
     connect that armed it, which is older than the birth that followed."""
 
     agent_id: str
-    online: Optional[bool]
+    online: bool | None
     first_seen: str
     last_seen: str
-    hostname: Optional[str]
-    platform: Optional[str]
-    agent_version: Optional[str]
-    types: Optional[List[str]]
-    status_at: Optional[str]
+    hostname: str | None
+    platform: str | None
+    agent_version: str | None
+    types: list[str] | None
+    status_at: str | None
 
 
 @dataclass(frozen=True)
@@ -159,13 +160,13 @@ class Stats:
     answered: int = 0
     expired: int = 0
     errors: int = 0
-    median_latency_ms: Optional[float] = None
+    median_latency_ms: float | None = None
 
 
 class StoreWriter(Protocol):
     """The persister's side, its batch path: the only writer to storage."""
 
-    def write(self, batch: Batch) -> List[RejectedRecord]:
+    def write(self, batch: Batch) -> list[RejectedRecord]:
         """Apply the whole batch in one transaction (SQLite) or idempotent bulk writes
         (MongoDB); raising means nothing was acknowledged and the batch will be retried.
 
@@ -191,30 +192,30 @@ class StoreWriter(Protocol):
 class StoreReader(Protocol):
     """The side fleetctl and the dashboard use: status, history and fleet views."""
 
-    def agents(self) -> List[AgentRecord]: ...
+    def agents(self) -> list[AgentRecord]: ...
 
-    def agent_stats(self, since_s: float) -> Dict[str, Stats]: ...
+    def agent_stats(self, since_s: float) -> dict[str, Stats]: ...
 
     def history(self, agent_id: str, type_: str, limit: int = 100,
-                since_s: Optional[float] = None) -> List[RequestRecord]:
+                since_s: float | None = None) -> list[RequestRecord]:
         """Requests of one agent and type, newest issued first."""
 
-    def get_request(self, id_: str) -> Optional[RequestRecord]: ...
+    def get_request(self, id_: str) -> RequestRecord | None: ...
 
-    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
+    def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         """The newest answered (state ok) request of `type_` per agent, issued since `since_s`:
         one indexed read per agent, so a fleet page of thousands stays fast."""
 
-    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
+    def recent_requests(self, agent_id: str, limit: int = 50) -> list[RequestRecord]:
         """Requests of one agent across all types, newest issued first."""
 
-    def rejected(self, limit: int = 100) -> List[RejectedRecord]:
+    def rejected(self, limit: int = 100) -> list[RejectedRecord]:
         """Dead letters, newest first."""
 
-    def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
-                       state: Optional[str] = None) -> int: ...
+    def count_requests(self, *, agent_id: str | None = None, type_: str | None = None,
+                       state: str | None = None) -> int: ...
 
-    def type_counts(self) -> Dict[str, Dict[str, int]]:
+    def type_counts(self) -> dict[str, dict[str, int]]:
         """Requests per type and state: {"cpu": {"ok": 12, "pending": 1}, ...}."""
 
     def close(self) -> None: ...
@@ -230,14 +231,14 @@ class Store(StoreWriter, StoreReader, Protocol):
 DATA_ERRORS = (ValueError, TypeError, OverflowError, UnicodeError, RecursionError)
 
 
-def norm_ts(text: Optional[str]) -> Optional[str]:
+def norm_ts(text: str | None) -> str | None:
     """Any RFC 3339 timestamp as UTC with milliseconds, so stored times compare as text."""
     if text is None or is_canonical(text):
         return text
     return iso(parse_iso(text))
 
 
-_EXPIRY_HEADS: Dict[Tuple[str, int], str] = {}
+_EXPIRY_HEADS: dict[tuple[str, int], str] = {}
 
 
 def retention_until(received_at: str, type_: str, retention_s: Mapping[str, int]) -> str:
@@ -263,7 +264,7 @@ def retention_until(received_at: str, type_: str, retention_s: Mapping[str, int]
 CLOCK_TOLERANCE_S = 2.0
 
 
-def answer_time(collected_at: Optional[str], received_at: str, issued_at: Optional[str] = None) -> str:
+def answer_time(collected_at: str | None, received_at: str, issued_at: str | None = None) -> str:
     """When the request was answered. The agent's collected_at, where its clock agrees with the
     others: not after the persister received the answer, not before the request was issued
     (either by more than CLOCK_TOLERANCE_S); else when the persister received it. So an answer
@@ -286,7 +287,7 @@ def answer_time(collected_at: Optional[str], received_at: str, issued_at: Option
     return iso(min(collected, received))
 
 
-def latency_ms(issued_at: Optional[str], answered_at: Optional[str]) -> Optional[float]:
+def latency_ms(issued_at: str | None, answered_at: str | None) -> float | None:
     if issued_at is None or answered_at is None:
         return None
     return round(max(0.0, parse_iso(answered_at) - parse_iso(issued_at)) * 1000.0, 3)
@@ -306,13 +307,13 @@ class Resolved:
     """A batch sorted by `resolve`: what to apply, which stored answers its requests displace
     (stored record ids), and the dead letters of what it turns away."""
 
-    requests: List[Incoming[Request]] = field(default_factory=list)
-    responses: List[Incoming[Response]] = field(default_factory=list)
-    displaced: Dict[str, Owner] = field(default_factory=dict)
-    refused: List[RejectedRecord] = field(default_factory=list)
+    requests: list[Incoming[Request]] = field(default_factory=list)
+    responses: list[Incoming[Response]] = field(default_factory=list)
+    displaced: dict[str, Owner] = field(default_factory=dict)
+    refused: list[RejectedRecord] = field(default_factory=list)
 
 
-def resolve(batch: Batch, owners: Dict[str, Owner]) -> Resolved:
+def resolve(batch: Batch, owners: dict[str, Owner]) -> Resolved:
     """Bind every message of `batch` to its request record, given the owners of the records
     already stored (`owners`, updated in place). The request decides: a record belongs to the
     agent and type its request was sent to. So, whichever arrives first:
@@ -378,9 +379,9 @@ def seen_at(item: Incoming[Status]) -> str:
     return item.received_at
 
 
-def summarise_counts(counts: List[tuple[str, str, int]], latencies: Dict[str, List[float]]) -> Dict[str, Stats]:
+def summarise_counts(counts: list[tuple[str, str, int]], latencies: dict[str, list[float]]) -> dict[str, Stats]:
     """(agent_id, state, n) rows and answered latencies per agent -> Stats per agent."""
-    by_agent: Dict[str, Dict[str, int]] = {}
+    by_agent: dict[str, dict[str, int]] = {}
     for agent_id, state, n in counts:
         by_agent.setdefault(agent_id, {s: 0 for s in STATES})[state] = int(n)
     out = {}
@@ -391,10 +392,10 @@ def summarise_counts(counts: List[tuple[str, str, int]], latencies: Dict[str, Li
     return out
 
 
-def summarise(rows: List[tuple[str, str, Optional[float]]]) -> Dict[str, Stats]:
+def summarise(rows: list[tuple[str, str, float | None]]) -> dict[str, Stats]:
     """(agent_id, state, latency_ms) rows -> Stats per agent."""
-    counts: Dict[tuple[str, str], int] = {}
-    latencies: Dict[str, List[float]] = {}
+    counts: dict[tuple[str, str], int] = {}
+    latencies: dict[str, list[float]] = {}
     for agent_id, state, latency in rows:
         counts[agent_id, state] = counts.get((agent_id, state), 0) + 1
         if state in ("ok", "error") and latency is not None:

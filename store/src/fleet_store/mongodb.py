@@ -11,9 +11,10 @@ except `expire_at`, a BSON date so the TTL index can delete expired requests.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
@@ -46,7 +47,7 @@ from .base import (
     summarise,
 )
 
-Doc = Dict[str, Any]
+Doc = dict[str, Any]
 DUPLICATE_KEY = 11000
 # Server errors that pass with time (a primary stepping down, a shutdown, a time limit): not
 # about the document, so a batch that meets one is retried as it is, not split.
@@ -58,7 +59,7 @@ def to_date(text: str) -> datetime:
     return datetime.fromtimestamp(parse_iso(text), tz=timezone.utc).replace(tzinfo=None)
 
 
-def from_date(value: Optional[datetime]) -> Optional[str]:
+def from_date(value: datetime | None) -> str | None:
     if value is None:
         return None
     return iso((value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp())
@@ -130,7 +131,7 @@ class MongoStore:
                         "check persister.mongodb_uri and that mongod is running and reachable") from None
 
     # write side
-    def write(self, batch: Batch) -> List[RejectedRecord]:
+    def write(self, batch: Batch) -> list[RejectedRecord]:
         try:
             return self._write(batch)
         except OverflowError:
@@ -148,7 +149,7 @@ class MongoStore:
             return not any(code in TRANSIENT_CODES for code in codes)
         return False
 
-    def _write(self, batch: Batch) -> List[RejectedRecord]:
+    def _write(self, batch: Batch) -> list[RejectedRecord]:
         ids = sorted({i.message.id for i in batch.requests} | {i.message.id for i in batch.responses})
         owners = {d["_id"]: Owner(d["agent_id"], d["type"], d.get("issued_at") is not None)
                   for d in self.requests.find({"_id": {"$in": ids}}, {"agent_id": 1, "type": 1, "issued_at": 1})} \
@@ -158,8 +159,8 @@ class MongoStore:
         if resolved.displaced:
             turned_away += self._displace(resolved.displaced)
         ret = self.retention_s
-        ops: List[Any] = []
-        sources: List[Incoming[Any]] = []  # the message of each op, to name one the server refuses
+        ops: list[Any] = []
+        sources: list[Incoming[Any]] = []  # the message of each op, to name one the server refuses
         for item in resolved.requests:
             r = item.message
             issued = norm_ts(r.issued_at) or item.received_at
@@ -173,7 +174,7 @@ class MongoStore:
             ops.append(UpdateOne({**mine, "issued_at": None}, {"$set": {
                 "issued_at": issued, "params": r.params, "expires_at": norm_ts(r.expires_at)}}))
             sources += [item, item]
-        agents: List[Any] = []
+        agents: list[Any] = []
         for res in resolved.responses:
             p = res.message
             collected = norm_ts(p.collected_at)
@@ -203,7 +204,7 @@ class MongoStore:
         self._complete_pairs([i.message.id for i in resolved.requests] + [i.message.id for i in resolved.responses])
         return turned_away
 
-    def _bulk(self, ops: List[Any], sources: List[Incoming[Any]]) -> List[RejectedRecord]:
+    def _bulk(self, ops: list[Any], sources: list[Incoming[Any]]) -> list[RejectedRecord]:
         """The request upserts: unordered, so that one the server turns away does not stop the rest.
         Every upsert names the record's agent and type, so a record that another persister gave
         to another agent meanwhile fails its insert with a duplicate key: that message is refused."""
@@ -214,14 +215,14 @@ class MongoStore:
             errors = exc.details.get("writeErrors", [])
             if any(e.get("code") != DUPLICATE_KEY for e in errors):
                 raise
-        out: Dict[int, RejectedRecord] = {}
+        out: dict[int, RejectedRecord] = {}
         for e in errors:
             item = sources[e["index"]]
             out[id(item)] = refused(item, "request_mismatch", f"request id {item.message.id} belongs to another "
                                     f"agent or type than {item.agent_id!r}/{item.message.type!r} (written meanwhile)")
         return list(out.values())
 
-    def _displace(self, displaced: Dict[str, Owner]) -> List[RejectedRecord]:
+    def _displace(self, displaced: dict[str, Owner]) -> list[RejectedRecord]:
         """Move stored answers whose request names another agent or type to rejected: the dead
         letters first (their ids are made from them, so doing it twice keeps one), then the delete."""
         docs = list(self.requests.find({"_id": {"$in": sorted(displaced)}, "issued_at": None}))
@@ -231,7 +232,7 @@ class MongoStore:
             self.requests.delete_many({"_id": {"$in": [d["_id"] for d in docs]}, "issued_at": None})
         return letters
 
-    def _insert_rejected(self, letters: List[RejectedRecord]) -> None:
+    def _insert_rejected(self, letters: list[RejectedRecord]) -> None:
         if letters:
             self.rejected_c.bulk_write([UpdateOne({"_id": r.id}, {"$setOnInsert": {
                 "received_at": r.received_at, "topic": r.topic, "reason": r.reason, "payload": r.payload,
@@ -243,7 +244,7 @@ class MongoStore:
             "agent_id": agent_id, "first_seen": at, "online": None, "hostname": None, "platform": None,
             "agent_version": None, "types": None, "status_at": None}}, upsert=True)
 
-    def _complete_pairs(self, ids: List[str]) -> None:
+    def _complete_pairs(self, ids: list[str]) -> None:
         if not ids:
             return
         docs = self.requests.find({"_id": {"$in": sorted(set(ids))}, "issued_at": {"$ne": None},
@@ -268,13 +269,13 @@ class MongoStore:
         return int(n)
 
     # read side
-    def agents(self) -> List[AgentRecord]:
+    def agents(self) -> list[AgentRecord]:
         return [AgentRecord(agent_id=d["_id"], online=d.get("online"), first_seen=d["first_seen"],
                             last_seen=d["last_seen"], hostname=d.get("hostname"), platform=d.get("platform"),
                             agent_version=d.get("agent_version"), types=d.get("types"), status_at=d.get("status_at"))
                 for d in self.agents_c.find().sort("_id", ASCENDING)]
 
-    def agent_stats(self, since_s: float) -> Dict[str, Stats]:
+    def agent_stats(self, since_s: float) -> dict[str, Stats]:
         since = iso(since_s)
         docs = self.requests.find({"$or": [{"issued_at": {"$gte": since}},
                                            {"issued_at": None, "answered_at": {"$gte": since}}]},
@@ -282,7 +283,7 @@ class MongoStore:
         return summarise([(d["agent_id"], d["state"], d.get("latency_ms")) for d in docs])
 
     def history(self, agent_id: str, type_: str, limit: int = 100,
-                since_s: Optional[float] = None) -> List[RequestRecord]:
+                since_s: float | None = None) -> list[RequestRecord]:
         query: Doc = {"agent_id": agent_id, "type": type_}
         if since_s is not None:
             since = iso(since_s)
@@ -290,36 +291,36 @@ class MongoStore:
         cursor = self.requests.find(query).sort([("issued_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
         return [self._request(d) for d in cursor]
 
-    def get_request(self, id_: str) -> Optional[RequestRecord]:
+    def get_request(self, id_: str) -> RequestRecord | None:
         doc = self.requests.find_one({"_id": id_})
         return self._request(doc) if doc else None
 
-    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
+    def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         match: Doc = {"type": type_, "state": "ok"}
         if since_s is not None:
             since = iso(since_s)
             match["$or"] = [{"issued_at": {"$gte": since}}, {"issued_at": None, "answered_at": {"$gte": since}}]
-        pipeline: List[Doc] = [{"$match": match}, {"$sort": {"agent_id": ASCENDING, "issued_at": DESCENDING}},
+        pipeline: list[Doc] = [{"$match": match}, {"$sort": {"agent_id": ASCENDING, "issued_at": DESCENDING}},
                                {"$group": {"_id": "$agent_id", "doc": {"$first": "$$ROOT"}}}]
         return {row["_id"]: self._request(row["doc"]) for row in self.requests.aggregate(pipeline)}
 
-    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
+    def recent_requests(self, agent_id: str, limit: int = 50) -> list[RequestRecord]:
         cursor = self.requests.find({"agent_id": agent_id}).sort(
             [("issued_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
         return [self._request(d) for d in cursor]
 
-    def rejected(self, limit: int = 100) -> List[RejectedRecord]:
+    def rejected(self, limit: int = 100) -> list[RejectedRecord]:
         cursor = self.rejected_c.find().sort([("received_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
         return [RejectedRecord(id=d["_id"], received_at=d["received_at"], topic=d["topic"], reason=d["reason"],
                                payload=d["payload"], detail=d.get("detail", "")) for d in cursor]
 
-    def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
-                       state: Optional[str] = None) -> int:
+    def count_requests(self, *, agent_id: str | None = None, type_: str | None = None,
+                       state: str | None = None) -> int:
         query = {k: v for k, v in (("agent_id", agent_id), ("type", type_), ("state", state)) if v is not None}
         return int(self.requests.count_documents(query))
 
-    def type_counts(self) -> Dict[str, Dict[str, int]]:
-        out: Dict[str, Dict[str, int]] = {}
+    def type_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
         pipeline = [{"$group": {"_id": {"type": "$type", "state": "$state"}, "n": {"$sum": 1}}}]
         for row in self.requests.aggregate(pipeline):
             out.setdefault(row["_id"]["type"], {})[row["_id"]["state"]] = int(row["n"])

@@ -9,10 +9,11 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any
 
 import orjson
 
@@ -135,13 +136,13 @@ CHUNK = 500
 log = logging.getLogger("fleet.persister")
 
 
-def _json(value: Any) -> Optional[str]:
+def _json(value: Any) -> str | None:
     if value is None or isinstance(value, EncodedJSON):
         return value
     return orjson.dumps(value).decode("utf-8")
 
 
-def _unjson(text: Optional[str]) -> Any:
+def _unjson(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
@@ -168,13 +169,13 @@ WRITER_CHECKPOINT_PAGES = 16384  # 64 MiB of WAL at 4 KiB pages
 class _Rows:
     """A batch as SQL parameters, made before the write transaction, by request id."""
 
-    requests: Dict[int, Tuple[Any, ...]] = field(default_factory=dict)
-    responses: Dict[int, Tuple[Any, ...]] = field(default_factory=dict)
-    statuses: List[Tuple[Tuple[Any, ...], Tuple[Any, ...]]] = field(default_factory=list)
-    rejected: List[Tuple[Any, ...]] = field(default_factory=list)
+    requests: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    responses: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    statuses: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = field(default_factory=list)
+    rejected: list[tuple[Any, ...]] = field(default_factory=list)
 
 
-def _rejected_row(r: RejectedRecord) -> Tuple[Any, ...]:
+def _rejected_row(r: RejectedRecord) -> tuple[Any, ...]:
     return (r.id, r.received_at, r.topic, r.reason, r.payload, r.detail)
 
 
@@ -191,8 +192,8 @@ class SqliteStore:
         self._lock = threading.Lock()
         self._file = str(Path(path).expanduser()) if path != ":memory:" else path
         self._busy_timeout_ms = int(busy_timeout_ms)
-        self._checkpointer: Optional[threading.Thread] = None
-        self._turns: Optional[IO[bytes]] = None
+        self._checkpointer: threading.Thread | None = None
+        self._turns: IO[bytes] | None = None
         self._closing = threading.Event()
         self._written = threading.Event()
         try:
@@ -256,7 +257,7 @@ class SqliteStore:
             db.close()
 
     # write side
-    def write(self, batch: Batch) -> List[RejectedRecord]:
+    def write(self, batch: Batch) -> list[RejectedRecord]:
         rows = self._rows(batch)  # before the transaction: it holds the database's one write lock
         with self._lock:
             if self._checkpointer is None:
@@ -326,7 +327,7 @@ class SqliteStore:
         out.rejected = [_rejected_row(r) for r in batch.rejected]
         return out
 
-    def _apply(self, batch: Batch, rows: _Rows) -> List[RejectedRecord]:
+    def _apply(self, batch: Batch, rows: _Rows) -> list[RejectedRecord]:
         db = self._db
         ids = sorted({i.message.id for i in batch.requests} | {i.message.id for i in batch.responses})
         stored = {row[0]: row for chunk in _chunks(ids) for row in db.execute(
@@ -340,7 +341,7 @@ class SqliteStore:
             stored = {id_: row for id_, row in stored.items() if id_ not in resolved.displaced}
         db.executemany(UPSERT_REQUEST, [rows.requests[id(i)] for i in resolved.requests])
         db.executemany(UPSERT_RESPONSE, self._answers(resolved, rows, stored))
-        last_heard: Dict[str, str] = {}
+        last_heard: dict[str, str] = {}
         for res in resolved.responses:
             last_heard[res.agent_id] = max(res.received_at, last_heard.get(res.agent_id, ""))
         db.executemany(SEEN_AGENT, [(agent_id, at, at) for agent_id, at in last_heard.items()])
@@ -350,7 +351,7 @@ class SqliteStore:
         db.executemany(INSERT_REJECTED, rows.rejected + [_rejected_row(r) for r in turned_away])
         return turned_away
 
-    def _answers(self, resolved: Resolved, rows: _Rows, stored: Dict[str, Tuple[Any, ...]]) -> List[Tuple[Any, ...]]:
+    def _answers(self, resolved: Resolved, rows: _Rows, stored: dict[str, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """The response rows, with answered_at and latency where the request is known (stored, or in
         this batch); and for answers stored before the request that came now, their update."""
         issued = {id_: row[3] for id_, row in stored.items() if row[3] is not None}
@@ -374,7 +375,7 @@ class SqliteStore:
         self._db.executemany("UPDATE requests SET answered_at = ?, latency_ms = ? WHERE id = ?", updates)
         return out
 
-    def _displace(self, displaced: Dict[str, Owner]) -> List[RejectedRecord]:
+    def _displace(self, displaced: dict[str, Owner]) -> list[RejectedRecord]:
         """Move stored answers whose request names another agent or type to rejected."""
         ids = sorted(displaced)
         records = [self._request(row) for chunk in _chunks(ids) for row in self._db.execute(
@@ -404,22 +405,22 @@ class SqliteStore:
             return n
 
     # read side
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> List[Any]:
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def agents(self) -> List[AgentRecord]:
+    def agents(self) -> list[AgentRecord]:
         return [AgentRecord(agent_id=a, online=None if on is None else bool(on), first_seen=first, last_seen=last,
                             hostname=host, platform=plat, agent_version=ver, types=_unjson(types), status_at=st)
                 for a, on, first, last, host, plat, ver, types, st
                 in self._query(f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY agent_id")]
 
-    def agent_stats(self, since_s: float) -> Dict[str, Stats]:
+    def agent_stats(self, since_s: float) -> dict[str, Stats]:
         # Counts are grouped in SQLite; only answered latencies come back, for the medians.
         since = iso(since_s)
         counts = self._query("SELECT agent_id, state, COUNT(*) FROM requests "
                              "WHERE COALESCE(issued_at, answered_at) >= ? GROUP BY agent_id, state", (since,))
-        latencies: Dict[str, List[float]] = {}
+        latencies: dict[str, list[float]] = {}
         for agent_id, latency in self._query("SELECT agent_id, latency_ms FROM requests WHERE "
                                              "COALESCE(issued_at, answered_at) >= ? AND state IN ('ok', 'error') "
                                              "AND latency_ms IS NOT NULL", (since,)):
@@ -427,7 +428,7 @@ class SqliteStore:
         return summarise_counts(counts, latencies)
 
     def history(self, agent_id: str, type_: str, limit: int = 100,
-                since_s: Optional[float] = None) -> List[RequestRecord]:
+                since_s: float | None = None) -> list[RequestRecord]:
         since = iso(since_s) if since_s is not None else ""
         rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE agent_id = ? AND type = ? "
                            "AND COALESCE(issued_at, answered_at) >= ? "
@@ -435,11 +436,11 @@ class SqliteStore:
                            (agent_id, type_, since, limit))
         return [self._request(row) for row in rows]
 
-    def get_request(self, id_: str) -> Optional[RequestRecord]:
+    def get_request(self, id_: str) -> RequestRecord | None:
         rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?", (id_,))
         return self._request(rows[0]) if rows else None
 
-    def latest(self, type_: str, since_s: Optional[float] = None) -> Dict[str, RequestRecord]:
+    def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         # One seek per agent down the history index, newest first, to its first ok row.
         since = iso(since_s) if since_s is not None else ""
         rows = self._query(
@@ -449,7 +450,7 @@ class SqliteStore:
             (type_, since))
         return {rec.agent_id: rec for rec in map(self._request, rows)}
 
-    def recent_requests(self, agent_id: str, limit: int = 50) -> List[RequestRecord]:
+    def recent_requests(self, agent_id: str, limit: int = 50) -> list[RequestRecord]:
         # The agent's types by a skip-scan of the history index, then its newest of each type.
         types = [t for (t,) in self._query(
             "WITH RECURSIVE t(type) AS (SELECT MIN(type) FROM requests WHERE agent_id = ?1 UNION ALL "
@@ -459,20 +460,20 @@ class SqliteStore:
         found.sort(key=lambda r: (r.issued_at or r.answered_at or "", r.id), reverse=True)
         return found[:limit]
 
-    def rejected(self, limit: int = 100) -> List[RejectedRecord]:
+    def rejected(self, limit: int = 100) -> list[RejectedRecord]:
         return [RejectedRecord(*row) for row in self._query(
             "SELECT id, received_at, topic, reason, payload, detail FROM rejected "
             "ORDER BY received_at DESC, id DESC LIMIT ?", (limit,))]
 
-    def count_requests(self, *, agent_id: Optional[str] = None, type_: Optional[str] = None,
-                       state: Optional[str] = None) -> int:
+    def count_requests(self, *, agent_id: str | None = None, type_: str | None = None,
+                       state: str | None = None) -> int:
         where = {"agent_id": agent_id, "type": type_, "state": state}
         used = {k: v for k, v in where.items() if v is not None}
         sql = "SELECT COUNT(*) FROM requests" + (" WHERE " + " AND ".join(f"{k} = ?" for k in used) if used else "")
         return int(self._query(sql, list(used.values()))[0][0])
 
-    def type_counts(self) -> Dict[str, Dict[str, int]]:
-        out: Dict[str, Dict[str, int]] = {}
+    def type_counts(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
         for type_, state, n in self._query("SELECT type, state, COUNT(*) FROM requests GROUP BY type, state", []):
             out.setdefault(type_, {})[state] = int(n)
         return out

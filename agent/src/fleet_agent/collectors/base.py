@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, TypeVar
 
 from fleet_common.datatypes import DataType, datatype
 from fleet_common.errors import ContractError
@@ -13,14 +14,14 @@ from fleet_common.topics import check_type
 
 log = logging.getLogger("fleet.agent")
 
-JsonObject = Dict[str, Any]
+JsonObject = dict[str, Any]
 Collector = Callable[[JsonObject], JsonObject]
 C = TypeVar("C", bound=Collector)
 
-REGISTRY: Dict[str, Collector] = {}
+REGISTRY: dict[str, Collector] = {}
 """Request type -> collector. A collector takes the request params and returns the response data."""
 
-PRIMERS: Dict[str, Callable[[], None]] = {}
+PRIMERS: dict[str, Callable[[], None]] = {}
 """Request type -> function the agent calls once at start (e.g. to take a first CPU sample)."""
 
 
@@ -28,7 +29,7 @@ class BadParams(ValueError):
     """The request's params are not acceptable; the agent answers with error code `bad_request`."""
 
 
-def register(name: str, prime: Optional[Callable[[], None]] = None) -> Callable[[C], C]:
+def register(name: str, prime: Callable[[], None] | None = None) -> Callable[[C], C]:
     """Decorator: make `fn(params) -> data` the collector of request type `name`."""
     check_type(name)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import psutil
 
@@ -48,7 +48,7 @@ def _fields_percent(t1: Any, t2: Any) -> JsonObject:
     return {name: round(min(100.0, value * scale), 1) for name, value in d._asdict().items()}
 
 
-Sample = Tuple[float, Any, List[Any]]
+Sample = tuple[float, Any, list[Any]]
 
 
 class CpuSampler:
@@ -57,7 +57,7 @@ class CpuSampler:
     def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.min_interval_s = min_interval_s
         self._lock = threading.Lock()
-        self._last: Optional[Sample] = None
+        self._last: Sample | None = None
 
     @staticmethod
     def _take() -> Sample:
@@ -90,14 +90,14 @@ class CpuSampler:
 SAMPLER = CpuSampler()
 
 
-def _freq() -> Optional[JsonObject]:
+def _freq() -> JsonObject | None:
     f = psutil.cpu_freq()
     if f is None:
         return None
     return {"current": f.current, "min": f.min or None, "max": f.max or None}
 
 
-def _load_avg() -> Optional[List[float]]:
+def _load_avg() -> list[float] | None:
     return [round(x, 2) for x in psutil.getloadavg()]
 
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List
-
 import psutil
 
 from .base import JsonObject, attempt, checked_params, jsonable, register
 
 
-def _partitions() -> List[JsonObject]:
-    out: List[JsonObject] = []
+def _partitions() -> list[JsonObject]:
+    out: list[JsonObject] = []
     for part in psutil.disk_partitions(all=False):
         entry: JsonObject = {"device": part.device, "mountpoint": part.mountpoint, "fstype": part.fstype,
                              "opts": part.opts, "total": None, "used": None, "free": None, "percent": None}
@@ -22,7 +20,7 @@ def _partitions() -> List[JsonObject]:
     return out
 
 
-def _per_disk() -> List[JsonObject]:
+def _per_disk() -> list[JsonObject]:
     counters = psutil.disk_io_counters(perdisk=True) or {}
     return [{"name": name, **jsonable(c)} for name, c in sorted(counters.items())]
 

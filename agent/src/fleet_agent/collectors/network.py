@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any
 
 import psutil
 
@@ -17,14 +17,14 @@ def _family(value: Any) -> str:
     return str(getattr(value, "name", value))
 
 
-def _interfaces() -> List[JsonObject]:
-    counters: Dict[str, Any] = attempt(lambda: psutil.net_io_counters(pernic=True), {}) or {}
-    stats: Dict[str, Any] = attempt(psutil.net_if_stats, {}) or {}
+def _interfaces() -> list[JsonObject]:
+    counters: dict[str, Any] = attempt(lambda: psutil.net_io_counters(pernic=True), {}) or {}
+    stats: dict[str, Any] = attempt(psutil.net_if_stats, {}) or {}
     try:
-        addrs: Dict[str, Any] = psutil.net_if_addrs()
+        addrs: dict[str, Any] = psutil.net_if_addrs()
     except Exception:
         addrs = {}
-    out: List[JsonObject] = []
+    out: list[JsonObject] = []
     for name in sorted(set(counters) | set(stats) | set(addrs)):
         entry: JsonObject = {"name": name}
         c = counters.get(name) or {}

@@ -6,7 +6,6 @@ import platform
 import socket
 import sys
 import time
-from typing import List, Optional
 
 import psutil
 
@@ -15,13 +14,13 @@ from fleet_common.timefmt import iso
 from .base import JsonObject, attempt, checked_params, register
 
 
-def _users() -> List[JsonObject]:
+def _users() -> list[JsonObject]:
     return [{"name": u.name, "terminal": u.terminal, "host": u.host,
              "started": iso(u.started) if u.started else None, "pid": getattr(u, "pid", None)}
             for u in psutil.users()]
 
 
-def _distro() -> Optional[JsonObject]:
+def _distro() -> JsonObject | None:
     read = getattr(platform, "freedesktop_os_release", None)  # Python 3.10+, Linux
     if read is None:
         return None

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable
 
 import psutil
 
@@ -27,7 +27,7 @@ from .base import JsonObject, checked_params, register
 
 MIN_INTERVAL_S = 0.1
 # sort key (fleet_common.datatypes.SORT_KEYS) -> descending?
-SORTS: Dict[str, bool] = {"cpu_percent": True, "rss": True, "create_time": True, "pid": False, "name": False}
+SORTS: dict[str, bool] = {"cpu_percent": True, "rss": True, "create_time": True, "pid": False, "name": False}
 
 
 class _Table:
@@ -46,11 +46,11 @@ class _Table:
         with self._lock:
             self._refresh()
 
-    def snapshot(self) -> List[JsonObject]:
+    def snapshot(self) -> list[JsonObject]:
         """Every process's row, in no particular order."""
         return self.top(None, None)[0]
 
-    def top(self, sort_by: Optional[str], limit: Optional[int]) -> Tuple[List[JsonObject], int]:
+    def top(self, sort_by: str | None, limit: int | None) -> tuple[list[JsonObject], int]:
         raise NotImplementedError
 
     def _wait_for_primed(self) -> None:
@@ -59,8 +59,8 @@ class _Table:
         if wait > 0:
             time.sleep(wait)
 
-    def _head(self, rows: List[JsonObject], sort_by: Optional[str], limit: Optional[int]) -> List[JsonObject]:
-        out: List[JsonObject] = []
+    def _head(self, rows: list[JsonObject], sort_by: str | None, limit: int | None) -> list[JsonObject]:
+        out: list[JsonObject] = []
         for row in sort_rows(rows, sort_by) if sort_by is not None else rows:
             if limit is not None and len(out) >= limit:
                 break
@@ -70,7 +70,7 @@ class _Table:
         return out
 
     @staticmethod
-    def _complete(row: JsonObject) -> Optional[JsonObject]:
+    def _complete(row: JsonObject) -> JsonObject | None:
         raise NotImplementedError
 
 
@@ -85,8 +85,8 @@ class ProcessTable(_Table):
 
     def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
         super().__init__(min_interval_s)
-        self._procs: Dict[int, psutil.Process] = {}
-        self._cpu: Dict[int, Tuple[float, float]] = {}  # pid -> (user + system seconds, monotonic time)
+        self._procs: dict[int, psutil.Process] = {}
+        self._cpu: dict[int, tuple[float, float]] = {}  # pid -> (user + system seconds, monotonic time)
 
     def _refresh(self) -> None:
         live = set(psutil.pids())
@@ -100,7 +100,7 @@ class ProcessTable(_Table):
         self._procs.pop(pid, None)
         self._cpu.pop(pid, None)
 
-    def _add(self, pid: int) -> Optional[psutil.Process]:
+    def _add(self, pid: int) -> psutil.Process | None:
         try:
             proc = psutil.Process(pid)
             times = proc.cpu_times()
@@ -112,7 +112,7 @@ class ProcessTable(_Table):
         self._cpu[pid] = (times.user + times.system, self._primed_at)
         return proc
 
-    def top(self, sort_by: Optional[str], limit: Optional[int]) -> Tuple[List[JsonObject], int]:
+    def top(self, sort_by: str | None, limit: int | None) -> tuple[list[JsonObject], int]:
         """The first `limit` rows in `sort_by` order (see sort_rows), and how many processes there are.
 
         Every process's sort key and what its stat file gives are read first; its user, threads,
@@ -136,7 +136,7 @@ class ProcessTable(_Table):
                     rows.append(row)
             return self._head(rows, sort_by, limit), len(rows)
 
-    def _cpu_percent(self, pid: int, proc: psutil.Process) -> Optional[float]:
+    def _cpu_percent(self, pid: int, proc: psutil.Process) -> float | None:
         times = proc.cpu_times()
         now, used = time.monotonic(), float(times.user + times.system)
         before = self._cpu.get(pid)
@@ -145,8 +145,8 @@ class ProcessTable(_Table):
             return None
         return round(max(0.0, used - before[0]) * 100.0 / (now - before[1]), 1)
 
-    def _measure(self, held: ExitStack, pid: int, proc: psutil.Process, sort_by: Optional[str], cpu: bool = True
-                 ) -> Optional[JsonObject]:
+    def _measure(self, held: ExitStack, pid: int, proc: psutil.Process, sort_by: str | None, cpu: bool = True
+                 ) -> JsonObject | None:
         """What /proc/<pid>/stat gives, for every process (it keeps each CPU share current), plus
         the sort key. Leaves the process's oneshot() open in `held`."""
         try:
@@ -170,7 +170,7 @@ class ProcessTable(_Table):
             return None
 
     @staticmethod
-    def _complete(row: JsonObject) -> Optional[JsonObject]:
+    def _complete(row: JsonObject) -> JsonObject | None:
         """The rest of a row that will be returned; None if the process has ended since."""
         proc = row["_proc"]
         try:
@@ -202,7 +202,7 @@ class _Reused(Exception):
 
 
 KTHREADD = 2  # Linux: the parent of every kernel thread
-_kthreadd_seen: List[bool] = []  # [is pid 2 the kernel's kthreadd?], found once
+_kthreadd_seen: list[bool] = []  # [is pid 2 the kernel's kthreadd?], found once
 
 
 def _kernel_threads_visible() -> bool:
@@ -224,10 +224,10 @@ def _name(proc: psutil.Process, ppid: Any) -> Any:
     return _field(proc.name)
 
 
-_USERS: Dict[int, str] = {}  # uid -> user name: one passwd lookup per uid, not per process per request
+_USERS: dict[int, str] = {}  # uid -> user name: one passwd lookup per uid, not per process per request
 
 
-def _username(proc: psutil.Process) -> Optional[str]:
+def _username(proc: psutil.Process) -> str | None:
     uid = _field(lambda: proc.uids().real)
     if uid is None:  # not POSIX
         found = _field(proc.username)
@@ -256,10 +256,10 @@ class ProcfsTable(_Table):
     def __init__(self, min_interval_s: float = MIN_INTERVAL_S) -> None:
         super().__init__(min_interval_s)
         # pid -> (start ticks, user + system seconds, monotonic time) of its previous sample
-        self._cpu: Dict[int, Tuple[int, float, float]] = {}
+        self._cpu: dict[int, tuple[int, float, float]] = {}
 
-    def _refresh(self) -> List[int]:
-        pids: List[int] = psutil.pids()
+    def _refresh(self) -> list[int]:
+        pids: list[int] = psutil.pids()
         live = set(pids)
         for pid in [p for p in self._cpu if p not in live]:
             del self._cpu[pid]
@@ -271,7 +271,7 @@ class ProcfsTable(_Table):
                     self._cpu[pid] = (st.start_ticks, st.cpu_s, self._primed_at)
         return pids
 
-    def top(self, sort_by: Optional[str], limit: Optional[int]) -> Tuple[List[JsonObject], int]:
+    def top(self, sort_by: str | None, limit: int | None) -> tuple[list[JsonObject], int]:
         with self._lock:
             pids = self._refresh()
             self._wait_for_primed()
@@ -299,7 +299,7 @@ class ProcfsTable(_Table):
             return self._head(rows, sort_by, limit), len(rows)
 
     @staticmethod
-    def _complete(row: JsonObject) -> Optional[JsonObject]:
+    def _complete(row: JsonObject) -> JsonObject | None:
         pid, st = row["pid"], row["_stat"]
         found = procfs.status(pid)
         if found is None:
@@ -316,7 +316,7 @@ class ProcfsTable(_Table):
 TABLE = ProcfsTable() if procfs.available() else ProcessTable()
 
 
-def sort_rows(rows: List[JsonObject], sort_by: str) -> List[JsonObject]:
+def sort_rows(rows: list[JsonObject], sort_by: str) -> list[JsonObject]:
     """Sort by `sort_by` (numbers high first, except pid; names A-Z), missing values last."""
     descending = SORTS[sort_by]
     present = [r for r in rows if r.get(sort_by) is not None]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 PROC = "/proc"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -41,7 +41,7 @@ def available() -> bool:
     return sys.platform.startswith("linux") and os.path.exists(f"{PROC}/self/stat")
 
 
-def read(pid: int, name: str) -> Optional[bytes]:
+def read(pid: int, name: str) -> bytes | None:
     """The whole file /proc/<pid>/<name>; None when the process has ended (or hides it)."""
     try:
         fd = os.open(f"{PROC}/{pid}/{name}", os.O_RDONLY)
@@ -61,7 +61,7 @@ def read(pid: int, name: str) -> Optional[bytes]:
         os.close(fd)
 
 
-def stat(pid: int) -> Optional[Stat]:
+def stat(pid: int) -> Stat | None:
     data = read(pid, "stat")
     if not data:
         return None
@@ -76,7 +76,7 @@ def stat(pid: int) -> Optional[Stat]:
         return None
 
 
-def status(pid: int) -> Optional[Tuple[Optional[int], int]]:
+def status(pid: int) -> tuple[int | None, int] | None:
     """(real user id, resident bytes) from /proc/<pid>/status, as psutil's uids().real and
     memory_info().rss give them; None when the process has ended. This file costs the kernel
     more than stat, so it is read for returned rows only."""
@@ -86,7 +86,7 @@ def status(pid: int) -> Optional[Tuple[Optional[int], int]]:
     return _number(data, b"\nUid:"), (_number(data, b"\nVmRSS:") or 0) * 1024  # kernel threads: no VmRSS
 
 
-def rss(pid: int) -> Optional[int]:
+def rss(pid: int) -> int | None:
     """Resident bytes from /proc/<pid>/statm (cheaper than status); None when the process has ended."""
     data = read(pid, "statm")
     try:
@@ -95,7 +95,7 @@ def rss(pid: int) -> Optional[int]:
         return None
 
 
-def _number(data: bytes, key: bytes) -> Optional[int]:
+def _number(data: bytes, key: bytes) -> int | None:
     """The first number after `key` on its line of a status file."""
     at = data.find(key)
     if at < 0:
