@@ -7,16 +7,30 @@ metadata rather than repeating it.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import os
+import re
+import sys
 
 
 def dist_version(distribution: str) -> str:
     """The installed version of `distribution` ("fleet-agent", ...); "0+unknown" when run from a
-    source tree that was never installed."""
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "0+unknown"
+    source tree that was never installed.
+
+    Read from the name of its `<name>-<version>.dist-info` folder on sys.path, which is where
+    importlib.metadata finds it too; importlib.metadata itself (with zipfile, csv, pathlib and
+    configparser) would add about 0.9 MB to the agent, whose footprint is kept under 30 MB."""
+    wanted = re.sub(r"[-_.]+", "_", distribution).lower()
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".dist-info"):
+                dist, _, version = name[: -len(".dist-info")].partition("-")
+                if re.sub(r"[-_.]+", "_", dist).lower() == wanted and version:
+                    return version
+    return "0+unknown"
 
 
 __all__ = ["dist_version"]
