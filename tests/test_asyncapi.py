@@ -60,8 +60,8 @@ def parses(schema: str, obj: dict[str, Any]) -> bool:
 
 
 def test_document_is_asyncapi_3_and_every_ref_resolves() -> None:
-    """The file declares AsyncAPI 3.0.0 and has no dangling $ref."""
-    assert DOC["asyncapi"] == "3.0.0"
+    """The file declares AsyncAPI 3.1.0 and has no dangling $ref."""
+    assert DOC["asyncapi"] == "3.1.0"
     for ref in refs(DOC):
         assert ref.startswith("#/") and resolve(ref) is not None, ref
 
