@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DISTS  := common agent controller store persister fleetctl sim dashboard
 
-.PHONY: run test test-fast lint typecheck unit bench clean deps lock mosquitto chromium
+.PHONY: run test test-fast lint typecheck unit bench clean deps lock mosquitto chromium asyncapi
 
 run: deps
 	$(BIN)/fleetctl up
@@ -24,8 +24,9 @@ lint: deps
 typecheck: deps
 	$(BIN)/mypy
 
-# The dashboard's browser tests drive Debian's Chromium: installed when we may, else they skip saying why.
-unit: deps chromium
+# The dashboard's browser tests drive Debian's Chromium, and docs/asyncapi.yaml is validated with the
+# official AsyncAPI parser (npm): both installed when we may, else their tests skip saying why.
+unit: deps chromium asyncapi
 	$(BIN)/pytest
 
 deps: $(STAMP) mosquitto
@@ -35,6 +36,10 @@ mosquitto:
 
 chromium:
 	@bash scripts/ensure-chromium.sh
+
+# @asyncapi/parser, pinned by tools/asyncapi/package-lock.json, into tools/asyncapi/node_modules (npm ci).
+asyncapi:
+	@bash scripts/ensure-asyncapi.sh
 
 # Installs from the lock (constraints.txt: every third-party package pinned); `make lock`
 # rewrites it after a dependency changes in a pyproject.toml or requirements-dev.txt.
@@ -55,4 +60,4 @@ bench: deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache tools/asyncapi/node_modules tools/asyncapi/.unavailable

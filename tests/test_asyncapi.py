@@ -60,8 +60,8 @@ def parses(schema: str, obj: dict[str, Any]) -> bool:
 
 
 def test_document_is_asyncapi_3_and_every_ref_resolves() -> None:
-    """The file declares AsyncAPI 3.0.0 and has no dangling $ref."""
-    assert DOC["asyncapi"] == "3.0.0"
+    """The file declares AsyncAPI 3.1.0 and has no dangling $ref."""
+    assert DOC["asyncapi"] == "3.1.0"
     for ref in refs(DOC):
         assert ref.startswith("#/") and resolve(ref) is not None, ref
 
@@ -164,9 +164,20 @@ def test_response_branches_need_data_when_ok_and_error_when_error() -> None:
 def test_operations_use_qos_1_and_retain_only_status() -> None:
     """Requests are QoS 1 and not retained; status is QoS 1 and retained; the reply goes to the response channel."""
     ops = DOC["operations"]
-    assert ops["answerRequest"]["bindings"]["mqtt"] == {"qos": 1, "retain": False, "bindingVersion": "0.2.0"}
+    request = dict(ops["answerRequest"]["bindings"]["mqtt"])
+    request.pop("messageExpiryInterval")
+    assert request == {"qos": 1, "retain": False, "bindingVersion": "0.2.0"}
     assert ops["publishStatus"]["bindings"]["mqtt"]["retain"] is True
     assert ops["answerRequest"]["reply"]["channel"]["$ref"] == "#/channels/response"
+
+
+def test_requests_carry_their_expiry_and_correlation_where_mqtt_bindings_put_them() -> None:
+    """MessageExpiryInterval is a per-request integer on the operation's MQTT binding (bindings 0.2.0
+    have it nowhere else); CorrelationData and ResponseTopic stay on the request message's binding."""
+    expiry = DOC["operations"]["answerRequest"]["bindings"]["mqtt"]["messageExpiryInterval"]
+    assert (expiry["type"], expiry["minimum"], expiry["maximum"]) == ("integer", 0, 2**32 - 1)
+    message = DOC["components"]["messages"]["request"]["bindings"]["mqtt"]
+    assert set(message) == {"correlationData", "responseTopic", "bindingVersion"}
 
 
 def test_each_built_in_type_carries_the_schemas_fleet_common_defines() -> None:
