@@ -292,3 +292,62 @@ def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPath
             assert page.status_code == 200, (path, page.data[:300])
     finally:
         s.close()
+
+
+@pytest.mark.parametrize(("path", "name", "allowed"), [
+    ("/api/agent/web-01/series?range=bogus", "range", ["15m", "1h", "6h", "24h", "7d"]),
+    ("/api/agent/web-01/series?rnage=6h", "rnage", ["range"]),
+    ("/api/fleet?sort=colour", "sort", ["agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory",
+                                        "disk"]),
+    ("/api/fleet?dir=up", "dir", ["asc", "desc"]),
+    ("/api/fleet?state=asleep", "state", ["", "online", "silent", "offline"]),
+    ("/api/fleet?page=0", "page", None),
+    ("/api/fleet?page=two", "page", None),
+    ("/api/fleet?per=5", "per", None),
+    ("/api/fleet?per=1001", "per", None),
+    ("/api/fleet?q=" + "x" * 101, "q", None),
+    ("/api/fleet?partial=1", "partial", ["dir", "page", "per", "q", "sort", "state"]),
+])
+def test_api_refuses_bad_query_values_naming_the_parameter(tmp_path, store, path, name, allowed) -> None:
+    """Every /api query parameter is checked: a bad value or an unknown parameter gets 400 with a
+    JSON reason naming the parameter and what it may be, never a silent default."""
+    got = client(tmp_path, store).get(path)
+    assert got.status_code == 400 and got.is_json, (path, got.data[:200])
+    doc = got.get_json()
+    assert doc["parameter"] == name and doc["allowed"] == allowed and f"'{name}'" in doc["error"]
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("/agent/web-01?range=1y", "'range': '1y' is not one of 15m, 1h, 6h, 24h, 7d"),
+    ("/agent/web-01?partial=yes", "'partial': 'yes' is not one of 0, 1"),
+    ("/?sort=colour", "'sort': 'colour' is not one of agent_id, state"),
+    ("/?per=abc", "'per': 'abc' is not a whole number; it must be one from 10 to 1000"),
+    ("/?page=-1", "'page': -1 is out of range; it must be a whole number of at least 1"),
+    ("/?dir=sideways", "'dir': 'sideways' is not one of asc, desc"),
+    ("/?state=gone", "'state': 'gone' is not one of '', online, silent, offline"),
+    ("/rejected?limit=5", "'limit': is not a parameter of this page; this page takes partial"),
+    ("/healthz?verbose=1", "'verbose': is not a parameter of this page; this page takes none"),
+])
+def test_pages_refuse_bad_query_values_in_plain_text(tmp_path, store, path, says) -> None:
+    """Pages check their query parameters too, and say what is wrong in one plain line."""
+    got = client(tmp_path, store).get(path)
+    assert got.status_code == 400 and got.mimetype == "text/plain", (path, got.data[:200])
+    assert says in got.get_data(as_text=True)
+
+
+def test_good_query_values_and_what_the_pages_send_are_accepted(tmp_path, store) -> None:
+    """What the pages' own links, form and script send (an empty state and filter among them) is accepted."""
+    c = client(tmp_path, store)
+    for path in ("/?q=&state=&sort=agent_id&dir=asc", "/?partial=1&state=online&page=3&per=1000",
+                 "/api/fleet?q=web&state=&sort=disk&dir=desc&page=1&per=10", "/agent/web-01?range=7d&partial=1",
+                 "/api/agent/web-01/series?range=15m", "/rejected?partial=1", "/static/dashboard.js?v=1"):
+        assert c.get(path).status_code == 200, path
+
+
+def test_sign_in_refuses_a_next_that_leaves_the_site(tmp_path, store) -> None:
+    """The sign-in page's `next` must be a path on this site: another site (also written `/\\host`) is refused."""
+    c = client(tmp_path, store, ask_enabled=True, operator_token="s3cret-token")
+    for target in ("https://evil.example/", "//evil.example/", "/\\evil.example/"):
+        got = c.post("/signin", query_string={"next": target}, data={"token": "s3cret-token"})
+        assert got.status_code == 400 and "'next'" in got.get_data(as_text=True), target
+    assert c.post("/signin?next=/rejected", data={"token": "s3cret-token"}).headers["Location"].endswith("/rejected")

@@ -21,12 +21,18 @@ from fleet_common.timefmt import ago
 from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
 
-from .data import RANGES_S, SORT_KEYS, Fleet, FleetQuery
+from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery
 from .operators import operators
+from .query import PARTIAL, BadQuery, check_names, choice, local_path
 
 Asker = Callable[[Config, str, str, float], Response]
 log = logging.getLogger("fleet.dashboard")
 NONE = "\u2013"  # an en dash for "no value"
+# the query parameters each endpoint takes; every other is refused (static files are not checked)
+TAKES: dict[str, tuple[str, ...]] = {
+    "fleet_page": (*FLEET_PARAMS, "partial"), "fleet_json": FLEET_PARAMS, "agent_page": ("range", "partial"),
+    "agent_series": ("range",), "ask_now": (), "rejected_page": ("partial",), "sign_in": ("next",),
+    "sign_out": (), "health": ()}
 
 
 def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
@@ -76,8 +82,22 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
         return {"refresh_s": cfg.dashboard.refresh_s, "ops": ops, "is_operator": ops.is_operator(),
                 "csrf": ops.csrf(), "store_kind": cfg.persister.store}
 
+    @app.before_request
+    def known_parameters() -> None:
+        if request.endpoint in TAKES:
+            check_names(request.args, TAKES[request.endpoint])
+
+    @app.errorhandler(BadQuery)
+    def bad_query(exc: BadQuery) -> Any:
+        if request.path.startswith("/api/"):
+            return jsonify(exc.to_dict()), 400
+        return HttpResponse(str(exc) + "\n", 400, mimetype="text/plain")
+
     def partial() -> bool:
-        return request.args.get("partial") == "1"
+        return choice(request.args, "partial", PARTIAL, "0") == "1"
+
+    def range_key() -> str:
+        return choice(request.args, "range", tuple(RANGES_S), "1h")
 
     @app.get("/")
     def fleet_page() -> str:
@@ -100,17 +120,15 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
     @app.get("/agent/<agent_id>")
     def agent_page(agent_id: str) -> str:
         agent = known_agent(agent_id)
-        range_key = request.args.get("range", "1h")
-        range_key = range_key if range_key in RANGES_S else "1h"
         context = {"agent": agent, "os_info": fleet.newest(agent_id, "os_info"),
                    "processes": fleet.newest(agent_id, "processes"), "recent": fleet.recent(agent_id),
-                   "ranges": RANGES_S, "range_key": range_key, "ask_types": sorted(agent.types or ["ping"])}
+                   "ranges": RANGES_S, "range_key": range_key(), "ask_types": sorted(agent.types or ["ping"])}
         return render_template("_agent.html" if partial() else "agent.html", **context)
 
     @app.get("/api/agent/<agent_id>/series")
     def agent_series(agent_id: str) -> Any:
+        range_s = RANGES_S[range_key()]
         known_agent(agent_id)
-        range_s = RANGES_S.get(request.args.get("range", "1h"), 3600)
         return jsonify(fleet.series(agent_id, range_s))
 
     @app.post("/api/agent/<agent_id>/ask")
@@ -141,11 +159,10 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
         if not ops.enabled:
             abort(404)
         failed = False
+        target = local_path(request.args, "next")  # checked before the token, so a bad link fails at once
         if request.method == "POST":
             if ops.sign_in(request.form.get("token", "")):
-                target = request.args.get("next", "")
-                return redirect(target if target.startswith("/") and not target.startswith("//") else url_for(
-                    "fleet_page"))
+                return redirect(target or url_for("fleet_page"))
             failed = True
         return render_template("signin.html", failed=failed), 401 if failed else 200
 
