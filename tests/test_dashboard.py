@@ -351,3 +351,36 @@ def test_sign_in_refuses_a_next_that_leaves_the_site(tmp_path, store) -> None:
         got = c.post("/signin", query_string={"next": target}, data={"token": "s3cret-token"})
         assert got.status_code == 400 and "'next'" in got.get_data(as_text=True), target
     assert c.post("/signin?next=/rejected", data={"token": "s3cret-token"}).headers["Location"].endswith("/rejected")
+
+
+def signed_in(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, **dashboard: Any) -> tuple[Any, str]:
+    """A test client signed in as an operator, and the CSRF token its pages carry."""
+    c = client(tmp_path, store, asker, ask_enabled=True, operator_token="s3cret-token", **dashboard)
+    assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
+    return c, re.search(r'data-csrf="([^"]+)"', c.get("/agent/web-01").get_data(as_text=True)).group(1)
+
+
+def test_sign_out_ends_the_session_on_the_server(tmp_path, store) -> None:
+    """A copy of the session cookie taken before signing out signs nobody in after it: the page shows
+    no ask button and an ask with the old cookie and its CSRF token is refused."""
+    asker = FakeAsker()
+    c, csrf = signed_in(tmp_path, store, asker)
+    old = c.get_cookie("session").value
+    assert c.post("/signout").status_code == 302 and c.get_cookie("session") is None
+    thief = c.application.test_client()
+    thief.set_cookie("session", old)
+    assert 'id="ask-button"' not in thief.get("/agent/web-01").get_data(as_text=True)
+    assert "operator sign-in" in thief.get("/").get_data(as_text=True)
+    refused = thief.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"X-CSRF-Token": csrf})
+    assert refused.status_code == 403 and asker.asked == []
+
+
+def test_signing_in_again_retires_the_previous_session(tmp_path, store) -> None:
+    """Each sign-in gets a new session id: a cookie from before it (one planted on the browser, say) stops working."""
+    c, _ = signed_in(tmp_path, store)
+    before = c.get_cookie("session").value
+    assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
+    assert 'id="ask-button"' in c.get("/agent/web-01").get_data(as_text=True)
+    stale = c.application.test_client()
+    stale.set_cookie("session", before)
+    assert 'id="ask-button"' not in stale.get("/agent/web-01").get_data(as_text=True)

@@ -10,7 +10,7 @@ import secrets
 import time
 from typing import Any, Callable
 
-from flask import Flask, abort, jsonify, redirect, render_template, request, session, url_for
+from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
 from werkzeug.wrappers.response import Response as HttpResponse
 
 from fleet_common.ask import NoAnswer, ask
@@ -168,7 +168,7 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
 
     @app.post("/signout")
     def sign_out() -> HttpResponse:
-        session.clear()
+        ops.sign_out()
         return redirect(url_for("fleet_page"))
 
     @app.get("/healthz")
