@@ -384,3 +384,16 @@ def test_signing_in_again_retires_the_previous_session(tmp_path, store) -> None:
     stale = c.application.test_client()
     stale.set_cookie("session", before)
     assert 'id="ask-button"' not in stale.get("/agent/web-01").get_data(as_text=True)
+
+
+def test_no_page_may_be_framed(tmp_path, store) -> None:
+    """Every response, pages, API, errors and static files alike, forbids framing (X-Frame-Options and
+    CSP frame-ancestors) alongside the rest of the CSP."""
+    c = client(tmp_path, store, ask_enabled=True, operator_token="s3cret-token")
+    for path in ("/", "/agent/web-01", "/api/fleet", "/api/agent/web-01/series", "/signin", "/healthz",
+                 "/static/dashboard.js", "/agent/nobody", "/api/fleet?sort=colour"):
+        got = c.get(path)
+        csp = got.headers["Content-Security-Policy"]
+        assert got.headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp, path
+    assert c.post("/signin", data={"token": "wrong"}).headers["X-Frame-Options"] == "DENY"
