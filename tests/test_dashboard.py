@@ -397,3 +397,27 @@ def test_no_page_may_be_framed(tmp_path, store) -> None:
         assert got.headers["X-Frame-Options"] == "DENY", path
         assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp, path
     assert c.post("/signin", data={"token": "wrong"}).headers["X-Frame-Options"] == "DENY"
+
+
+def sign_in_cookie(c: Any, **kw: Any) -> str:
+    got = c.post("/signin", data={"token": "s3cret-token"}, **kw)
+    assert got.status_code == 302
+    return got.headers["Set-Cookie"]
+
+
+@pytest.mark.parametrize(("secure_cookies", "how", "secure"), [
+    (False, {}, False),
+    (False, {"base_url": "https://dash.example"}, True),
+    (False, {"headers": {"X-Forwarded-Proto": "https"}}, True),
+    (False, {"headers": {"X-Forwarded-Proto": "http"}}, False),
+    (True, {}, True),
+])
+def test_the_sign_in_cookie_is_secure_over_tls_or_when_configured(tmp_path, store, secure_cookies, how,
+                                                                   secure) -> None:
+    """The session cookie is always HttpOnly and SameSite=Strict, and Secure when the request came over
+    HTTPS (directly or as a TLS proxy's X-Forwarded-Proto says) or dashboard.secure_cookies is true."""
+    c = client(tmp_path, store, ask_enabled=True, operator_token="s3cret-token", secure_cookies=secure_cookies)
+    cookie = sign_in_cookie(c, **how)
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert ("; Secure" in cookie) is secure, cookie
+    assert ("; Secure" in c.post("/signout", **how).headers["Set-Cookie"]) is secure  # the clearing one matches

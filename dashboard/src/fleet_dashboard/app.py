@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable
 
 from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.wrappers.response import Response as HttpResponse
 
 from fleet_common.ask import NoAnswer, ask
@@ -67,10 +68,25 @@ def size(value: Any) -> str:
     return str(value)
 
 
+class SessionCookies(SecureCookieSessionInterface):
+    """The sign-in cookie is Secure (a browser sends it over HTTPS only) when this request came over
+    HTTPS: directly, or through a TLS proxy that says so in X-Forwarded-Proto; or always, with
+    dashboard.secure_cookies. Believing the header unchecked is safe: at worst a client that lies
+    gets a cookie its own browser will not send back over plain HTTP."""
+
+    def __init__(self, always: bool) -> None:
+        self.always = always
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        return self.always or request.is_secure or forwarded == "https"
+
+
 def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> Flask:
     app = Flask(__name__)
     app.config.update(SECRET_KEY=secrets.token_bytes(32), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict")
+    app.session_interface = SessionCookies(cfg.dashboard.secure_cookies)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # series lines keep their order (fullest disk first)
     fleet = Fleet(store, cfg)
     ops = operators(cfg.dashboard)
