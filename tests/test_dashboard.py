@@ -421,3 +421,75 @@ def test_the_sign_in_cookie_is_secure_over_tls_or_when_configured(tmp_path, stor
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
     assert ("; Secure" in cookie) is secure, cookie
     assert ("; Secure" in c.post("/signout", **how).headers["Set-Cookie"]) is secure  # the clearing one matches
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttled(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None) -> tuple[Any, FakeClock]:
+    """A dashboard with asking on whose wrong-token counter reads a fake clock."""
+    app = create_app(config(tmp_path, ask_enabled=True, operator_token="s3cret-token"), store, asker or FakeAsker())
+    clock = FakeClock()
+    app.extensions["fleet_operators"].wrong_tokens.clock = clock
+    return app, clock
+
+
+def from_address(address: str) -> dict[str, Any]:
+    return {"environ_base": {"REMOTE_ADDR": address}}
+
+
+def test_wrong_tokens_lock_the_address_out_for_a_while(tmp_path, store, caplog) -> None:
+    """Five wrong tokens within a minute from one address: every token from it, the right one too,
+    gets 429 with Retry-After for five minutes, with one log line; other addresses still sign in."""
+    app, clock = throttled(tmp_path, store)
+    c = app.test_client()
+    guesser = from_address("192.0.2.7")
+    for n in range(5):
+        clock.now += 5
+        assert c.post("/signin", data={"token": f"guess-{n}"}, **guesser).status_code == 401
+    locked = c.post("/signin", data={"token": "s3cret-token"}, **guesser)
+    assert locked.status_code == 429 and locked.headers["Retry-After"] == "300"
+    assert "too many wrong operator tokens from 192.0.2.7: try again in 300 s" in locked.get_data(as_text=True)
+    assert locked.headers["X-Frame-Options"] == "DENY"
+    assert app.test_client().post("/signin", data={"token": "s3cret-token"},
+                                  **from_address("198.51.100.1")).status_code == 302
+    lockouts = [r.getMessage() for r in caplog.records if "wrong operator tokens" in r.getMessage()]
+    assert lockouts == ["5 wrong operator tokens from 192.0.2.7 within 60 s: refusing its tokens for 300 s"]
+    clock.now += 200
+    assert c.post("/signin", data={"token": "s3cret-token"}, **guesser).headers["Retry-After"] == "100"
+    clock.now += 101
+    assert c.post("/signin", data={"token": "s3cret-token"}, **guesser).status_code == 302
+
+
+def test_wrong_tokens_spread_wider_than_the_window_do_not_lock_out(tmp_path, store) -> None:
+    """Only wrong tokens within the window count: four, a pause of a minute, four more, and the right one works."""
+    app, clock = throttled(tmp_path, store)
+    c = app.test_client()
+    for n in range(8):
+        clock.now += 61 if n == 4 else 1
+        assert c.post("/signin", data={"token": "nope"}).status_code == 401
+    assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
+
+
+def test_wrong_bearer_tokens_count_and_get_a_json_429(tmp_path, store) -> None:
+    """Wrong bearer tokens count as wrong tokens too, once per request; once locked out an API call with
+    a bearer token gets 429, JSON and Retry-After, and asks nothing, while other addresses still may."""
+    asker = FakeAsker()
+    app, _ = throttled(tmp_path, store, asker)
+    c = app.test_client()
+    for n in range(5):
+        got = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"Authorization": f"Bearer bad-{n}"})
+        assert got.status_code == 403, n
+    locked = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"Authorization": "Bearer s3cret-token"})
+    assert locked.status_code == 429 and locked.headers["Retry-After"] == "300"
+    assert locked.get_json() == {"error": "too many wrong operator tokens from 127.0.0.1: try again in 300 s",
+                                 "retry_after_s": 300}
+    assert c.get("/").status_code == 200  # without a token the pages are still there
+    other = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"Authorization": "Bearer s3cret-token"},
+                   **from_address("198.51.100.1"))
+    assert other.status_code == 200 and asker.asked == [("web-01", "cpu", None)]

@@ -23,7 +23,7 @@ from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
 
 from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery
-from .operators import operators
+from .operators import TooManyWrongTokens, operators
 from .query import PARTIAL, BadQuery, check_names, choice, local_path
 
 Asker = Callable[[Config, str, str, float], Response]
@@ -94,6 +94,7 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
     app.jinja_env.filters.update(ago=ago, pct=pct, ms=ms, size=size,
                                  tojson_pretty=lambda v: json.dumps(v, indent=2, ensure_ascii=False))
     app.extensions["fleet"] = fleet
+    app.extensions["fleet_operators"] = ops
 
     @app.context_processor
     def common() -> dict[str, Any]:
@@ -110,6 +111,13 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
         if request.path.startswith("/api/"):
             return jsonify(exc.to_dict()), 400
         return HttpResponse(str(exc) + "\n", 400, mimetype="text/plain")
+
+    @app.errorhandler(TooManyWrongTokens)
+    def locked_out(exc: TooManyWrongTokens) -> Any:
+        retry = {"Retry-After": str(exc.retry_after_s)}
+        if request.path.startswith("/api/"):
+            return jsonify(error=str(exc), retry_after_s=exc.retry_after_s), 429, retry
+        return HttpResponse(str(exc) + "\n", 429, retry, mimetype="text/plain")
 
     def partial() -> bool:
         return choice(request.args, "partial", PARTIAL, "0") == "1"
