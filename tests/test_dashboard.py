@@ -3,6 +3,7 @@ sorting and filtering, the series behind the charts, and who may press "ask now"
 
 from __future__ import annotations
 
+import http.client
 import re
 import subprocess
 import sys
@@ -493,3 +494,49 @@ def test_wrong_bearer_tokens_count_and_get_a_json_429(tmp_path, store) -> None:
     other = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"Authorization": "Bearer s3cret-token"},
                    **from_address("198.51.100.1"))
     assert other.status_code == 200 and asker.asked == [("web-01", "cpu", None)]
+
+
+def test_the_served_dashboard_checks_queries_ends_sessions_and_limits_tokens(tmp_path, store, procs) -> None:
+    """The real fleet-dashboard process, over HTTP: a bad range gets a JSON 400, every response forbids
+    framing, dashboard.secure_cookies (from the environment) makes the cookie Secure, a cookie replayed
+    after sign-out signs nobody in, and wrong tokens end in 429 with Retry-After."""
+    port = free_port()
+    env = {"FLEET_PERSISTER_SQLITE_PATH": str(tmp_path / "fleet.db"), "FLEET_DASHBOARD_PORT": str(port),
+           "FLEET_DASHBOARD_ASK_ENABLED": "true", "FLEET_DASHBOARD_OPERATOR_TOKEN": "s3cret-token",
+           "FLEET_DASHBOARD_SECURE_COOKIES": "true"}
+    procs.start("dashboard", "fleet-dashboard", env=env)
+
+    def call(method: str, path: str, body: str | None = None, cookie: str = "") -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **({"Cookie": cookie} if cookie else {})}
+        conn.request(method, path, body, headers)
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp
+
+    def answers() -> bool:
+        try:
+            return call("GET", "/healthz").status == 200
+        except OSError:
+            return False
+
+    wait_for(answers, 20, what="the dashboard to answer /healthz")
+    bad = call("GET", "/api/agent/web-01/series?range=bogus")
+    assert bad.status == 400 and bad.getheader("Content-Type") == "application/json"
+    assert bad.getheader("X-Frame-Options") == "DENY" and "frame-ancestors 'none'" in bad.getheader(
+        "Content-Security-Policy")
+    signed = call("POST", "/signin", "token=s3cret-token")
+    assert signed.status == 302 and "; Secure" in signed.getheader("Set-Cookie")
+    cookie = signed.getheader("Set-Cookie").split(";")[0]
+    assert "sign out" in urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{port}/", headers={"Cookie": cookie}), timeout=10).read().decode()
+    assert call("POST", "/signout", cookie=cookie).status == 302
+    replayed = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Cookie": cookie}),
+                                      timeout=10).read().decode()
+    assert "sign out" not in replayed and "operator sign-in" in replayed
+    assert [call("POST", "/signin", f"token=guess-{n}").status for n in range(5)] == [401] * 5
+    locked = call("POST", "/signin", "token=s3cret-token")
+    assert locked.status == 429 and 295 <= int(locked.getheader("Retry-After")) <= 300
+    assert procs.stop("dashboard") == 0
+    assert "5 wrong operator tokens from 127.0.0.1 within 60 s" in procs.log("dashboard")
