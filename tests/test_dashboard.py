@@ -3,6 +3,7 @@ sorting and filtering, the series behind the charts, and who may press "ask now"
 
 from __future__ import annotations
 
+import http.client
 import re
 import subprocess
 import sys
@@ -292,3 +293,250 @@ def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPath
             assert page.status_code == 200, (path, page.data[:300])
     finally:
         s.close()
+
+
+@pytest.mark.parametrize(("path", "name", "allowed"), [
+    ("/api/agent/web-01/series?range=bogus", "range", ["15m", "1h", "6h", "24h", "7d"]),
+    ("/api/agent/web-01/series?rnage=6h", "rnage", ["range"]),
+    ("/api/fleet?sort=colour", "sort", ["agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory",
+                                        "disk"]),
+    ("/api/fleet?dir=up", "dir", ["asc", "desc"]),
+    ("/api/fleet?state=asleep", "state", ["", "online", "silent", "offline"]),
+    ("/api/fleet?page=0", "page", None),
+    ("/api/fleet?page=two", "page", None),
+    ("/api/fleet?per=5", "per", None),
+    ("/api/fleet?per=1001", "per", None),
+    ("/api/fleet?q=" + "x" * 101, "q", None),
+    ("/api/fleet?partial=1", "partial", ["dir", "page", "per", "q", "sort", "state"]),
+])
+def test_api_refuses_bad_query_values_naming_the_parameter(tmp_path, store, path, name, allowed) -> None:
+    """Every /api query parameter is checked: a bad value or an unknown parameter gets 400 with a
+    JSON reason naming the parameter and what it may be, never a silent default."""
+    got = client(tmp_path, store).get(path)
+    assert got.status_code == 400 and got.is_json, (path, got.data[:200])
+    doc = got.get_json()
+    assert doc["parameter"] == name and doc["allowed"] == allowed and f"'{name}'" in doc["error"]
+
+
+@pytest.mark.parametrize(("path", "says"), [
+    ("/agent/web-01?range=1y", "'range': '1y' is not one of 15m, 1h, 6h, 24h, 7d"),
+    ("/agent/web-01?partial=yes", "'partial': 'yes' is not one of 0, 1"),
+    ("/?sort=colour", "'sort': 'colour' is not one of agent_id, state"),
+    ("/?per=abc", "'per': 'abc' is not a whole number; it must be one from 10 to 1000"),
+    ("/?page=-1", "'page': -1 is out of range; it must be a whole number of at least 1"),
+    ("/?dir=sideways", "'dir': 'sideways' is not one of asc, desc"),
+    ("/?state=gone", "'state': 'gone' is not one of '', online, silent, offline"),
+    ("/rejected?limit=5", "'limit': is not a parameter of this page; this page takes partial"),
+    ("/healthz?verbose=1", "'verbose': is not a parameter of this page; this page takes none"),
+])
+def test_pages_refuse_bad_query_values_in_plain_text(tmp_path, store, path, says) -> None:
+    """Pages check their query parameters too, and say what is wrong in one plain line."""
+    got = client(tmp_path, store).get(path)
+    assert got.status_code == 400 and got.mimetype == "text/plain", (path, got.data[:200])
+    assert says in got.get_data(as_text=True)
+
+
+def test_good_query_values_and_what_the_pages_send_are_accepted(tmp_path, store) -> None:
+    """What the pages' own links, form and script send (an empty state and filter among them) is accepted."""
+    c = client(tmp_path, store)
+    for path in ("/?q=&state=&sort=agent_id&dir=asc", "/?partial=1&state=online&page=3&per=1000",
+                 "/api/fleet?q=web&state=&sort=disk&dir=desc&page=1&per=10", "/agent/web-01?range=7d&partial=1",
+                 "/api/agent/web-01/series?range=15m", "/rejected?partial=1", "/static/dashboard.js?v=1"):
+        assert c.get(path).status_code == 200, path
+
+
+def test_sign_in_refuses_a_next_that_leaves_the_site(tmp_path, store) -> None:
+    """The sign-in page's `next` must be a path on this site: another site (also written `/\\host`) is refused."""
+    c = client(tmp_path, store, ask_enabled=True, operator_token="s3cret-token")
+    for target in ("https://evil.example/", "//evil.example/", "/\\evil.example/"):
+        got = c.post("/signin", query_string={"next": target}, data={"token": "s3cret-token"})
+        assert got.status_code == 400 and "'next'" in got.get_data(as_text=True), target
+    assert c.post("/signin?next=/rejected", data={"token": "s3cret-token"}).headers["Location"].endswith("/rejected")
+
+
+def signed_in(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, **dashboard: Any) -> tuple[Any, str]:
+    """A test client signed in as an operator, and the CSRF token its pages carry."""
+    c = client(tmp_path, store, asker, ask_enabled=True, operator_token="s3cret-token", **dashboard)
+    assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
+    return c, re.search(r'data-csrf="([^"]+)"', c.get("/agent/web-01").get_data(as_text=True)).group(1)
+
+
+def test_sign_out_ends_the_session_on_the_server(tmp_path, store) -> None:
+    """A copy of the session cookie taken before signing out signs nobody in after it: the page shows
+    no ask button and an ask with the old cookie and its CSRF token is refused."""
+    asker = FakeAsker()
+    c, csrf = signed_in(tmp_path, store, asker)
+    old = c.get_cookie("session").value
+    assert c.post("/signout").status_code == 302 and c.get_cookie("session") is None
+    thief = c.application.test_client()
+    thief.set_cookie("session", old)
+    assert 'id="ask-button"' not in thief.get("/agent/web-01").get_data(as_text=True)
+    assert "operator sign-in" in thief.get("/").get_data(as_text=True)
+    refused = thief.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"X-CSRF-Token": csrf})
+    assert refused.status_code == 403 and asker.asked == []
+
+
+def test_signing_in_again_retires_the_previous_session(tmp_path, store) -> None:
+    """Each sign-in gets a new session id: a cookie from before it (one planted on the browser, say) stops working."""
+    c, _ = signed_in(tmp_path, store)
+    before = c.get_cookie("session").value
+    assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
+    assert 'id="ask-button"' in c.get("/agent/web-01").get_data(as_text=True)
+    stale = c.application.test_client()
+    stale.set_cookie("session", before)
+    assert 'id="ask-button"' not in stale.get("/agent/web-01").get_data(as_text=True)
+
+
+def test_no_page_may_be_framed(tmp_path, store) -> None:
+    """Every response, pages, API, errors and static files alike, forbids framing (X-Frame-Options and
+    CSP frame-ancestors) alongside the rest of the CSP."""
+    c = client(tmp_path, store, ask_enabled=True, operator_token="s3cret-token")
+    for path in ("/", "/agent/web-01", "/api/fleet", "/api/agent/web-01/series", "/signin", "/healthz",
+                 "/static/dashboard.js", "/agent/nobody", "/api/fleet?sort=colour"):
+        got = c.get(path)
+        csp = got.headers["Content-Security-Policy"]
+        assert got.headers["X-Frame-Options"] == "DENY", path
+        assert "frame-ancestors 'none'" in csp and "default-src 'self'" in csp, path
+    assert c.post("/signin", data={"token": "wrong"}).headers["X-Frame-Options"] == "DENY"
+
+
+def sign_in_cookie(c: Any, **kw: Any) -> str:
+    got = c.post("/signin", data={"token": "s3cret-token"}, **kw)
+    assert got.status_code == 302
+    return got.headers["Set-Cookie"]
+
+
+@pytest.mark.parametrize(("secure_cookies", "how", "secure"), [
+    (False, {}, False),
+    (False, {"base_url": "https://dash.example"}, True),
+    (False, {"headers": {"X-Forwarded-Proto": "https"}}, True),
+    (False, {"headers": {"X-Forwarded-Proto": "http"}}, False),
+    (True, {}, True),
+])
+def test_the_sign_in_cookie_is_secure_over_tls_or_when_configured(tmp_path, store, secure_cookies, how,
+                                                                   secure) -> None:
+    """The session cookie is always HttpOnly and SameSite=Strict, and Secure when the request came over
+    HTTPS (directly or as a TLS proxy's X-Forwarded-Proto says) or dashboard.secure_cookies is true."""
+    c = client(tmp_path, store, ask_enabled=True, operator_token="s3cret-token", secure_cookies=secure_cookies)
+    cookie = sign_in_cookie(c, **how)
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    assert ("; Secure" in cookie) is secure, cookie
+    assert ("; Secure" in c.post("/signout", **how).headers["Set-Cookie"]) is secure  # the clearing one matches
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttled(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None) -> tuple[Any, FakeClock]:
+    """A dashboard with asking on whose wrong-token counter reads a fake clock."""
+    app = create_app(config(tmp_path, ask_enabled=True, operator_token="s3cret-token"), store, asker or FakeAsker())
+    clock = FakeClock()
+    app.extensions["fleet_operators"].wrong_tokens.clock = clock
+    return app, clock
+
+
+def from_address(address: str) -> dict[str, Any]:
+    return {"environ_base": {"REMOTE_ADDR": address}}
+
+
+def test_wrong_tokens_lock_the_address_out_for_a_while(tmp_path, store, caplog) -> None:
+    """Five wrong tokens within a minute from one address: every token from it, the right one too,
+    gets 429 with Retry-After for five minutes, with one log line; other addresses still sign in."""
+    app, clock = throttled(tmp_path, store)
+    c = app.test_client()
+    guesser = from_address("192.0.2.7")
+    for n in range(5):
+        clock.now += 5
+        assert c.post("/signin", data={"token": f"guess-{n}"}, **guesser).status_code == 401
+    locked = c.post("/signin", data={"token": "s3cret-token"}, **guesser)
+    assert locked.status_code == 429 and locked.headers["Retry-After"] == "300"
+    assert "too many wrong operator tokens from 192.0.2.7: try again in 300 s" in locked.get_data(as_text=True)
+    assert locked.headers["X-Frame-Options"] == "DENY"
+    assert app.test_client().post("/signin", data={"token": "s3cret-token"},
+                                  **from_address("198.51.100.1")).status_code == 302
+    lockouts = [r.getMessage() for r in caplog.records if "wrong operator tokens" in r.getMessage()]
+    assert lockouts == ["5 wrong operator tokens from 192.0.2.7 within 60 s: refusing its tokens for 300 s"]
+    clock.now += 200
+    assert c.post("/signin", data={"token": "s3cret-token"}, **guesser).headers["Retry-After"] == "100"
+    clock.now += 101
+    assert c.post("/signin", data={"token": "s3cret-token"}, **guesser).status_code == 302
+
+
+def test_wrong_tokens_spread_wider_than_the_window_do_not_lock_out(tmp_path, store) -> None:
+    """Only wrong tokens within the window count: four, a pause of a minute, four more, and the right one works."""
+    app, clock = throttled(tmp_path, store)
+    c = app.test_client()
+    for n in range(8):
+        clock.now += 61 if n == 4 else 1
+        assert c.post("/signin", data={"token": "nope"}).status_code == 401
+    assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
+
+
+def test_wrong_bearer_tokens_count_and_get_a_json_429(tmp_path, store) -> None:
+    """Wrong bearer tokens count as wrong tokens too, once per request; once locked out an API call with
+    a bearer token gets 429, JSON and Retry-After, and asks nothing, while other addresses still may."""
+    asker = FakeAsker()
+    app, _ = throttled(tmp_path, store, asker)
+    c = app.test_client()
+    for n in range(5):
+        got = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"Authorization": f"Bearer bad-{n}"})
+        assert got.status_code == 403, n
+    locked = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"Authorization": "Bearer s3cret-token"})
+    assert locked.status_code == 429 and locked.headers["Retry-After"] == "300"
+    assert locked.get_json() == {"error": "too many wrong operator tokens from 127.0.0.1: try again in 300 s",
+                                 "retry_after_s": 300}
+    assert c.get("/").status_code == 200  # without a token the pages are still there
+    other = c.post("/api/agent/web-01/ask", json={"type": "cpu"}, headers={"Authorization": "Bearer s3cret-token"},
+                   **from_address("198.51.100.1"))
+    assert other.status_code == 200 and asker.asked == [("web-01", "cpu", None)]
+
+
+def test_the_served_dashboard_checks_queries_ends_sessions_and_limits_tokens(tmp_path, store, procs) -> None:
+    """The real fleet-dashboard process, over HTTP: a bad range gets a JSON 400, every response forbids
+    framing, dashboard.secure_cookies (from the environment) makes the cookie Secure, a cookie replayed
+    after sign-out signs nobody in, and wrong tokens end in 429 with Retry-After."""
+    port = free_port()
+    env = {"FLEET_PERSISTER_SQLITE_PATH": str(tmp_path / "fleet.db"), "FLEET_DASHBOARD_PORT": str(port),
+           "FLEET_DASHBOARD_ASK_ENABLED": "true", "FLEET_DASHBOARD_OPERATOR_TOKEN": "s3cret-token",
+           "FLEET_DASHBOARD_SECURE_COOKIES": "true"}
+    procs.start("dashboard", "fleet-dashboard", env=env)
+
+    def call(method: str, path: str, body: str | None = None, cookie: str = "") -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        headers = {"Content-Type": "application/x-www-form-urlencoded", **({"Cookie": cookie} if cookie else {})}
+        conn.request(method, path, body, headers)
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp
+
+    def answers() -> bool:
+        try:
+            return call("GET", "/healthz").status == 200
+        except OSError:
+            return False
+
+    wait_for(answers, 20, what="the dashboard to answer /healthz")
+    bad = call("GET", "/api/agent/web-01/series?range=bogus")
+    assert bad.status == 400 and bad.getheader("Content-Type") == "application/json"
+    assert bad.getheader("X-Frame-Options") == "DENY" and "frame-ancestors 'none'" in bad.getheader(
+        "Content-Security-Policy")
+    signed = call("POST", "/signin", "token=s3cret-token")
+    assert signed.status == 302 and "; Secure" in signed.getheader("Set-Cookie")
+    cookie = signed.getheader("Set-Cookie").split(";")[0]
+    assert "sign out" in urllib.request.urlopen(urllib.request.Request(
+        f"http://127.0.0.1:{port}/", headers={"Cookie": cookie}), timeout=10).read().decode()
+    assert call("POST", "/signout", cookie=cookie).status == 302
+    replayed = urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", headers={"Cookie": cookie}),
+                                      timeout=10).read().decode()
+    assert "sign out" not in replayed and "operator sign-in" in replayed
+    assert [call("POST", "/signin", f"token=guess-{n}").status for n in range(5)] == [401] * 5
+    locked = call("POST", "/signin", "token=s3cret-token")
+    assert locked.status == 429 and 295 <= int(locked.getheader("Retry-After")) <= 300
+    assert procs.stop("dashboard") == 0
+    assert "5 wrong operator tokens from 127.0.0.1 within 60 s" in procs.log("dashboard")

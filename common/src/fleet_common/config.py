@@ -225,6 +225,7 @@ class DashboardConfig:
     operator_token: str | None = None
     mqtt_username: str | None = None
     mqtt_password: str | None = None
+    secure_cookies: bool = False  # served over HTTPS by a proxy: browsers send the sign-in cookie only over HTTPS
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)

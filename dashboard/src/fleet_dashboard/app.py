@@ -10,7 +10,8 @@ import secrets
 import time
 from typing import Any, Callable
 
-from flask import Flask, abort, jsonify, redirect, render_template, request, session, url_for
+from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
+from flask.sessions import SecureCookieSessionInterface
 from werkzeug.wrappers.response import Response as HttpResponse
 
 from fleet_common.ask import NoAnswer, ask
@@ -21,12 +22,20 @@ from fleet_common.timefmt import ago
 from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
 
-from .data import RANGES_S, SORT_KEYS, Fleet, FleetQuery
-from .operators import operators
+from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery
+from .operators import TooManyWrongTokens, operators
+from .query import PARTIAL, BadQuery, check_names, choice, local_path
 
 Asker = Callable[[Config, str, str, float], Response]
 log = logging.getLogger("fleet.dashboard")
 NONE = "\u2013"  # an en dash for "no value"
+# no other site may frame a page: a framed sign-in or "ask now" button could be clicked unawares
+CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+# the query parameters each endpoint takes; every other is refused (static files are not checked)
+TAKES: dict[str, tuple[str, ...]] = {
+    "fleet_page": (*FLEET_PARAMS, "partial"), "fleet_json": FLEET_PARAMS, "agent_page": ("range", "partial"),
+    "agent_series": ("range",), "ask_now": (), "rejected_page": ("partial",), "sign_in": ("next",),
+    "sign_out": (), "health": ()}
 
 
 def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
@@ -59,10 +68,25 @@ def size(value: Any) -> str:
     return str(value)
 
 
+class SessionCookies(SecureCookieSessionInterface):
+    """The sign-in cookie is Secure (a browser sends it over HTTPS only) when this request came over
+    HTTPS: directly, or through a TLS proxy that says so in X-Forwarded-Proto; or always, with
+    dashboard.secure_cookies. Believing the header unchecked is safe: at worst a client that lies
+    gets a cookie its own browser will not send back over plain HTTP."""
+
+    def __init__(self, always: bool) -> None:
+        self.always = always
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        return self.always or request.is_secure or forwarded == "https"
+
+
 def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> Flask:
     app = Flask(__name__)
     app.config.update(SECRET_KEY=secrets.token_bytes(32), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict")
+    app.session_interface = SessionCookies(cfg.dashboard.secure_cookies)
     app.json.sort_keys = False  # type: ignore[attr-defined]  # series lines keep their order (fullest disk first)
     fleet = Fleet(store, cfg)
     ops = operators(cfg.dashboard)
@@ -70,14 +94,36 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
     app.jinja_env.filters.update(ago=ago, pct=pct, ms=ms, size=size,
                                  tojson_pretty=lambda v: json.dumps(v, indent=2, ensure_ascii=False))
     app.extensions["fleet"] = fleet
+    app.extensions["fleet_operators"] = ops
 
     @app.context_processor
     def common() -> dict[str, Any]:
         return {"refresh_s": cfg.dashboard.refresh_s, "ops": ops, "is_operator": ops.is_operator(),
                 "csrf": ops.csrf(), "store_kind": cfg.persister.store}
 
+    @app.before_request
+    def known_parameters() -> None:
+        if request.endpoint in TAKES:
+            check_names(request.args, TAKES[request.endpoint])
+
+    @app.errorhandler(BadQuery)
+    def bad_query(exc: BadQuery) -> Any:
+        if request.path.startswith("/api/"):
+            return jsonify(exc.to_dict()), 400
+        return HttpResponse(str(exc) + "\n", 400, mimetype="text/plain")
+
+    @app.errorhandler(TooManyWrongTokens)
+    def locked_out(exc: TooManyWrongTokens) -> Any:
+        retry = {"Retry-After": str(exc.retry_after_s)}
+        if request.path.startswith("/api/"):
+            return jsonify(error=str(exc), retry_after_s=exc.retry_after_s), 429, retry
+        return HttpResponse(str(exc) + "\n", 429, retry, mimetype="text/plain")
+
     def partial() -> bool:
-        return request.args.get("partial") == "1"
+        return choice(request.args, "partial", PARTIAL, "0") == "1"
+
+    def range_key() -> str:
+        return choice(request.args, "range", tuple(RANGES_S), "1h")
 
     @app.get("/")
     def fleet_page() -> str:
@@ -100,17 +146,15 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
     @app.get("/agent/<agent_id>")
     def agent_page(agent_id: str) -> str:
         agent = known_agent(agent_id)
-        range_key = request.args.get("range", "1h")
-        range_key = range_key if range_key in RANGES_S else "1h"
         context = {"agent": agent, "os_info": fleet.newest(agent_id, "os_info"),
                    "processes": fleet.newest(agent_id, "processes"), "recent": fleet.recent(agent_id),
-                   "ranges": RANGES_S, "range_key": range_key, "ask_types": sorted(agent.types or ["ping"])}
+                   "ranges": RANGES_S, "range_key": range_key(), "ask_types": sorted(agent.types or ["ping"])}
         return render_template("_agent.html" if partial() else "agent.html", **context)
 
     @app.get("/api/agent/<agent_id>/series")
     def agent_series(agent_id: str) -> Any:
+        range_s = RANGES_S[range_key()]
         known_agent(agent_id)
-        range_s = RANGES_S.get(request.args.get("range", "1h"), 3600)
         return jsonify(fleet.series(agent_id, range_s))
 
     @app.post("/api/agent/<agent_id>/ask")
@@ -141,17 +185,16 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
         if not ops.enabled:
             abort(404)
         failed = False
+        target = local_path(request.args, "next")  # checked before the token, so a bad link fails at once
         if request.method == "POST":
             if ops.sign_in(request.form.get("token", "")):
-                target = request.args.get("next", "")
-                return redirect(target if target.startswith("/") and not target.startswith("//") else url_for(
-                    "fleet_page"))
+                return redirect(target or url_for("fleet_page"))
             failed = True
         return render_template("signin.html", failed=failed), 401 if failed else 200
 
     @app.post("/signout")
     def sign_out() -> HttpResponse:
-        session.clear()
+        ops.sign_out()
         return redirect(url_for("fleet_page"))
 
     @app.get("/healthz")
@@ -164,8 +207,8 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
 
     @app.after_request
     def headers(resp: HttpResponse) -> HttpResponse:
-        resp.headers.setdefault("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; "
-                                "style-src 'self' 'unsafe-inline'")
+        resp.headers.setdefault("Content-Security-Policy", CSP)
+        resp.headers.setdefault("X-Frame-Options", "DENY")  # for browsers that predate frame-ancestors
         resp.headers.setdefault("X-Content-Type-Options", "nosniff")
         resp.headers.setdefault("Referrer-Policy", "same-origin")
         return resp

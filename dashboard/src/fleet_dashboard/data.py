@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,7 +14,10 @@ from fleet_common.config import Config
 from fleet_common.timefmt import parse_iso
 from fleet_store import AgentRecord, RequestRecord, Stats, StoreReader
 
+from .query import choice, integer, text
+
 STATES = ("online", "silent", "offline")
+FLEET_PARAMS = ("q", "state", "sort", "dir", "page", "per")
 SORT_KEYS = ("agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory", "disk")
 RANGES_S = {"15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800}
 MAX_POINTS = 10000
@@ -61,12 +64,12 @@ class FleetQuery:
     per_page: int = 100
 
     @classmethod
-    def from_args(cls, args: Any) -> FleetQuery:
-        sort = args.get("sort", "agent_id")
-        state = args.get("state", "")
-        return cls(q=args.get("q", "").strip()[:100], state=state if state in STATES else "",
-                   sort=sort if sort in SORT_KEYS else "agent_id", desc=args.get("dir") == "desc",
-                   page=max(1, _int(args.get("page"), 1)), per_page=min(1000, max(10, _int(args.get("per"), 100))))
+    def from_args(cls, args: Mapping[str, str]) -> FleetQuery:
+        """The query from `?q=&state=&sort=&dir=&page=&per=`; a value it cannot use raises BadQuery."""
+        return cls(q=text(args, "q", 100).strip(), state=choice(args, "state", ("", *STATES), ""),
+                   sort=choice(args, "sort", SORT_KEYS, "agent_id"),
+                   desc=choice(args, "dir", ("asc", "desc"), "asc") == "desc",
+                   page=integer(args, "page", 1, 1), per_page=integer(args, "per", 100, 10, 1000))
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,6 @@ class Series:
 
     def to_dict(self) -> dict[str, Any]:
         return {"t": self.t, "lines": self.lines}
-
-
-def _int(text: str | None, default: int) -> int:
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
 
 
 def _number(value: Any) -> float | None:
