@@ -7,12 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DISTS  := common agent controller store persister fleetctl sim dashboard
 
-.PHONY: run test test-fast lint typecheck unit bench clean deps lock mosquitto chromium asyncapi
+.PHONY: run test test-fast lint typecheck unit docs bench clean deps lock mosquitto chromium asyncapi
 
 run: deps
 	$(BIN)/fleetctl up
 
-test: deps lint typecheck unit
+test: deps lint typecheck docs unit
 
 # The unit and contract tests alone (no broker, no processes started): well under a minute.
 test-fast: deps
@@ -23,6 +23,11 @@ lint: deps
 
 typecheck: deps
 	$(BIN)/mypy
+
+# The pages in docs/ as a site in site/ (git-ignored); --strict turns a broken link, a missing
+# anchor or a page left out of mkdocs.yml's nav into a failure.
+docs: deps
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # The dashboard's browser tests drive Debian's Chromium, and docs/asyncapi.yaml is validated with the
 # official AsyncAPI parser (npm): both installed when we may, else their tests skip saying why.
@@ -60,4 +65,4 @@ bench: deps
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache tools/asyncapi/node_modules tools/asyncapi/.unavailable
+	rm -rf $(VENV) data site .pytest_cache .mypy_cache .ruff_cache tools/asyncapi/node_modules tools/asyncapi/.unavailable

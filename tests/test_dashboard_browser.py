@@ -3,7 +3,7 @@ agents and dashboard as processes, every type asked each second).
 
 Needs Debian's chromium and chromium-driver (`make test` installs them through
 scripts/ensure-chromium.sh); without them these tests are skipped, saying why. Set
-FLEET_TEST_SCREENSHOTS=docs/img to refresh the README's screenshots from a run.
+FLEET_TEST_SCREENSHOTS=docs/img to refresh the screenshots in docs/dashboard.md from a run.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_fleet_agent_and_rejected_pages_in_a_browser(tmp_path, broker, prefix, w
     wait_page(lambda: all(points(n) >= 3 for n in ("cpu", "memory", "disk", "network")), 40, interval_s=0.5,
              what="every chart drawn with at least 3 data points")
     assert browser.find_elements(By.CSS_SELECTOR, "#chart-cpu canvas")
-    if os.environ.get("FLEET_TEST_SCREENSHOTS"):  # a fuller chart for the README
+    if os.environ.get("FLEET_TEST_SCREENSHOTS"):  # a fuller chart for docs/dashboard.md
         wait_page(lambda: points("cpu") >= 20, 60, interval_s=1, what="20 CPU points")
     wait_page(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#processes tbody tr")) > 3, 20,
              what="the process list")

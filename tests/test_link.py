@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("conf", sorted((ROOT / "broker_config").glob("*.conf")), ids=lambda p: p.name)
 def test_every_broker_config_sends_packets_at_once(conf: Path) -> None:
     """Nagle's algorithm on at the broker held each small packet for the client's delayed ACK: a
-    request and its answer took 87 ms on loopback instead of 0.4 ms (README, "Sizing")."""
+    request and its answer took 87 ms on loopback instead of 0.4 ms (docs/sizing.md)."""
     lines = [line.split("#")[0].split() for line in conf.read_text(encoding="utf-8").splitlines()]
     assert ["set_tcp_nodelay", "true"] in lines
 

@@ -472,7 +472,7 @@ def test_whatever_the_order_each_record_is_its_requests_and_holds_only_its_agent
     answers, wrong types, duplicates): each record ends as its request's, holding its own agent's answer
     or none, and every foreign answer is a dead letter. The own answer is stored whenever it arrives with
     or after the request, or before it with no other sender's answer ahead of it (the one case the order
-    decides: two senders answering one id before its request, see README "Bad input")."""
+    decides: two senders answering one id before its request, see docs/reliability.md, "Bad input")."""
     owners, order, cuts = case
     tag = uuid.uuid4().hex[:6]  # the store fixture lives across examples: ids of their own
     batch, batch_no, arrived = Batch(), 0, []

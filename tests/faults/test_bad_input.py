@@ -421,7 +421,7 @@ def test_thousands_of_bad_messages_do_not_grow_memory(tmp_path: Path, procs: Pro
     high-water mark (paho holding thousands of answers until their PUBACKs, and the allocator
     keeping what it freed); a leak would keep growing after it, a high-water mark does not."""
     # not saving on every change: with a burst of 20000 messages queued, each save rewrites megabytes
-    # and the broker, not the processes under test, becomes the bottleneck (README, "Reliability")
+    # and the broker, not the processes under test, becomes the bottleneck (docs/reliability.md)
     stack, stop = start_stack(tmp_path, procs, "autosave_on_changes false\nautosave_interval 60\n")
     # a client on <prefix>/# would lag behind tens of thousands of messages, and the broker, saving
     # on every change, would rewrite everything queued for it: listen for the answers to pings only

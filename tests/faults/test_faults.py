@@ -133,7 +133,7 @@ def test_2_broker_sigkill_restart_from_persistence(tmp_path: Path, procs: Procs,
         prefix, db = new_prefix(), tmp_path / "fleet.db"
         # Mosquitto 2.0 does not restore shared subscriptions from its persistence file, so a
         # broker crash loses what is published before the persister resubscribes; one
-        # persister therefore subscribes plainly (README, "Reliability").
+        # persister therefore subscribes plainly (docs/reliability.md).
         cfg = write_config(tmp_path, "stack", broker.port, prefix, controller={"schedule": {"ping": 1}},
                            persister={"shared_subscription": False})
         procs.start("persister", "fleet-persister", "--config", str(cfg))
@@ -455,4 +455,4 @@ def test_mosquitto_restores_plain_but_not_shared_subscriptions_after_a_crash(tmp
     plain = _broker_restart_then_publish(tmp_path / "plain", "x/#")
     shared = _broker_restart_then_publish(tmp_path / "shared", "$share/g/x/#")
     assert plain == [f"after{i}".encode() for i in range(5)]
-    assert shared == [], "Mosquitto now restores shared subscriptions: the README's caveat can go"
+    assert shared == [], "Mosquitto now restores shared subscriptions: the caveat in docs/reliability.md can go"
