@@ -12,7 +12,7 @@ from typing import Callable
 
 from fleet_common import compat
 from fleet_common.ask import ask
-from fleet_common.cli import base_parser, load, run_main, stop_event
+from fleet_common.cli import base_parser, globals_after_subcommands, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
 from fleet_store import open_store
@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port to listen on (default dashboard.port)")
 
     add_provision_parsers(sub)
+    globals_after_subcommands(sub)
     return p
 
 

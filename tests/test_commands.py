@@ -1,0 +1,64 @@
+"""The commands a new user types: global options anywhere, config errors in one line, refused
+arguments, requests to unknown or offline agents, read-only commands that create nothing."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import BIN
+
+from fleetctl.cli import parser
+
+SERVICES = ("fleet-agent", "fleet-controller", "fleet-persister", "fleet-sim", "fleet-dashboard")
+# one harmless argument each service takes, so the global options come after something
+SERVICE_ARG = {"fleet-agent": "--check", "fleet-controller": "--check", "fleet-persister": "--check",
+               "fleet-sim": "--agents=1", "fleet-dashboard": "--check"}
+
+
+def run(command: str, *args: str, cwd: Path | None = None, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / command), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def bad_config(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("mqtt:\n  prot: 1883\n")
+    return path
+
+
+def positionals(name: str) -> list[str]:
+    """Placeholder values for a subcommand's required arguments (positional, or options such as --role)."""
+    sub = parser()._subparsers._group_actions[0].choices[name]  # type: ignore[union-attr]
+    values: list[str] = []
+    for action in sub._actions:
+        if action.required:
+            value = str(action.choices[0]) if action.choices else "x"  # type: ignore[index]
+            values += [action.option_strings[0], value] if action.option_strings else [value]
+    return values
+
+
+def test_global_options_parse_before_or_after_every_fleetctl_subcommand() -> None:
+    """Every fleetctl subcommand takes --config/--log-level/--log-format after its name too."""
+    names = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in names:
+        opts = ["--config", "c.yaml", "--log-level", "debug", "--log-format", "json"]
+        for argv in ([*opts, name, *positionals(name)], [name, *positionals(name), *opts]):
+            args = parser().parse_args(argv)
+            assert (args.config, args.log_level, args.log_format) == ("c.yaml", "debug", "json"), (name, argv)
+        args = parser().parse_args([name, *positionals(name)])
+        assert args.config is None and args.log_level is None, name
+
+
+def test_config_after_the_subcommand_is_read_by_fleetctl(tmp_path) -> None:
+    """`fleetctl status --config X` reads X (here a bad key, so it stops naming it)."""
+    done = run("fleetctl", "status", "--config", str(bad_config(tmp_path)), "--log-level", "error", cwd=tmp_path)
+    assert done.returncode == 2 and "mqtt.prot" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("command", SERVICES)
+def test_config_after_other_options_is_read_by_every_service(tmp_path, command) -> None:
+    """Each service reads --config and the log options wherever they stand on its command line."""
+    done = run(command, SERVICE_ARG[command], "--log-format", "json", "--log-level", "error",
+               "--config", str(bad_config(tmp_path)), cwd=tmp_path)
+    assert done.returncode == 2 and "mqtt.prot" in done.stderr, (command, done.stderr)
