@@ -62,3 +62,32 @@ def test_config_after_other_options_is_read_by_every_service(tmp_path, command) 
     done = run(command, SERVICE_ARG[command], "--log-format", "json", "--log-level", "error",
                "--config", str(bad_config(tmp_path)), cwd=tmp_path)
     assert done.returncode == 2 and "mqtt.prot" in done.stderr, (command, done.stderr)
+
+
+FIVE = ("fleetctl", "fleet-agent", "fleet-controller", "fleet-persister", "fleet-dashboard")
+FIVE_ARGS = {"fleetctl": ["status"], "fleet-agent": ["--check"], "fleet-controller": ["--check"],
+             "fleet-persister": ["--check"], "fleet-dashboard": ["--check"]}
+
+
+def broken_configs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (a config path that cannot be used, what the one line must say)."""
+    folder = tmp_path / "conf.d"
+    folder.mkdir()
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"mqtt:\n  host: caf\xe9\n")
+    yaml_error = tmp_path / "indent.yaml"
+    yaml_error.write_text("mqtt:\n  port: 1883\n host: x\n")
+    return {"directory": (folder, f"file {folder}: is a directory"),
+            "not utf-8": (latin1, f"file {latin1}: is not UTF-8"),
+            "yaml": (yaml_error, f"file {yaml_error}, line 3: ")}
+
+
+@pytest.mark.parametrize("command", FIVE)
+def test_an_unusable_config_file_is_one_line_naming_it_in_every_command(tmp_path, command) -> None:
+    """A directory, a non-UTF-8 file or bad YAML as --config: one line naming the file (and the
+    line), exit 2, no traceback."""
+    for kind, (path, says) in broken_configs(tmp_path).items():
+        done = run(command, *FIVE_ARGS[command], "--config", str(path), cwd=tmp_path)
+        assert done.returncode == 2, (command, kind, done.stderr)
+        assert done.stderr.startswith(f"{command}: {says}"), (command, kind, done.stderr)
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, (command, kind, done.stderr)
