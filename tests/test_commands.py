@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import BIN
 
+from fleet_common.config import load_config
+from fleet_store import open_store
 from fleetctl.cli import parser
 
 SERVICES = ("fleet-agent", "fleet-controller", "fleet-persister", "fleet-sim", "fleet-dashboard")
@@ -91,3 +93,29 @@ def test_an_unusable_config_file_is_one_line_naming_it_in_every_command(tmp_path
         assert done.returncode == 2, (command, kind, done.stderr)
         assert done.stderr.startswith(f"{command}: {says}"), (command, kind, done.stderr)
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, (command, kind, done.stderr)
+
+
+def store_config(tmp_path: Path, create: bool = True) -> Path:
+    """A config whose SQLite store is tmp_path/fleet.db, created (empty) when `create`."""
+    cfg = tmp_path / "store.yaml"
+    cfg.write_text(f"persister:\n  sqlite_path: {tmp_path / 'fleet.db'}\n")
+    if create:
+        open_store(load_config(str(cfg), env={}).persister).close()
+    return cfg
+
+
+def test_history_of_an_unknown_type_fails_listing_the_known_ones(tmp_path) -> None:
+    """`fleetctl history AGENT cpuu` exits non-zero and lists the known types."""
+    cfg = store_config(tmp_path)
+    done = run("fleetctl", "history", "web-01", "cpuu", "--config", str(cfg), cwd=tmp_path)
+    assert done.returncode != 0 and "unknown type 'cpuu'" in done.stderr, done.stderr
+    assert "cpu, disk, memory, network, os_info, ping, processes" in done.stderr
+    assert run("fleetctl", "history", "web-01", "cpu", "--config", str(cfg), cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "many"])
+def test_history_refuses_a_limit_below_one(tmp_path, limit) -> None:
+    """--limit 0, a negative or a non-number is refused by the argument parser (exit 2)."""
+    done = run("fleetctl", "history", "web-01", "cpu", f"--limit={limit}", "--config", str(store_config(tmp_path)),
+               cwd=tmp_path)
+    assert done.returncode == 2 and "argument --limit" in done.stderr, done.stderr

@@ -37,6 +37,17 @@ def installed_command(name: str) -> Command | None:
     return None
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = base_parser("fleetctl", "Run and query the fleet telemetry system.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -61,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("history", help="stored results of one agent and type, newest first")
     s.add_argument("agent")
     s.add_argument("type")
-    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--limit", type=positive_int, default=20, help="newest N results (default 20)")
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     s = sub.add_parser("dashboard", help="serve the read-only web dashboard (needs fleet-dashboard installed)")
@@ -99,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "history":
         store = open_store(cfg.persister)
         try:
+            known = views.known_types(store, args.agent)
+            if args.type not in known:
+                raise FleetError(f"unknown type {args.type!r}; known types: {', '.join(sorted(known))}")
             records = store.history(args.agent, args.type, limit=args.limit)
         finally:
             store.close()

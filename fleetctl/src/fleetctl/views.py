@@ -12,7 +12,7 @@ from typing import Any, Callable, TextIO
 
 from fleet_common import health
 from fleet_common.brokerwatch import ADVICE
-from fleet_common.config import Config
+from fleet_common.config import BUILTIN_TYPES, Config
 from fleet_common.timefmt import ago
 from fleet_store import open_store
 
@@ -136,6 +136,12 @@ def summarise(type_: str, data: dict[str, Any] | None) -> str:
     except (KeyError, TypeError, ValueError):
         pass
     return json.dumps(data)[:80]
+
+
+def known_types(store: Any, agent_id: str) -> set[str]:
+    """The types `history` can show: the built-in ones, those the agent advertises, and any the store holds."""
+    advertised = [t for a in store.agents() if a.agent_id == agent_id for t in (a.types or [])]
+    return {*BUILTIN_TYPES, *advertised, *store.type_counts()}
 
 
 def render_history(records: list[Any], as_json: bool) -> str:
