@@ -3,11 +3,14 @@ arguments, requests to unknown or offline agents, read-only commands that create
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN
+from conftest import BIN, wait_for
 
 from fleet_common.config import load_config
 from fleet_store import open_store
@@ -119,3 +122,67 @@ def test_history_refuses_a_limit_below_one(tmp_path, limit) -> None:
     done = run("fleetctl", "history", "web-01", "cpu", f"--limit={limit}", "--config", str(store_config(tmp_path)),
                cwd=tmp_path)
     assert done.returncode == 2 and "argument --limit" in done.stderr, done.stderr
+
+
+def request(cfg: Path, *args: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    done = run("fleetctl", "request", *args, "--config", str(cfg), cwd=cfg.parent)
+    return done, time.monotonic() - started
+
+
+def start_agent(procs, cfg: Path, agent_id: str) -> None:
+    procs.start(agent_id, "fleet-agent", "--config", str(cfg), "--id", agent_id)
+    wait_for(lambda: request(cfg, agent_id, "ping", "--timeout", "2")[0].returncode == 0, 30,
+             what=f"agent {agent_id} to answer")
+
+
+def test_request_to_an_agent_never_seen_fails_at_once_naming_known_agents(write_config, procs) -> None:
+    """An agent with no retained status: refused within a second of connecting, naming the known agents."""
+    cfg = write_config()
+    start_agent(procs, cfg, "known-1")
+    done, took = request(cfg, "nosuchagent", "cpu", "--timeout", "10")
+    assert done.returncode != 0 and took < 3, (took, done.stderr)
+    assert "agent 'nosuchagent' has never connected" in done.stderr, done.stderr
+    assert "known agents: known-1 (online)" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_request_to_an_offline_agent_says_it_waits_at_the_broker_until_it_expires(write_config, procs) -> None:
+    """An agent that said goodbye: told apart from a slow one, with how long the request waits at the broker."""
+    cfg = write_config()
+    start_agent(procs, cfg, "gone-1")
+    assert procs.stop("gone-1") == 0
+    done, _ = request(cfg, "gone-1", "cpu", "--timeout", "1.5")
+    assert done.returncode != 0, done.stderr
+    assert "agent 'gone-1' is offline" in done.stderr and "waits at the broker until it expires, 1.5 s" \
+        in done.stderr, done.stderr
+    assert "it is offline" in done.stderr and "expired at the broker" in done.stderr, done.stderr
+
+
+def test_request_to_an_online_agent_that_does_not_answer_says_it_is_online(broker, prefix, write_config) -> None:
+    """An agent whose status says online but that does not answer: 'online', not 'offline' or 'never seen'."""
+    cfg = write_config()
+    status = json.dumps({"v": 1, "agent_id": "mute-1", "online": True, "ts": "2026-01-01T00:00:00.000Z"})
+    subprocess.run([shutil.which("mosquitto_pub") or "mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port),
+                    "-r", "-q", "1", "-t", f"{prefix}/mute-1/status", "-m", status], check=True, timeout=10)
+    done, _ = request(cfg, "mute-1", "cpu", "--timeout", "1")
+    assert done.returncode != 0 and "though it is online" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "soon"])
+def test_request_refuses_a_timeout_that_is_not_above_zero(tmp_path, timeout) -> None:
+    """--timeout 0, negative or not a number: refused by the argument parser, not 'cannot reach the broker'."""
+    done = run("fleetctl", "request", "web-01", "cpu", f"--timeout={timeout}", cwd=tmp_path)
+    assert done.returncode == 2 and "argument --timeout" in done.stderr, done.stderr
+    assert "cannot reach" not in done.stderr
+
+
+def test_request_is_quiet_on_stderr_unless_asked(write_config, procs) -> None:
+    """A successful request prints no INFO connect/disconnect lines, even with log.level debug in the
+    config; --log-level info brings them back."""
+    cfg = write_config()
+    start_agent(procs, cfg, "quiet-1")
+    done, _ = request(cfg, "quiet-1", "ping")
+    assert done.returncode == 0 and done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith("answered in "), done.stderr
+    done, _ = request(cfg, "quiet-1", "ping", "--log-level", "info")
+    assert done.returncode == 0 and "connected to broker" in done.stderr, done.stderr

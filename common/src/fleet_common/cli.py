@@ -37,9 +37,10 @@ def globals_after_subcommands(subparsers: argparse._SubParsersAction) -> None:  
         add_global_options(sub, default=argparse.SUPPRESS)
 
 
-def load(args: argparse.Namespace, prog: str) -> Config:
+def load(args: argparse.Namespace, prog: str, level: str | None = None) -> Config:
+    """The config of --config; logging set up at --log-level, else `level`, else log.level."""
     cfg = load_config(args.config)
-    level = args.log_level or cfg.log.level
+    level = args.log_level or level or cfg.log.level
     fmt = args.log_format or cfg.log.format
     setup_logging(level, fmt, prog)
     return cfg

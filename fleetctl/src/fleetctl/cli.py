@@ -25,6 +25,7 @@ from .provision import add_provision_parsers, run_provision
 # time, so fleetctl does not import, or depend on, what it offers to run.
 COMMANDS = "fleetctl.commands"
 Command = Callable[[Config, argparse.Namespace], int]
+SERVICE_COMMANDS = ("up", "dashboard")
 INSTALL_DASHBOARD = "install it with 'pip install ./dashboard' (or 'make run', which installs every part)"
 
 
@@ -48,6 +49,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = base_parser("fleetctl", "Run and query the fleet telemetry system.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -67,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("agent")
     s.add_argument("type")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter (repeatable)")
-    s.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    s.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
+                   help="wait this long for the answer; the request expires at the broker then (default 10)")
 
     s = sub.add_parser("history", help="stored results of one agent and type, newest first")
     s.add_argument("agent")
@@ -86,7 +99,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = load(args, "fleetctl")
+    # a command that answers and exits is quiet (warnings and errors only) unless --log-level says
+    # otherwise; `up` and `dashboard` run services, which log at the configured level
+    cfg = load(args, "fleetctl", None if args.command in SERVICE_COMMANDS else "warning")
     compat.apply()
     if args.command == "up":
         extra = [f"--log-level={args.log_level}"] if args.log_level else []
@@ -103,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "request":
         started = time.monotonic()
-        res = ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout)
+        res = ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout,
+                  notice=lambda text: print(f"fleetctl: {text}", file=sys.stderr, flush=True))
         print(json.dumps(res.to_dict(), indent=2))
         print(f"answered in {(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr)
         return 0 if res.status == "ok" else 1
