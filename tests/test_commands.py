@@ -13,6 +13,7 @@ import pytest
 from conftest import BIN, wait_for
 
 from fleet_common.config import load_config
+from fleet_common.link import SHORT_LIVED_IN_A_ROW
 from fleet_store import open_store
 from fleetctl.cli import parser
 
@@ -186,3 +187,39 @@ def test_request_is_quiet_on_stderr_unless_asked(write_config, procs) -> None:
     assert done.stderr.startswith("answered in "), done.stderr
     done, _ = request(cfg, "quiet-1", "ping", "--log-level", "info")
     assert done.returncode == 0 and "connected to broker" in done.stderr, done.stderr
+
+
+def test_two_agents_with_one_id_back_off_instead_of_fighting(write_config, procs) -> None:
+    """The agent whose session is taken over (MQTT 5 reason 142) says so once, with what to do, and
+    backs off: no stream of reconnects and lost connections."""
+    cfg = write_config()
+    start_agent(procs, cfg, "twin")
+    procs.start("twin-2", "fleet-agent", "--config", str(cfg), "--id", "twin")
+    wait_for(lambda: "took the session over" in procs.log("twin") + procs.log("twin-2"), 15,
+             what="a twin to report the takeover")
+    time.sleep(6)  # two agents fighting over an id swap about once a second
+    logs = procs.log("twin") + procs.log("twin-2")
+    assert logs.count("took the session over") == 1, logs
+    assert "give each client its own id" in logs and "agent.id" in logs
+    # Mosquitto 2.0.11 closes the older connection without a DISCONNECT 142: the link takes a second
+    # loss within seconds of connecting for a takeover, so a few warnings come first, not dozens
+    assert logs.count("lost connection") <= SHORT_LIVED_IN_A_ROW * 2, logs
+
+
+def test_reason_142_is_reported_as_a_takeover_with_a_long_backoff(caplog) -> None:
+    """A DISCONNECT with reason 142 (session taken over), as EMQX, HiveMQ and newer Mosquitto send:
+    one error line saying what to do, and a reconnect delay of at least half a minute."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from fleet_common.config import MqttConfig
+    from fleet_common.link import TAKEOVER_BACKOFF_S, Link
+
+    link = Link(MqttConfig(), "twin-142")
+    link.connected.set()
+    with caplog.at_level("INFO", logger="fleet.link"):
+        link._on_disconnect(link.client, None, None, ReasonCode(PacketTypes.DISCONNECT, identifier=142), None)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "took the session over (MQTT 5 reason 142)" in lines[0], lines
+    assert "'twin-142'" in lines[0] and "its own id" in lines[0] and link.takeovers == 1
+    assert link.client._reconnect_min_delay >= TAKEOVER_BACKOFF_S[0] / 2
