@@ -223,3 +223,26 @@ def test_reason_142_is_reported_as_a_takeover_with_a_long_backoff(caplog) -> Non
     assert len(lines) == 1 and "took the session over (MQTT 5 reason 142)" in lines[0], lines
     assert "'twin-142'" in lines[0] and "its own id" in lines[0] and link.takeovers == 1
     assert link.client._reconnect_min_delay >= TAKEOVER_BACKOFF_S[0] / 2
+
+
+def up(cfg: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return run("fleetctl", "up", "--config", str(cfg), *args, cwd=cfg.parent, timeout=timeout)
+
+
+def test_up_refuses_a_second_stack_whose_agent_is_online(write_config, procs) -> None:
+    """`fleetctl up` with the id of an agent already online at the broker: one line, exit 1, nothing started."""
+    start_agent(procs, write_config("first"), "dup-host")
+    done = up(write_config("second", agent={"id": "dup-host"}))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not starting a second stack: agent 'dup-host' is already online" in done.stdout, done.stdout
+    assert "persister |" not in done.stdout and "agent      |" not in done.stdout, done.stdout
+
+
+def test_up_refuses_a_second_stack_while_its_persister_runs(write_config, procs) -> None:
+    """`fleetctl up` while a persister with the same heartbeat file runs: one line naming it, exit 1."""
+    cfg = write_config(agent={"id": "solo-host"})
+    procs.start_persister(cfg)
+    done = up(cfg)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not starting a second stack: a persister is already running on this host (pid " in done.stdout, \
+        done.stdout
