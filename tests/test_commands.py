@@ -246,3 +246,26 @@ def test_up_refuses_a_second_stack_while_its_persister_runs(write_config, procs)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "not starting a second stack: a persister is already running on this host (pid " in done.stdout, \
         done.stdout
+
+
+@pytest.mark.parametrize("argv", [["status"], ["status", "--json"], ["history", "web-01", "cpu"]])
+def test_read_only_commands_never_create_a_store(tmp_path, argv) -> None:
+    """With no SQLite file where the config points, a reader says which file it looked for, exits
+    non-zero and creates nothing (the file, its folder)."""
+    done = run("fleetctl", *argv, cwd=tmp_path)  # no config.yaml: the default data/fleet.db
+    assert done.returncode != 0, done.stdout
+    assert f"no SQLite store at {tmp_path / 'data' / 'fleet.db'}" in done.stderr, done.stderr
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_read_only_commands_name_the_store_they_read(tmp_path) -> None:
+    """status and history end their tables with the store they read; with --json it is on stderr."""
+    cfg = store_config(tmp_path)
+    says = f"store: sqlite {tmp_path / 'fleet.db'}"
+    for argv in (["status"], ["history", "web-01", "cpu"]):
+        done = run("fleetctl", *argv, "--config", str(cfg), cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.rstrip().endswith(says), (argv, done.stdout, done.stderr)
+        done = run("fleetctl", *argv, "--json", "--config", str(cfg), cwd=tmp_path)
+        assert done.returncode == 0 and json.loads(done.stdout) == [], (argv, done.stdout)
+        assert f"fleetctl: read {says}" in done.stderr, (argv, done.stderr)

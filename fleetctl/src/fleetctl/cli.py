@@ -15,7 +15,7 @@ from fleet_common.ask import ask
 from fleet_common.cli import base_parser, globals_after_subcommands, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
-from fleet_store import open_store
+from fleet_store import open_reader
 
 from . import request as req
 from . import up, views
@@ -36,6 +36,14 @@ def installed_command(name: str) -> Command | None:
         command: Command = found.load()
         return command
     return None
+
+
+def read_from(cfg: Config, as_json: bool) -> None:
+    """Name the store a reader read: the table's last line, or on stderr beside JSON for scripts."""
+    if as_json:
+        print(f"fleetctl: read {views.footer(cfg)}", file=sys.stderr)
+    else:
+        print(views.footer(cfg))
 
 
 def positive_int(text: str) -> int:
@@ -113,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         print(views.render_status(views.status_rows(cfg, args.since), args.json))
+        read_from(cfg, args.json)
         for line in views.broker_warnings(cfg):
             print(line, file=sys.stderr)
         return 0
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"answered in {(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr)
         return 0 if res.status == "ok" else 1
     if args.command == "history":
-        store = open_store(cfg.persister)
+        store = open_reader(cfg.persister)
         try:
             known = views.known_types(store, args.agent)
             if args.type not in known:
@@ -133,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             store.close()
         print(views.render_history(records, args.json))
+        read_from(cfg, args.json)
         return 0
     if args.command == "dashboard":
         try:
