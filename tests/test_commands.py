@@ -4,17 +4,21 @@ arguments, requests to unknown or offline agents, read-only commands that create
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from conftest import BIN, wait_for
+import yaml
+from conftest import BIN, ROOT, wait_for
 
 from fleet_common.config import load_config
 from fleet_common.link import SHORT_LIVED_IN_A_ROW
 from fleet_store import open_store
+from fleetctl.broker import free_port, port_open
 from fleetctl.cli import parser
 
 SERVICES = ("fleet-agent", "fleet-controller", "fleet-persister", "fleet-sim", "fleet-dashboard")
@@ -269,3 +273,36 @@ def test_read_only_commands_name_the_store_they_read(tmp_path) -> None:
         done = run("fleetctl", *argv, "--json", "--config", str(cfg), cwd=tmp_path)
         assert done.returncode == 0 and json.loads(done.stdout) == [], (argv, done.stdout)
         assert f"fleetctl: read {says}" in done.stderr, (argv, done.stderr)
+
+
+@pytest.mark.slow  # a whole stack, with no broker fixture to mark it
+def test_up_stops_the_broker_last_on_ctrl_c(tmp_path) -> None:
+    """Ctrl-C at a terminal (SIGINT to the whole process group) stops the agent, controller and
+    persister before the embedded broker: none of them logs a lost connection or a reconnect."""
+    port = free_port()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "mqtt": {"port": port, "topic_prefix": "upstop"},
+        "agent": {"id": "stop-host", "outbox_path": str(tmp_path / "outbox.db")},
+        "persister": {"sqlite_path": str(tmp_path / "fleet.db")},
+    }))
+    log = tmp_path / "up.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(BIN / "fleetctl"), "up", "--config", str(cfg),
+                                 "--data-dir", str(tmp_path / "data"),
+                                 "--broker-config", str(ROOT / "broker_config" / "dev.conf")],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+        try:
+            wait_for(lambda: "agents: 1 online of 1" in log.read_text(), 40, interval_s=0.3,
+                     what="the stack to be up with its agent online")
+            os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "fleetctl   | stopping" in text, text[-3000:]
+    after = text[text.index("fleetctl   | stopping"):]
+    for noise in ("lost connection", "reconnecting", "cannot reach broker"):
+        assert noise not in after, after
+    assert not port_open("127.0.0.1", port), "the embedded broker is still running"

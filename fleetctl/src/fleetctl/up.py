@@ -159,8 +159,9 @@ def run_stack(cfg: Config, config_path: str | None, stop: threading.Event, *,
             template = find_broker_template(broker_config)
             broker_log = Path(data_dir) / "mosquitto.log"
             Path(data_dir).mkdir(parents=True, exist_ok=True)
+            # its own session, as the services have: Ctrl-C reaches only us, and we stop it last
             broker = EmbeddedBroker(template, port, Path(data_dir) / "mosquitto",
-                                    log=open(broker_log, "ab"))
+                                    log=open(broker_log, "ab"), own_session=True)
             broker.start()
             say(f"started Mosquitto on 127.0.0.1:{port} (config {template}, log {broker_log})")
         else:
