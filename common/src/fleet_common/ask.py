@@ -85,19 +85,25 @@ def ask(cfg: Config, agent_id: str, type_: str, params: JsonObject | None = None
             answer["res"] = res
             got.set()
 
-    def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, *_: Any) -> None:
+    refused: set[int] = set()  # subscriptions the broker's ACL refused
+
+    def on_subscribe(client: mqtt.Client, userdata: Any, mid: int, codes: Any, *_: Any) -> None:
+        if any(getattr(code, "is_failure", False) for code in codes or ()):
+            refused.add(mid)
         acked.setdefault(mid, threading.Event()).set()
 
-    def subscribe(topic: str, qos: int) -> threading.Event:
-        """An event set when the broker acknowledges this subscription."""
+    def subscribe(topic: str, qos: int) -> int:
+        """The subscription's message id; acked[mid] is set when the broker acknowledges it."""
         _, mid = link.client.subscribe(topic, qos=qos)
-        return acked.setdefault(mid or 0, threading.Event())
+        acked.setdefault(mid or 0, threading.Event())
+        return mid or 0
 
-    reply_acked: list[threading.Event] = []
+    mids: list[int] = []  # the agent's status, then the reply topic
 
     def on_connect(client: mqtt.Client, session_present: bool) -> None:
-        subscribe(topics.status(agent_id), 0)  # QoS 0: a retained status comes at once, ahead of the next SUBACK
-        reply_acked.append(subscribe(out.reply_topic, 1))
+        mids.clear()
+        mids.append(subscribe(topics.status(agent_id), 0))  # QoS 0: a retained status comes ahead of the next SUBACK
+        mids.append(subscribe(out.reply_topic, 1))
 
     link.client.on_message = on_message
     link.client.on_subscribe = on_subscribe
@@ -106,21 +112,26 @@ def ask(cfg: Config, agent_id: str, type_: str, params: JsonObject | None = None
     try:
         if not link.wait_connected(timeout_s):
             raise NoAnswer(f"cannot reach the broker at {link.where}; is it running? (see mqtt.host/mqtt.port)")
-        if not reply_acked or not reply_acked[0].wait(timeout_s):
+        if len(mids) < 2 or not acked[mids[1]].wait(timeout_s):
             raise NoAnswer(f"the broker did not confirm the subscription to {out.reply_topic}")
         status = statuses.get(agent_id)
-        if status is None:
+        may_read_status = mids[0] not in refused  # an ACL without `read <prefix>/+/status`: ask blind
+        if status is None and may_read_status:
             subscribe(topics.all_status(), 0)
-            subscribe(topics.status(agent_id), 0).wait(min(timeout_s, 2.0))  # after every retained status
+            acked[subscribe(topics.status(agent_id), 0)].wait(min(timeout_s, 2.0))  # after every retained status
             raise NoAnswer(never_seen(agent_id, link.where, topics, statuses))
-        if not status.online and notice is not None:
+        if status is not None and not status.online and notice is not None:
             notice(f"agent {agent_id!r} is offline (since {status.ts}): the request waits at the broker until it "
                    f"expires, {timeout_s:g} s from now, and is answered if the agent reconnects by then")
         link.publish(out.topic, out.payload(), qos=1, properties=out.properties)
         if not got.wait(timeout_s):
-            if not statuses[agent_id].online:
+            status = statuses.get(agent_id)
+            if status is None:
+                raise NoAnswer(f"no answer from agent {agent_id!r} for {type_!r} within {timeout_s:g} s; is it "
+                               "online? ('fleetctl status' shows the fleet)")
+            if not status.online:
                 raise NoAnswer(f"no answer from agent {agent_id!r} for {type_!r} within {timeout_s:g} s: it is "
-                               f"offline (since {statuses[agent_id].ts}) and the request expired at the broker")
+                               f"offline (since {status.ts}) and the request expired at the broker")
             raise NoAnswer(f"no answer from agent {agent_id!r} for {type_!r} within {timeout_s:g} s, though it is "
                            "online: it is busy or its collector is slow; try a longer --timeout")
         return answer["res"]
