@@ -61,7 +61,7 @@ def test_fleetctl_request_to_an_absent_agent_says_so(write_config) -> None:
     cfg = write_config()
     done = fleetctl(cfg, "request", "nobody", "cpu", "--timeout", "1")
     assert done.returncode != 0
-    assert "no answer from agent 'nobody'" in done.stderr and "Traceback" not in done.stderr
+    assert "agent 'nobody' has never connected" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_fleetctl_status_and_history_read_the_store(tmp_path, write_config, procs) -> None:

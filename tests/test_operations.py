@@ -28,6 +28,7 @@ from fleet_common import Request, Response, Status, Topics, iso, new_id
 from fleet_common.config import SECTIONS, load_config
 from fleet_common.datatypes import example
 from fleet_common.health import Heartbeat, Readiness, check, read_beat, wait_ready
+from fleet_store import open_store
 from fleetctl import views
 from fleetctl.broker import free_port
 
@@ -430,6 +431,7 @@ def test_status_watch_json_prints_a_line_per_refresh_until_stopped(procs: Procs,
                                                                   tmp_path: Path) -> None:
     """fleetctl status --watch --json, piped, prints one JSON document per refresh and exits 0 on SIGTERM."""
     cfg = write_config()
+    open_store(load_config(str(cfg), env={}).persister).close()  # readers never create it
     proc = procs.start("watch", "fleetctl", "--config", str(cfg), "status", "--watch", "0.2", "--json")
     wait_for(lambda: len(procs.log("watch").splitlines()) >= 3, what="three refreshes")
     assert procs.stop("watch") == 0 and proc.returncode == 0
@@ -439,7 +441,9 @@ def test_status_watch_json_prints_a_line_per_refresh_until_stopped(procs: Procs,
 
 def test_status_json_without_watch_is_unchanged(write_config: Callable[..., Path]) -> None:
     """fleetctl status --json still prints one JSON list and exits."""
-    out = subprocess.run([str(BIN / "fleetctl"), "--config", str(write_config()), "status", "--json"],
+    cfg = write_config()
+    open_store(load_config(str(cfg), env={}).persister).close()  # readers never create it
+    out = subprocess.run([str(BIN / "fleetctl"), "--config", str(cfg), "status", "--json"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and json.loads(out.stdout) == []
 

@@ -15,18 +15,32 @@ from .errors import FleetError
 from .logs import setup_logging
 
 
+def add_global_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """--config, --log-level and --log-format on `parser`."""
+    parser.add_argument("--config", metavar="PATH", default=default,
+                        help="configuration file (default: ./config.yaml if present)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=default)
+    parser.add_argument("--log-format", choices=["text", "json"], default=default)
+
+
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--config", metavar="PATH", default=None,
-                        help="configuration file (default: ./config.yaml if present)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
-    parser.add_argument("--log-format", choices=["text", "json"], default=None)
+    add_global_options(parser)
     return parser
 
 
-def load(args: argparse.Namespace, prog: str) -> Config:
+def globals_after_subcommands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Let every subcommand take the global options too, so `fleetctl status --config X` works as
+    `fleetctl --config X status` does. SUPPRESS as their default: a subcommand that is not given
+    one leaves what the main parser read in place."""
+    for sub in set(subparsers.choices.values()):
+        add_global_options(sub, default=argparse.SUPPRESS)
+
+
+def load(args: argparse.Namespace, prog: str, level: str | None = None) -> Config:
+    """The config of --config; logging set up at --log-level, else `level`, else log.level."""
     cfg = load_config(args.config)
-    level = args.log_level or cfg.log.level
+    level = args.log_level or level or cfg.log.level
     fmt = args.log_format or cfg.log.format
     setup_logging(level, fmt, prog)
     return cfg

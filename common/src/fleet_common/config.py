@@ -26,7 +26,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from .errors import ConfigError, ContractError
+from .errors import ConfigError, ConfigFileError, ContractError
 from .messages import EXPIRES_FUTURE_S
 from .topics import TYPE_RE, Topics, check_agent_id
 
@@ -449,16 +449,34 @@ def load_config(path: str | None = None, env: Mapping[str, str] | None = None,
     file = Path(path or "config.yaml")
     raw: dict[str, Any] = {}
     if file.exists():
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(file), f"is not valid YAML: {exc}") from None
+        loaded = _load_yaml(file)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(str(file), "must hold a mapping of sections")
         raw = loaded or {}
     elif path is not None or required:
         raise ConfigError("--config", f"file {str(file)!r} does not exist")
     return Config(**build_sections(raw, env), source=str(file) if file.exists() else None)
+
+
+def _load_yaml(file: Path) -> Any:
+    """The config file's YAML; ConfigFileError, one line naming the file (and the line) and what
+    is wrong, if it is a directory, unreadable, not UTF-8 or not YAML."""
+    if file.is_dir():
+        raise ConfigFileError(str(file), "is a directory, not a config file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(str(file), f"is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                                         f"{exc.start}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigFileError(str(file), f"cannot be read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise ConfigFileError(str(file), f"{problem} (not valid YAML)",
+                              None if mark is None else mark.line + 1) from None
 
 
 def build_sections(raw: Mapping[str, Any], env: Mapping[str, str],

@@ -16,6 +16,18 @@ class ConfigError(FleetError):
         self.problem = problem
 
 
+class ConfigFileError(ConfigError):
+    """The config file itself cannot be used: "file X[, line N]: problem"."""
+
+    def __init__(self, path: str, problem: str, line: int | None = None) -> None:
+        super().__init__("--config", problem)
+        self.path, self.line = path, line
+        self.args = (f"file {path}{'' if line is None else f', line {line}'}: {problem}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class ContractError(FleetError):
     """A topic or payload breaks the wire contract; `reason` is short and stable."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
@@ -18,6 +19,13 @@ from .compat import PackedProperties
 from .config import MqttConfig
 
 OnConnect = Callable[[mqtt.Client, bool], None]
+SESSION_TAKEN_OVER = 142  # MQTT 5 DISCONNECT reason: a newer connection came with the same client id
+# After a takeover, wait this long (doubling each time, to the cap) before taking the id back:
+# two clients with one id that reconnect at once kick each other off about once a second.
+TAKEOVER_BACKOFF_S = (30.0, 900.0)
+# Brokers that close the older connection without saying why (Mosquitto 2.0.11 sends no DISCONNECT):
+# this many losses in a row, each this soon after the broker accepted us, are taken for a takeover.
+SHORT_LIVED_S, SHORT_LIVED_IN_A_ROW = 5.0, 2
 
 
 def no_delay(client: mqtt.Client) -> None:
@@ -71,6 +79,10 @@ class Link:
         self._backoff = Backoff(cfg.reconnect_min_s, cfg.reconnect_max_s)
         self._failures = 0
         self._ever_connected = False
+        self.takeovers = 0
+        self._takeover_backoff = Backoff(*TAKEOVER_BACKOFF_S)
+        self._connected_at = 0.0
+        self._short_lived = 0
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                         manual_ack=manual_ack)
         user = username if username is not None else cfg.username
@@ -169,6 +181,7 @@ class Link:
         self._failures = 0
         self._backoff.reset()
         self._jitter()
+        self._connected_at = time.monotonic()
         self.log.info("connected to broker at %s as %r%s", self.where, self.client_id,
                       " (session resumed)" if flags.session_present else "")
         for hook in self.on_connect_hooks:
@@ -188,12 +201,31 @@ class Link:
                 hook()
             except Exception:  # as for on-connect hooks: never end the network thread
                 self.log.exception("on-disconnect hook %r failed", hook)
-        if reason.is_failure or reason.value != 0:
+        lasted_s = time.monotonic() - self._connected_at
+        self._short_lived = self._short_lived + 1 if lasted_s < SHORT_LIVED_S else 0
+        if getattr(reason, "value", None) == SESSION_TAKEN_OVER:
+            self._taken_over("took the session over (MQTT 5 reason 142)")
+        elif reason.is_failure and self._short_lived >= SHORT_LIVED_IN_A_ROW:
+            self._taken_over(f"most likely took the session over (the broker closed the connection {self._short_lived}"
+                             f" times in a row within {SHORT_LIVED_S:.0f} s of accepting it, without saying why)")
+        elif reason.is_failure or reason.value != 0:
             delay = self._jitter()
             self.log.warning("lost connection to broker at %s (%s); reconnecting in %.1f s",
                              self.where, reason, delay)
         else:
             self.log.info("disconnected from broker at %s", self.where)
+
+    def _taken_over(self, how: str) -> None:
+        """Another client connected with our client id: back off for long (growing), rather than
+        take the id back at once and be taken over again, and say once per takeover what to do."""
+        self.takeovers += 1
+        self._short_lived = 0
+        delay = self._takeover_backoff.next()
+        self.client.reconnect_delay_set(min_delay=delay, max_delay=delay)  # type: ignore[arg-type]
+        self.log.error("another client connected to the broker at %s with the same client id %r and %s; give "
+                       "each client its own id (for agents: agent.id, --id or FLEET_AGENT_ID) and stop the other "
+                       "one; trying again in %.0f s (takeover %d)",
+                       self.where, self.client_id, how, delay, self.takeovers)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         delay = self._jitter()

@@ -112,8 +112,12 @@ def render_config(template: Path, port: int, data_dir: Path, bind: str = "127.0.
 class EmbeddedBroker:
     """A Mosquitto process on `port` with data under `data_dir`; a context manager."""
 
-    def __init__(self, template: Path, port: int, data_dir: Path, log: IO[bytes] | None = None) -> None:
+    def __init__(self, template: Path, port: int, data_dir: Path, log: IO[bytes] | None = None,
+                 own_session: bool = False) -> None:
+        """`own_session`: out of our process group, so a terminal's Ctrl-C (SIGINT to the whole
+        foreground group) does not stop it before the clients we stop first (fleetctl up)."""
         self.template, self.port, self.data_dir, self.log = template, port, Path(data_dir), log
+        self.own_session = own_session
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf_path = self.data_dir / "mosquitto.conf"
 
@@ -124,7 +128,8 @@ class EmbeddedBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.conf_path.write_text(render_config(self.template, self.port, self.data_dir.resolve()))
         self.proc = subprocess.Popen([exe, "-c", str(self.conf_path)], stdout=self.log or subprocess.DEVNULL,
-                                     stderr=subprocess.STDOUT if self.log else subprocess.DEVNULL)
+                                     stderr=subprocess.STDOUT if self.log else subprocess.DEVNULL,
+                                     start_new_session=self.own_session)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -12,10 +12,10 @@ from typing import Callable
 
 from fleet_common import compat
 from fleet_common.ask import ask
-from fleet_common.cli import base_parser, load, run_main, stop_event
+from fleet_common.cli import base_parser, globals_after_subcommands, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
-from fleet_store import open_store
+from fleet_store import open_reader
 
 from . import request as req
 from . import up, views
@@ -25,6 +25,7 @@ from .provision import add_provision_parsers, run_provision
 # time, so fleetctl does not import, or depend on, what it offers to run.
 COMMANDS = "fleetctl.commands"
 Command = Callable[[Config, argparse.Namespace], int]
+SERVICE_COMMANDS = ("up", "dashboard")
 INSTALL_DASHBOARD = "install it with 'pip install ./dashboard' (or 'make run', which installs every part)"
 
 
@@ -35,6 +36,36 @@ def installed_command(name: str) -> Command | None:
         command: Command = found.load()
         return command
     return None
+
+
+def read_from(cfg: Config, as_json: bool) -> None:
+    """Name the store a reader read: the table's last line, or on stderr beside JSON for scripts."""
+    if as_json:
+        print(f"fleetctl: read {views.footer(cfg)}", file=sys.stderr)
+    else:
+        print(views.footer(cfg))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, not {text}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,12 +87,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("agent")
     s.add_argument("type")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter (repeatable)")
-    s.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS")
+    s.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
+                   help="wait this long for the answer; the request expires at the broker then (default 10)")
 
     s = sub.add_parser("history", help="stored results of one agent and type, newest first")
     s.add_argument("agent")
     s.add_argument("type")
-    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--limit", type=positive_int, default=20, help="newest N results (default 20)")
     s.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     s = sub.add_parser("dashboard", help="serve the read-only web dashboard (needs fleet-dashboard installed)")
@@ -69,12 +101,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port to listen on (default dashboard.port)")
 
     add_provision_parsers(sub)
+    globals_after_subcommands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = load(args, "fleetctl")
+    # a command that answers and exits is quiet (warnings and errors only) unless --log-level says
+    # otherwise; `up` and `dashboard` run services, which log at the configured level
+    cfg = load(args, "fleetctl", None if args.command in SERVICE_COMMANDS else "warning")
     compat.apply()
     if args.command == "up":
         extra = [f"--log-level={args.log_level}"] if args.log_level else []
@@ -86,22 +121,28 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "status":
         print(views.render_status(views.status_rows(cfg, args.since), args.json))
+        read_from(cfg, args.json)
         for line in views.broker_warnings(cfg):
             print(line, file=sys.stderr)
         return 0
     if args.command == "request":
         started = time.monotonic()
-        res = ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout)
+        res = ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout,
+                  notice=lambda text: print(f"fleetctl: {text}", file=sys.stderr, flush=True))
         print(json.dumps(res.to_dict(), indent=2))
         print(f"answered in {(time.monotonic() - started) * 1000:.0f} ms", file=sys.stderr)
         return 0 if res.status == "ok" else 1
     if args.command == "history":
-        store = open_store(cfg.persister)
+        store = open_reader(cfg.persister)
         try:
+            known = views.known_types(store, args.agent)
+            if args.type not in known:
+                raise FleetError(f"unknown type {args.type!r}; known types: {', '.join(sorted(known))}")
             records = store.history(args.agent, args.type, limit=args.limit)
         finally:
             store.close()
         print(views.render_history(records, args.json))
+        read_from(cfg, args.json)
         return 0
     if args.command == "dashboard":
         try:

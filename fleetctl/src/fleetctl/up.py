@@ -8,16 +8,23 @@ what is stored is printed whenever it changes. Ctrl-C stops everything.
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Any, Callable
 
+from fleet_common import health
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
 from fleet_common.health import wait_ready
+from fleet_common.link import Link
+from fleet_common.messages import Status, parse_status
+from fleet_common.topics import sanitise_agent_id
 
 from .broker import EmbeddedBroker, port_open, stock_limits_warning
 from .views import summary_line
@@ -25,6 +32,61 @@ from .views import summary_line
 BIN = Path(sys.executable).parent
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 READY_TIMEOUT_S = 30.0  # a persister on MongoDB waits for its server; past this the agent starts anyway
+
+
+def running_persister(cfg: Config) -> str | None:
+    """Which persister already runs here with this config's heartbeat file, or None: a fresh
+    heartbeat whose process is alive. Two on one host share the default client id
+    (persister-<host>) and would take the session from each other."""
+    beat = health.read_beat(cfg.persister.heartbeat.path)
+    if beat is None or health.check(cfg.persister.heartbeat.path)[1].startswith(("stale", "unreadable")):
+        return None
+    pid = beat.get("pid")
+    try:
+        os.kill(int(pid), 0)  # type: ignore[arg-type]
+    except (TypeError, ValueError, ProcessLookupError):
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return f"a persister is already running on this host (pid {pid}, heartbeat {cfg.persister.heartbeat.path})"
+
+
+def online_agent(cfg: Config, agent_id: str, timeout_s: float = 3.0) -> str | None:
+    """Why agent `agent_id` counts as online at the broker (its retained status), or None."""
+    topics = cfg.mqtt.topics()
+    statuses: list[Status] = []
+    barrier: list[int] = []
+    done = threading.Event()
+
+    def on_message(client: Any, userdata: Any, msg: Any) -> None:
+        try:
+            statuses.append(parse_status(bytes(msg.payload), topics.parse(msg.topic)))
+        except FleetError:
+            pass
+
+    def on_subscribe(client: Any, userdata: Any, mid: int, *_: Any) -> None:
+        if mid in barrier:  # callbacks share paho's network thread: on_connect has run
+            done.set()
+
+    def on_connect(client: Any, session_present: bool) -> None:
+        client.subscribe(topics.status(agent_id), qos=0)
+        _, mid = client.subscribe(topics.status(agent_id), qos=0)  # its SUBACK comes after the retained status
+        barrier.append(mid)
+
+    quiet = logging.getLogger("fleetctl.up.probe")
+    quiet.setLevel(logging.WARNING)  # its connect and disconnect are no news
+    link = Link(cfg.mqtt, f"fleetctl-up-{uuid.uuid4().hex[:12]}", logger=quiet)
+    link.client.on_message = on_message
+    link.client.on_subscribe = on_subscribe
+    link.on_connect_hooks.append(on_connect)
+    with link:
+        if not link.wait_connected(timeout_s):
+            return None  # the services will say why they cannot connect
+        done.wait(timeout_s)
+    online = [s for s in statuses if s.online]
+    if not online:
+        return None
+    return f"agent {agent_id!r} is already online at the broker at {link.where} (since {online[-1].ts})"
 
 
 def find_broker_template(explicit: str | None) -> Path:
@@ -81,6 +143,7 @@ def run_stack(cfg: Config, config_path: str | None, stop: threading.Event, *,
     broker: EmbeddedBroker | None = None
     children: list[Child] = []
     host, port = cfg.mqtt.host, cfg.mqtt.port
+    agent_id = cfg.agent.id or sanitise_agent_id()
 
     def say(text: str) -> None:
         out.write(f"{'fleetctl':<10} | {text}\n")
@@ -96,13 +159,19 @@ def run_stack(cfg: Config, config_path: str | None, stop: threading.Event, *,
             template = find_broker_template(broker_config)
             broker_log = Path(data_dir) / "mosquitto.log"
             Path(data_dir).mkdir(parents=True, exist_ok=True)
+            # its own session, as the services have: Ctrl-C reaches only us, and we stop it last
             broker = EmbeddedBroker(template, port, Path(data_dir) / "mosquitto",
-                                    log=open(broker_log, "ab"))
+                                    log=open(broker_log, "ab"), own_session=True)
             broker.start()
             say(f"started Mosquitto on 127.0.0.1:{port} (config {template}, log {broker_log})")
         else:
             raise FleetError(f"no MQTT broker answers at {host}:{port}; start it, or set mqtt.host to "
                              "localhost to let fleetctl start one")
+        clash = running_persister(cfg) or (online_agent(cfg, agent_id) if broker is None else None)
+        if clash:
+            say(f"not starting a second stack: {clash}. Stop the other one, or give this stack its own ids "
+                "(agent.id or FLEET_AGENT_ID, persister.client_id) and heartbeat and data paths")
+            return 1
         args = (["--config", config_path] if config_path else []) + (extra_args or [])
         persister = Child("persister", [str(BIN / "fleet-persister"), *args], out)
         children.append(persister)

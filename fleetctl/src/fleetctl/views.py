@@ -12,9 +12,9 @@ from typing import Any, Callable, TextIO
 
 from fleet_common import health
 from fleet_common.brokerwatch import ADVICE
-from fleet_common.config import Config
+from fleet_common.config import BUILTIN_TYPES, Config
 from fleet_common.timefmt import ago
-from fleet_store import open_store
+from fleet_store import StoreReader, describe, open_reader
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -28,7 +28,7 @@ def fmt_ms(ms: float | None) -> str:
 
 
 def status_rows(cfg: Config, since_s: float) -> list[dict[str, Any]]:
-    store = open_store(cfg.persister)
+    store = open_reader(cfg.persister)
     try:
         stats = store.agent_stats(time.time() - since_s)
         rows = []
@@ -86,8 +86,14 @@ def status_frame(cfg: Config, since_s: float, as_json: bool) -> str:
     """One refresh of `fleetctl status --watch`: the table, or one line of JSON per refresh for scripts."""
     rows = status_rows(cfg, since_s)
     if as_json:
-        return json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "agents": rows})
-    return render_status(rows, False)
+        return json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "agents": rows,
+                           "store": describe(cfg.persister)})
+    return render_status(rows, False) + "\n" + footer(cfg)
+
+
+def footer(cfg: Config) -> str:
+    """The last line of a table a reader prints: which store it read."""
+    return f"store: {describe(cfg.persister)}"
 
 
 def watch(frame: Callable[[], str], interval_s: float, stop: threading.Event, out: TextIO | None = None) -> None:
@@ -138,6 +144,12 @@ def summarise(type_: str, data: dict[str, Any] | None) -> str:
     return json.dumps(data)[:80]
 
 
+def known_types(store: StoreReader, agent_id: str) -> set[str]:
+    """The types `history` can show: the built-in ones, those the agent advertises, and any the store holds."""
+    advertised = [t for a in store.agents() if a.agent_id == agent_id for t in (a.types or [])]
+    return {*BUILTIN_TYPES, *advertised, *store.type_counts()}
+
+
 def render_history(records: list[Any], as_json: bool) -> str:
     if as_json:
         return json.dumps([r.to_dict() if hasattr(r, "to_dict") else r.__dict__ for r in records], indent=2)
@@ -152,8 +164,8 @@ def render_history(records: list[Any], as_json: bool) -> str:
 def summary_line(cfg: Config) -> str:
     """'agents: 1 online of 1 | stored answers: cpu 3, ...' for `fleetctl up`; empty if nothing yet."""
     try:
-        store = open_store(cfg.persister)
-    except Exception:
+        store = open_reader(cfg.persister)
+    except Exception:  # none yet (the persister creates it), or busy: the next summary will tell
         return ""
     try:
         agents = store.agents()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Callable
 
 from fleet_common.backoff import Backoff
@@ -22,6 +23,7 @@ from .base import (
     Stats,
     Store,
     StoreError,
+    StoreMissing,
     StoreReader,
     StoreUnreachable,
     StoreWriter,
@@ -60,6 +62,23 @@ def open_store(cfg: PersisterConfig) -> Store:
     return factory(cfg)
 
 
+def open_reader(cfg: PersisterConfig) -> StoreReader:
+    """The store opened for reading only (fleetctl status, history): a SQLite file is never
+    created; StoreMissing, naming the path, if there is none."""
+    if cfg.store == "sqlite":
+        from .sqlite import SqliteStore
+
+        return SqliteStore(cfg.sqlite_path, cfg.retention_s, read_only=True)
+    return open_store(cfg)
+
+
+def describe(cfg: PersisterConfig) -> str:
+    """Which store the config names, for a reader to say what it read: 'sqlite /abs/fleet.db'."""
+    if cfg.store == "sqlite":
+        return f"sqlite {Path(cfg.sqlite_path).expanduser().resolve()}"
+    return f"mongodb database {cfg.mongodb_database!r}"
+
+
 def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
                        backoff: Backoff | None = None) -> Store | None:
     """open_store, retrying with backoff (1 s doubling to 30 s) while the store's server is
@@ -84,5 +103,6 @@ def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
 
 
 __all__ = ["ENCODES_JSON", "MAX_REJECTED_PAYLOAD", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming",
-           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreReader", "StoreUnreachable",
-           "StoreWriter", "dead_letter", "open_store", "open_store_waiting", "refused"]
+           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreMissing", "StoreReader",
+           "StoreUnreachable", "StoreWriter", "dead_letter", "describe", "open_reader", "open_store",
+           "open_store_waiting", "refused"]

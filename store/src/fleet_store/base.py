@@ -30,6 +30,10 @@ class StoreError(FleetError):
     """The store cannot be opened or used; the message says what to check."""
 
 
+class StoreMissing(StoreError):
+    """A reader found no store where the config points: nothing has been stored there yet."""
+
+
 class StoreUnreachable(StoreError):
     """The store's server did not answer (down, still starting, network): worth retrying,
     unlike a StoreError that names a configuration problem."""

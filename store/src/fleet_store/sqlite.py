@@ -33,6 +33,7 @@ from .base import (
     Resolved,
     Stats,
     StoreError,
+    StoreMissing,
     answer_time,
     displaced_letter,
     latency_ms,
@@ -187,8 +188,11 @@ class SqliteStore:
     with the writer (sqlite3 releases the GIL). Readers never start it."""
 
     def __init__(self, path: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S,
-                 busy_timeout_ms: int = 5000) -> None:
+                 busy_timeout_ms: int = 5000, read_only: bool = False) -> None:
+        """`read_only`: a reader's view (fleetctl status, history) that never creates the file,
+        its folder or its schema; StoreMissing if there is no file."""
         self.path, self.retention_s = path, dict(retention_s)
+        self.read_only = read_only and path != ":memory:"
         self._lock = threading.Lock()
         self._file = str(Path(path).expanduser()) if path != ":memory:" else path
         self._busy_timeout_ms = int(busy_timeout_ms)
@@ -196,10 +200,17 @@ class SqliteStore:
         self._turns: IO[bytes] | None = None
         self._closing = threading.Event()
         self._written = threading.Event()
+        if self.read_only and not Path(self._file).is_file():
+            raise StoreMissing(f"no SQLite store at {Path(self._file).resolve()} (persister.sqlite_path {path!r}): "
+                               "the file does not exist; start the stack ('fleetctl up') there, or pass the "
+                               "--config of the stack whose store to read")
         try:
-            if self._file != ":memory:":
-                Path(self._file).parent.mkdir(parents=True, exist_ok=True)
-            self._db = self._open()
+            if self.read_only:
+                self._db = self._connect()
+            else:
+                if self._file != ":memory:":
+                    Path(self._file).parent.mkdir(parents=True, exist_ok=True)
+                self._db = self._open()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the SQLite database {path!r} ({exc}); check that "
                              "persister.sqlite_path names a file in a folder this user can write") from None
@@ -226,7 +237,9 @@ class SqliteStore:
                 time.sleep(backoff.next())
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._file, isolation_level=None, check_same_thread=False,
+        # a reader opens the file read-only (mode=ro): it can never create it or change it
+        target = f"{Path(self._file).resolve().as_uri()}?mode=ro" if self.read_only else self._file
+        db = sqlite3.connect(target, uri=self.read_only, isolation_level=None, check_same_thread=False,
                              timeout=self._busy_timeout_ms / 1000)
         db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
         db.execute("PRAGMA synchronous = NORMAL")
