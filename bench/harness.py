@@ -185,7 +185,7 @@ class Bench:
         if not save_every_change:
             # Persistence on, saved periodically as prod.conf does. dev.conf saves after every
             # change, which rewrites the whole file each time and caps Mosquitto 2.0.11 at about
-            # 2,000 msg/s here (README, "Sizing"); --broker-save-every-change measures that.
+            # 2,000 msg/s here (docs/sizing.md); --broker-save-every-change measures that.
             text = re.sub(r"(?m)^autosave_on_changes\s+true\s*\n", "", text)
             text = re.sub(r"(?m)^autosave_interval\s+\d+", "autosave_interval 10", text)
         # the cold-start stage reads the broker's stored-message count from $SYS, every second

@@ -4,7 +4,7 @@ calls `apply()` from its `main()`. Importing this module (or `fleet_common.link`
 Why any: speed. paho builds a `Properties` object for every MQTT 5 packet it sends or receives
 with properties, and its constructor builds two 27-entry tables for that one object; `clear()`,
 `isEmpty()` and name lookups then scan those tables by name. Building them was about 35 % of the
-controller's CPU at 100,000 agents (README, "Sizing"), 15 % of the persister's, and a large part
+controller's CPU at 100,000 agents (docs/sizing.md), 15 % of the persister's, and a large part
 of the agent answering a `ping`.
 
 1. `apply()` keeps paho's tables once, on the class, and replaces the scans with lookups in maps

@@ -2,7 +2,7 @@
 
 The shapes are defined once, in fleet_common.datatypes, whose own checker (plain Python, as
 the agent needs) takes about 350 µs for a processes answer of 250 rows, and fastjsonschema
-about 470; msgspec checks the same in C in about 25 (README, "Sizing"). So the persister asks
+about 470; msgspec checks the same in C in about 25 (docs/sizing.md). So the persister asks
 msgspec whether the data conforms and, only when it does not, asks the reference checker to
 say where and why, in the project's words (`data.partitions[0] is a string, not an object`).
 tests/test_datatypes.py holds the two together on generated data.
