@@ -164,7 +164,8 @@ def ingest_once(b: Bench, name: str, n: int, persisters: int, store: dict[str, A
     prefix = name.replace("_", "-")
     commit_files = [b.run_dir / f"{name}-p{i}.commits" for i in range(persisters)]
     # One persister subscribes plainly (the default); several split the load on a share group,
-    # whose name is a secret in a real deployment (docs/production-broker.md, "Mosquitto 2.0.11 behaviour worth knowing").
+    # whose name is a secret in a real deployment (docs/production-broker.md, "Mosquitto 2.0.11
+    # behaviour worth knowing").
     share = {"shared_subscription": True, "share_group": secrets.token_urlsafe(18)} if persisters > 1 else {}
     configs = [b.config(f"{name}-p{i}", prefix, persister={**store, **share, "client_id": f"{prefix}-p{i}"})
                for i in range(persisters)]
