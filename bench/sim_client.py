@@ -8,8 +8,7 @@ Each run starts a fresh Mosquitto (broker_config/dev.conf, saved periodically as
 it) and one child process holding every agent in one variant:
 
 - glue:    paho clients on the asyncio loop through on_socket_* callbacks, keepalive for a
-           tenth of the clients every half second (sim/src/fleet_sim/glue.py, copied below so
-           the comparison stays the same when the simulator changes);
+           tenth of the clients every half second (the simulator's own, fleet_sim.glue);
 - aiomqtt: one `async with aiomqtt.Client(...)` per agent, `client.messages`, `await publish`.
 
 Each agent connects (MQTT 5, Last Will, at most --concurrency CONNECTs awaiting CONNACK),
@@ -43,6 +42,7 @@ from typing import Any, Callable
 
 import paho.mqtt.client as mqtt
 import psutil
+from fleet_sim.glue import LoopGlue
 from harness import DEV_CONF, client, connect, raise_nofile
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -56,43 +56,6 @@ VARIANTS = ("glue", "aiomqtt")
 
 
 # --- the child: N agents in one process ------------------------------------------------------
-
-class LoopGlue:
-    """fleet_sim/glue.py: many paho clients on one asyncio loop (logging left out)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, misc_step_s: float = 0.5) -> None:
-        self.loop, self.misc_step_s = loop, misc_step_s
-        self.clients: set[mqtt.Client] = set()
-
-    def attach(self, c: mqtt.Client) -> None:
-        c.on_socket_open = self._open
-        c.on_socket_close = self._close
-        c.on_socket_register_write = self._want_write
-        c.on_socket_unregister_write = self._done_writing
-
-    def _open(self, c: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self.loop.add_reader(sock, c.loop_read)
-        self.clients.add(c)
-
-    def _close(self, c: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self.loop.remove_reader(sock)
-        self.loop.remove_writer(sock)
-        self.clients.discard(c)
-
-    def _want_write(self, c: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self.loop.add_writer(sock, c.loop_write)
-
-    def _done_writing(self, c: mqtt.Client, userdata: Any, sock: Any) -> None:
-        self.loop.remove_writer(sock)
-
-    async def housekeeping(self) -> None:
-        turn = 0
-        while True:
-            await asyncio.sleep(self.misc_step_s)
-            for c in list(self.clients)[turn % 10::10]:
-                c.loop_misc()
-            turn += 1
-
 
 def _connect_props() -> Properties:
     props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
