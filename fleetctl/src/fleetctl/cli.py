@@ -15,6 +15,7 @@ from fleet_common.ask import ask
 from fleet_common.cli import base_parser, globals_after_subcommands, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
+from fleet_common.labels import Labels, select
 from fleet_store import open_reader
 
 from . import request as req
@@ -44,6 +45,14 @@ def read_from(cfg: Config, as_json: bool) -> None:
         print(f"fleetctl: read {views.footer(cfg)}", file=sys.stderr)
     else:
         print(views.footer(cfg))
+
+
+def label_selector(pairs: list[str]) -> Labels:
+    """`--label k=v` values as one selector; a bad one stops the command with one line (exit 2)."""
+    try:
+        return select(pairs)
+    except ValueError as exc:
+        raise FleetError(f"--label: {exc}") from None
 
 
 def positive_int(text: str) -> int:
@@ -82,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
                    help="count requests of this recent window (default 3600)")
     s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                    help="refresh in place every SECONDS (default 2) until Ctrl-C; with --json, one JSON line each")
+    s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="only agents with this label (repeatable: all must match)")
 
     s = sub.add_parser("request", help="ask an agent now, wait, print the response")
     s.add_argument("agent")
@@ -116,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         extra += [f"--log-format={args.log_format}"] if args.log_format else []
         return up.run_stack(cfg, args.config, stop_event(), broker_config=args.broker_config,
                             data_dir=args.data_dir, extra_args=extra)
+    selector = label_selector(args.label) if args.command == "status" else {}
     if args.command == "status" and args.watch is not None:
-        views.watch(lambda: views.status_frame(cfg, args.since, args.json), max(args.watch, 0.1), stop_event())
+        views.watch(lambda: views.status_frame(cfg, args.since, args.json, selector), max(args.watch, 0.1),
+                    stop_event())
         return 0
     if args.command == "status":
-        print(views.render_status(views.status_rows(cfg, args.since), args.json))
+        print(views.render_status(views.status_rows(cfg, args.since, selector), args.json, selector))
         read_from(cfg, args.json)
         for line in views.broker_warnings(cfg):
             print(line, file=sys.stderr)
