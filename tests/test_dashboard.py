@@ -43,9 +43,14 @@ def answer(store: SqliteStore, agent: str, type_: str, data: dict[str, Any], at:
                                                    collected_at=iso(at + 0.02 * (n + 1))), agent, iso(at + 0.05))]))
 
 
+LABELS = {"web-01": {"role": "web", "dc": "ams"}, "web-02": {"role": "web", "dc": "fra"},
+          "db-01": {"role": "db", "dc": "ams"}}
+
+
 def hello(store: SqliteStore, agent: str, online: bool, at: float) -> None:
     extra: dict[str, Any] = {"hostname": f"{agent}.example", "platform": "Linux-6.1-x86_64", "agent_version": "0.1.0",
-                             "types": ["cpu", "disk", "memory", "network", "os_info", "ping", "processes"]}
+                             "types": ["cpu", "disk", "memory", "network", "os_info", "ping", "processes"],
+                             "labels": LABELS.get(agent, {})}
     store.write(Batch(statuses=[Incoming(Status(agent_id=agent, online=online, ts=iso(at), **extra), agent,
                                          iso(at))]))
 
@@ -132,6 +137,38 @@ def test_fleet_sorts_filters_and_pages_on_the_server(tmp_path, store) -> None:
     assert paged["page"] == 1 and [a["agent_id"] for a in paged["agents"]] == ["db-01", "web-01", "web-02"]
     part = c.get("/?partial=1&sort=agent_id").get_data(as_text=True)
     assert "<html" not in part and agent_order(part)[0] == "db-01"
+
+
+def test_fleet_shows_labels_and_filters_by_them(tmp_path, store) -> None:
+    """Each row shows its agent's labels, each a link to the filter by it; `?label=k=v` (repeatable)
+    keeps the agents whose labels include every pair, in the page, its partial form and /api/fleet."""
+    c = client(tmp_path, store)
+    html = c.get("/").get_data(as_text=True)
+    row = re.search(r'data-agent="web-01">(.*?)</tr>', html, re.S).group(1)
+    assert re.findall(r'<a class="label" data-labels href="([^"]+)"[^>]*>([^<]+)</a>', row) == [
+        ("/?sort=agent_id&amp;dir=asc&amp;label=dc%3Dams", "dc=ams"),
+        ("/?sort=agent_id&amp;dir=asc&amp;label=role%3Dweb", "role=web")]
+    assert 'class="labels"></td>' in re.search(r'data-agent="gone-01">(.*?)</tr>', html, re.S).group(1)
+
+    assert agent_order(c.get("/?label=role=web").get_data(as_text=True)) == ["web-01", "web-02"]
+    assert agent_order(c.get("/?label=dc=ams&label=role=web").get_data(as_text=True)) == ["web-01"]
+    assert agent_order(c.get("/?label=role=build").get_data(as_text=True)) == []
+    assert "no agent matches this filter" in c.get("/?label=role=build").get_data(as_text=True)
+    part = c.get("/?partial=1&label=dc=ams&sort=cpu&dir=desc&q=01").get_data(as_text=True)
+    assert agent_order(part) == ["db-01", "web-01"]
+    # the filter is shown, each pair a link that drops it; a row's label link replaces its key's value
+    bar = re.search(r'id="label-filter"(.*?)</div>', part, re.S).group(1)
+    rest = "/?q=01&amp;sort=cpu&amp;dir=desc"
+    assert re.findall(r'href="([^"]+)"[^>]*>([^<]+)</a>', bar) == [(rest, "dc=ams \u00d7"), (rest, "all agents")]
+    db_row = re.search(r'data-agent="db-01">(.*?)</tr>', part, re.S).group(1)
+    assert '<a class="label on" data-labels href="/?q=01&amp;sort=cpu&amp;dir=desc&amp;label=dc%3Dams"' in db_row
+    assert 'href="/?q=01&amp;sort=cpu&amp;dir=desc&amp;label=dc%3Dams&amp;label=role%3Ddb"' in db_row
+    # sorting and paging keep the filter
+    assert 'label=dc%3Dams&amp;sort=agent_id' in part
+
+    api = c.get("/api/fleet?label=role=web&sort=cpu&dir=desc").get_json()
+    assert api["matched"] == 2 and [(a["agent_id"], a["labels"]) for a in api["agents"]] == [
+        ("web-02", {"role": "web", "dc": "fra"}), ("web-01", {"role": "web", "dc": "ams"})]
 
 
 def test_agent_page_shows_os_processes_recent_requests_and_escapes(tmp_path, store) -> None:
@@ -307,7 +344,9 @@ def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPath
     ("/api/fleet?per=5", "per", None),
     ("/api/fleet?per=1001", "per", None),
     ("/api/fleet?q=" + "x" * 101, "q", None),
-    ("/api/fleet?partial=1", "partial", ["dir", "page", "per", "q", "sort", "state"]),
+    ("/api/fleet?partial=1", "partial", ["dir", "label", "page", "per", "q", "sort", "state"]),
+    ("/api/fleet?label=role", "label", None),
+    ("/api/fleet?label=role=web&label=role=db", "label", None),
 ])
 def test_api_refuses_bad_query_values_naming_the_parameter(tmp_path, store, path, name, allowed) -> None:
     """Every /api query parameter is checked: a bad value or an unknown parameter gets 400 with a
@@ -326,6 +365,10 @@ def test_api_refuses_bad_query_values_naming_the_parameter(tmp_path, store, path
     ("/?page=-1", "'page': -1 is out of range; it must be a whole number of at least 1"),
     ("/?dir=sideways", "'dir': 'sideways' is not one of asc, desc"),
     ("/?state=gone", "'state': 'gone' is not one of '', online, silent, offline"),
+    ("/?label=Role=web", "'label': label key 'Role' must match [a-z][a-z0-9_]{0,31}"),
+    ("/?label=role=%3Cscript%3E", "'label': label role: value '<script>' must be 1-64 characters of [A-Za-z0-9_.-]"),
+    ("/?label=role=web,dc=ams", "'label': 'role=web,dc=ams' must be one key=value pair"),
+    ("/?label=", "'label': '' must be one key=value pair"),
     ("/rejected?limit=5", "'limit': is not a parameter of this page; this page takes partial"),
     ("/healthz?verbose=1", "'verbose': is not a parameter of this page; this page takes none"),
 ])

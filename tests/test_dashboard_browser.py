@@ -88,8 +88,9 @@ def stack(write_config: Callable[..., Path], procs: Any, **dashboard: Any) -> st
                        dashboard={"port": port, "refresh_s": 1, **dashboard})
     procs.start_persister(cfg)
     procs.start("controller", "fleet-controller", "--config", str(cfg))
-    for agent in ("host-a", "host-b"):
-        procs.start(agent, "fleet-agent", "--config", str(write_config(agent, agent={"id": agent})))
+    for agent, role in (("host-a", "web"), ("host-b", "db")):
+        procs.start(agent, "fleet-agent", "--config",
+                    str(write_config(agent, agent={"id": agent, "labels": {"role": role}})))
     procs.start("dashboard", "fleetctl", "--config", str(cfg), "dashboard")
     return f"http://127.0.0.1:{port}"
 
@@ -124,6 +125,11 @@ def test_fleet_agent_and_rejected_pages_in_a_browser(tmp_path, broker, prefix, w
              what="a live refresh without reloading")
     browser.find_element(By.CSS_SELECTOR, 'a[data-sort="agent_id"]').click()  # ascending -> descending
     wait_page(lambda: rows(browser) == ["host-b", "host-a"], 10, what="the table sorted by agent, descending")
+    browser.find_element(By.CSS_SELECTOR, 'tr[data-agent="host-b"] a.label').click()  # role=db
+    wait_page(lambda: rows(browser) == ["host-b"], 10, what="the label filter to leave host-b alone")
+    assert "label=role%3Ddb" in browser.current_url and "sort=agent_id" in browser.current_url
+    browser.find_element(By.LINK_TEXT, "all agents").click()
+    wait_page(lambda: rows(browser) == ["host-b", "host-a"], 10, what="both agents again, still sorted")
     search = browser.find_element(By.CSS_SELECTOR, "#fleet-filters input[name=q]")
     search.send_keys("host-a")
     wait_page(lambda: rows(browser) == ["host-a"], 10, what="the filter to leave host-a alone")

@@ -9,7 +9,9 @@
 
   function withPageArgs(base, extra) {
     var url = new URL(base, location.href);
-    new URLSearchParams(location.search).forEach(function (v, k) { url.searchParams.set(k, v); });
+    var here = new URLSearchParams(location.search);
+    here.forEach(function (v, k) { url.searchParams.delete(k); });
+    here.forEach(function (v, k) { url.searchParams.append(k, v); });  // a repeated ?label= stays repeated
     Object.keys(extra || {}).forEach(function (k) { url.searchParams.set(k, extra[k]); });
     return url;
   }
@@ -64,10 +66,12 @@
     filters.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(apply, 200); });
     filters.addEventListener("submit", function (e) { e.preventDefault(); apply(); });
     fleet.addEventListener("click", function (e) {
-      var a = e.target.closest("a[data-sort], a[data-page]");
+      var a = e.target.closest("a[data-sort], a[data-page], a[data-labels]");
       if (!a) { return; }
       e.preventDefault();
-      if (a.dataset.sort) {
+      if (a.dataset.labels !== undefined) {  // a label link: its href is the whole new query
+        history.replaceState(null, "", a.href);
+      } else if (a.dataset.sort) {
         setArgs({sort: a.dataset.sort, dir: a.dataset.dir, page: ""});
         filters.elements.sort.value = a.dataset.sort;
         filters.elements.dir.value = a.dataset.dir;
