@@ -7,9 +7,10 @@ import http.client
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from fleet_common import Request, Response, Status, iso
 from fleet_common.cli import run_main
 from fleet_common.config import Config, ConfigError, load_config
 from fleet_common.datatypes import BUILTIN as DATATYPES
+from fleet_common.jobs import AgentResult, Candidate, JobResult, JobSpec, Tally, select
 from fleet_dashboard.app import create_app
 from fleet_dashboard.data import network_series
 from fleet_persister.datacheck import check_data
@@ -104,8 +106,37 @@ class FakeAsker:
                         collected_at=iso(time.time()))
 
 
-def client(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, **dashboard: Any) -> Any:
-    return create_app(config(tmp_path, **dashboard), store, asker or FakeAsker()).test_client()
+class FakeRunner:
+    """A job that answers as told, once `release` is set: `outcome` maps agent ids to ok, error or
+    no_answer (online agents not named answer ok; offline ones are queued)."""
+
+    def __init__(self, outcome: dict[str, str] | None = None, release: bool = True) -> None:
+        self.outcome = outcome or {}
+        self.release = threading.Event()
+        if release:
+            self.release.set()
+        self.runs: list[tuple[Config, JobSpec, str]] = []
+
+    def __call__(self, cfg: Config, spec: JobSpec, known: list[Candidate], on_tally: Callable[[Tally], None],
+                 job_id: str) -> JobResult:
+        self.runs.append((cfg, spec, job_id))
+        targets = select(known, spec)
+        results = [AgentResult(t.agent_id, self.outcome.get(t.agent_id, "ok") if t.online else "queued",
+                               f"{job_id}-{t.agent_id}") for t in targets]
+        for r in results:
+            if r.status == "error":
+                r.error = {"code": "unknown_type", "message": "<no such type>"}
+            elif r.status == "ok":
+                r.data, r.latency_ms = {"percent": 5.0}, 12.0
+        online = sum(1 for t in targets if t.online)
+        on_tally(Tally(targeted=online, waiting=online, queued=len(targets) - online))
+        assert self.release.wait(10)
+        return JobResult(job_id, spec.type, results)
+
+
+def client(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, runner: FakeRunner | None = None,
+           **dashboard: Any) -> Any:
+    return create_app(config(tmp_path, **dashboard), store, asker or FakeAsker(), runner or FakeRunner()).test_client()
 
 
 def agent_order(html: str) -> list[str]:
@@ -397,9 +428,10 @@ def test_sign_in_refuses_a_next_that_leaves_the_site(tmp_path, store) -> None:
     assert c.post("/signin?next=/rejected", data={"token": "s3cret-token"}).headers["Location"].endswith("/rejected")
 
 
-def signed_in(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, **dashboard: Any) -> tuple[Any, str]:
+def signed_in(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, runner: FakeRunner | None = None,
+              **dashboard: Any) -> tuple[Any, str]:
     """A test client signed in as an operator, and the CSRF token its pages carry."""
-    c = client(tmp_path, store, asker, ask_enabled=True, operator_token="s3cret-token", **dashboard)
+    c = client(tmp_path, store, asker, runner, ask_enabled=True, operator_token="s3cret-token", **dashboard)
     assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
     return c, re.search(r'data-csrf="([^"]+)"', c.get("/agent/web-01").get_data(as_text=True)).group(1)
 
@@ -583,3 +615,130 @@ def test_the_served_dashboard_checks_queries_ends_sessions_and_limits_tokens(tmp
     assert locked.status == 429 and 295 <= int(locked.getheader("Retry-After")) <= 300
     assert procs.stop("dashboard") == 0
     assert "5 wrong operator tokens from 127.0.0.1 within 60 s" in procs.log("dashboard")
+
+
+def ask_labels(c: Any, csrf: str | None, **body: Any) -> Any:
+    return c.post("/api/jobs", json=body, headers={"X-CSRF-Token": csrf} if csrf else {})
+
+
+def wait_job(c: Any, job: str, state: str) -> dict[str, Any]:
+    return wait_for(lambda: (doc := c.get(f"/api/job/{job}").get_json())["state"] == state and doc, 10,
+                    what=f"job {job} {state}")
+
+
+def test_asking_a_label_selection_is_for_operators_only(tmp_path, store) -> None:
+    """"Ask now" for a label selection takes the checks of asking one agent: off unless enabled, then
+    only a signed-in operator with the session's CSRF token, or the bearer token; the job goes out as
+    the operators' MQTT user, waits dashboard.ask_timeout_s, and the fleet page offers it only to them."""
+    runner = FakeRunner()
+    body = {"type": "cpu", "labels": {"role": "web"}}
+    read_only = client(tmp_path, store, runner=runner)
+    assert ask_labels(read_only, None, **body).status_code == 403
+    assert 'id="ask-labels"' not in read_only.get("/?label=role=web").get_data(as_text=True)
+    enabled = {"ask_enabled": True, "operator_token": "s3cret-token", "mqtt_username": "ops-1", "ask_timeout_s": 4}
+    anonymous = client(tmp_path, store, runner=runner, **enabled)
+    assert ask_labels(anonymous, None, **body).status_code == 403
+    assert 'id="ask-labels"' not in anonymous.get("/?label=role=web").get_data(as_text=True)
+    c, csrf = signed_in(tmp_path, store, runner=runner, mqtt_username="ops-1", ask_timeout_s=4)
+    assert ask_labels(c, None, **body).status_code == 403  # no CSRF token
+    assert ask_labels(c, "not-the-token", **body).status_code == 403
+    assert runner.runs == []
+    assert re.search(r'id="ask-labels"[^>]*>', c.get("/?label=role=web").get_data(as_text=True))
+    assert re.search(r'id="ask-labels"[^>]* hidden>', c.get("/").get_data(as_text=True)), "no label filter: hidden"
+
+    started = ask_labels(c, csrf, **body)
+    assert started.status_code == 202, started.get_json()
+    job = started.get_json()["job"]
+    assert started.get_json()["url"] == f"/job/{job}" and started.get_json()["api"] == f"/api/job/{job}"
+    bearer = anonymous.post("/api/jobs", json=body, headers={"Authorization": "Bearer s3cret-token"})
+    assert bearer.status_code == 202
+    assert [(cfg.mqtt.username, spec.type, spec.selector, spec.timeout_s) for cfg, spec, _ in runner.runs] == [
+        ("ops-1", "cpu", {"role": "web"}, 4.0)] * 2
+    assert runner.runs[0][2] == job
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"type": "cpu", "labels": {"Role": "web"}}, "label key 'Role' must match"),
+    ({"type": "cpu", "labels": {"role": "<b>web</b>"}}, "label role: value '<b>web</b>' must be 1-64 characters"),
+    ({"type": "cpu", "labels": {}}, "choose at least one label"),
+    ({"type": "cpu"}, "choose at least one label"),
+    ({"type": "cpu", "labels": ["role=web"]}, "labels must be a mapping"),
+    ({"type": "CPU!", "labels": {"role": "web"}}, "type"),
+    ({"type": "cpu", "labels": {"role": "build"}}, "no known agent is one of agents labelled role=build; nothing was"),
+])
+def test_asking_a_label_selection_refuses_what_it_cannot_send(tmp_path, store, body, says) -> None:
+    """A bad label or type, no label at all, or a selection no known agent matches: 400 saying so,
+    and no job is started."""
+    runner = FakeRunner()
+    c, csrf = signed_in(tmp_path, store, runner=runner)
+    got = ask_labels(c, csrf, **body)
+    assert got.status_code == 400 and says in got.get_json()["error"], got.get_json()
+    assert runner.runs == []
+
+
+def stored_job_request(store: SqliteStore, job: str, agent: str, answer: str | None = None) -> None:
+    """The job's request to `agent` as the persister stores it, and its answer if `answer` is given."""
+    rid = f"{job}-{agent}"
+    now = time.time()
+    batch = Batch(requests=[Incoming(Request(id=rid, type="cpu", issued_at=iso(now), expires_at=iso(now + 3600),
+                                             job=job), agent, iso(now))])
+    if answer is not None:
+        batch.responses.append(Incoming(Response(id=rid, agent_id=agent, type="cpu", status=answer,
+                                                 data={"percent": 77.0} if answer == "ok" else None,
+                                                 error=None if answer == "ok" else {"code": "collector_failed",
+                                                                                    "message": "<oops>"},
+                                                 collected_at=iso(now)), agent, iso(now)))
+    store.write(batch)
+
+
+def test_a_job_page_shows_the_live_tally_then_the_stores_answers_late_ones_too(tmp_path, store) -> None:
+    """While the job waits, its page and /api/job show the job's own tally; when the wait is over, the
+    store's answers (by requests.job) over what the job concluded: an agent that did not answer in time
+    is no_answer, until its late answer reaches the store; errors are shown escaped."""
+    store.write(Batch(statuses=[Incoming(Status(agent_id="web-03", online=True, ts=iso(NOW - 900),
+                                                labels={"role": "web"}), "web-03", iso(NOW - 900))]))
+    hello(store, "web-03", False, NOW - 600)  # offline when the job starts, labels kept: queued
+    runner = FakeRunner({"web-01": "error", "web-02": "no_answer"}, release=False)
+    c, csrf = signed_in(tmp_path, store, runner=runner)
+    job = ask_labels(c, csrf, type="cpu", labels={"role": "web"}).get_json()["job"]
+    running = wait_job(c, job, "running")
+    assert (running["targeted"], running["waiting"], running["line"]) == (
+        2, 2, "targeted 2 · answered 0 (0%) · errors 0 · waiting 2 · queued 1")
+    page = c.get(f"/job/{job}").get_data(as_text=True)
+    assert 'data-running="1"' in page and 'id="job-targeted">2<' in page
+
+    for agent in ("web-01", "web-02", "web-03"):
+        stored_job_request(store, job, agent)
+    runner.release.set()
+    done = wait_job(c, job, "done")
+    assert {k: done[k] for k in ("type", "targeted", "answered", "ok", "errors", "no_answer", "queued", "waiting")} \
+        == {"type": "cpu", "targeted": 2, "answered": 1, "ok": 0, "errors": 1, "no_answer": 1, "queued": 1,
+            "waiting": 0}
+    assert done["selector"] == {"role": "web"}
+    assert {r["agent_id"]: r["status"] for r in done["results"]} == {"web-01": "error", "web-02": "no_answer",
+                                                                     "web-03": "queued"}
+
+    stored_job_request(store, job, "web-02", "ok")  # late, after the wait: the store has it
+    stored_job_request(store, job, "web-03", "ok")  # came back while its request waited at the broker
+    later = c.get(f"/api/job/{job}").get_json()
+    assert (later["targeted"], later["answered"], later["ok"], later["errors"], later["queued"]) == (3, 3, 2, 1, 0)
+    assert next(r for r in later["results"] if r["agent_id"] == "web-02")["data"] == {"percent": 77.0}
+    part = c.get(f"/job/{job}?partial=1").get_data(as_text=True)
+    assert "<html" not in part and 'id="job-state">done<' in part
+    assert "unknown_type: &lt;no such type&gt;" in part and "cpu 77%" in part
+    assert re.findall(r'<tr class="job-row" data-agent="([^"]+)" data-status="([^"]+)"', part) == [
+        ("web-01", "error"), ("web-02", "ok"), ("web-03", "ok")]
+
+
+def test_a_job_the_dashboard_did_not_start_is_read_from_the_store(tmp_path, store) -> None:
+    """A job sent by `fleetctl request --label` (or before a restart) shows the store's view; an
+    unknown or malformed job id is a 404."""
+    stored_job_request(store, "cli-job-1", "web-01", "ok")
+    stored_job_request(store, "cli-job-1", "db-01")
+    c = client(tmp_path, store)
+    doc = c.get("/api/job/cli-job-1").get_json()
+    assert doc["state"] == "stored" and (doc["targeted"], doc["ok"], doc["waiting"]) == (2, 1, 1)
+    assert "read from the store" in c.get("/job/cli-job-1").get_data(as_text=True)
+    assert c.get("/api/job/no-such-job").status_code == 404
+    assert c.get("/job/not%20a%20job").status_code == 404
+    assert c.get("/job/cli-job-1?limit=3").status_code == 400

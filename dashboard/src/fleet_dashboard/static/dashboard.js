@@ -82,6 +82,52 @@
     });
   }
 
+  // ---------------------------------------------------------------- ask a label selection now (operators only)
+  var askLabels = document.getElementById("ask-labels");
+  if (askLabels && fleet) {
+    var labelsForm = document.getElementById("ask-labels-form");
+    var labelsButton = document.getElementById("ask-labels-button");
+    var labelsStatus = document.getElementById("ask-labels-status");
+    afterSwap.push(function (el) {  // offered only while the table is filtered by labels
+      if (el === fleet) { askLabels.hidden = !fleet.querySelector("#label-filter"); }
+    });
+    labelsForm.addEventListener("submit", function (e) {
+      e.preventDefault();
+      var labels = {};
+      new URLSearchParams(location.search).getAll("label").forEach(function (pair) {
+        var i = pair.indexOf("=");
+        labels[pair.slice(0, i)] = pair.slice(i + 1);
+      });
+      labelsButton.disabled = true;
+      labelsStatus.textContent = "starting the job…";
+      fetch(askLabels.dataset.url, {
+        method: "POST", credentials: "same-origin",
+        headers: {"Content-Type": "application/json", "X-CSRF-Token": body.dataset.csrf || ""},
+        body: JSON.stringify({type: labelsForm.elements.type.value, labels: labels})
+      }).then(function (res) {
+        return res.json().then(function (doc) { return {ok: res.ok, doc: doc}; });
+      }).then(function (r) {
+        if (!r.ok) { throw new Error(r.doc.error || "the dashboard refused"); }
+        location.href = r.doc.url;
+      }).catch(function (err) {
+        labelsStatus.textContent = String(err.message || err);
+        labelsButton.disabled = false;
+      });
+    });
+  }
+
+  // ---------------------------------------------------------------- a job: its tally, live while it waits
+  var job = document.getElementById("job");
+  if (job && job.dataset.running === "1") {
+    var poll = function () {
+      refreshPart(job).then(function () {
+        var tally = document.getElementById("job-tally");
+        if (tally && tally.dataset.state === "running") { setTimeout(poll, 500); }
+      }, function () { stale(true); setTimeout(poll, 2000); });
+    };
+    setTimeout(poll, 500);
+  }
+
   // ---------------------------------------------------------------- process table: sort in the page
   var procSort = {col: 4, desc: true, sorted: false};
   function sortProcesses() {
