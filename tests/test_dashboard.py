@@ -4,6 +4,7 @@ sorting and filtering, the series behind the charts, and who may press "ask now"
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import BIN, wait_for
-from helpers import examples
+from helpers import examples, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import conforming
@@ -742,3 +743,60 @@ def test_a_job_the_dashboard_did_not_start_is_read_from_the_store(tmp_path, stor
     assert c.get("/api/job/no-such-job").status_code == 404
     assert c.get("/job/not%20a%20job").status_code == 404
     assert c.get("/job/cli-job-1?limit=3").status_code == 400
+
+
+def fleet_sim(procs: Any, tmp_path: Path, cfg: Path, name: str, agents: int, *args: str) -> None:
+    stats = tmp_path / f"{name}.json"
+    procs.start(name, "fleet-sim", "--config", str(cfg), "--agents", str(agents), "--id-prefix", name,
+                "--stats-file", str(stats), "--stats-every-s", "0.3", *args)
+
+    def connected() -> bool:
+        try:
+            return json.loads(stats.read_text()).get("all_connected_after_s") is not None
+        except (OSError, ValueError):
+            return False
+
+    wait_for(connected, what=f"simulated agents {name} to connect")
+
+
+def test_a_label_job_from_the_dashboard_over_a_real_broker(tmp_path, write_config, procs) -> None:
+    """Against a real broker, persister and agents: an operator's label job from the dashboard asks
+    the online role=web agents and queues the offline one; one answers unknown_type; every request
+    record carries the job; when the offline agent comes back, its late answer shows on the job."""
+    cfg = write_config(dashboard={"ask_enabled": True, "operator_token": "s3cret-token", "ask_timeout_s": 5})
+    db = tmp_path / "fleet.db"
+    procs.start_persister(cfg)
+    away = write_config("away", agent={"id": "away-01", "labels": {"role": "web"}})
+    procs.start("away", "fleet-agent", "--config", str(away))
+    online = lambda: {r["agent_id"]: r["online"] for r in rows(db, "SELECT agent_id, online FROM agents")}  # noqa: E731
+    wait_for(lambda: online().get("away-01") == 1, what="the real agent online in the store")
+    procs.stop("away")
+    wait_for(lambda: online().get("away-01") == 0, what="the real agent offline in the store")
+    fleet_sim(procs, tmp_path, cfg, "web", 2, "--types", "cpu,ping", "--label", "role=web")
+    fleet_sim(procs, tmp_path, cfg, "old", 1, "--types", "cpu", "--label", "role=web")  # no ping: unknown_type
+    fleet_sim(procs, tmp_path, cfg, "db", 1, "--types", "cpu,ping", "--label", "role=db")
+    wait_for(lambda: len(online()) == 5, what="every agent in the store")
+
+    store = SqliteStore(str(db))
+    try:
+        c = create_app(load_config(str(cfg)), store).test_client()
+        bearer = {"Authorization": "Bearer s3cret-token"}
+        started = c.post("/api/jobs", json={"type": "ping", "labels": {"role": "web"}}, headers=bearer)
+        assert started.status_code == 202, started.get_json()
+        job = started.get_json()["job"]
+        done = wait_job(c, job, "done")
+        assert {k: done[k] for k in ("targeted", "answered", "ok", "errors", "no_answer", "queued")} == \
+            {"targeted": 3, "answered": 3, "ok": 2, "errors": 1, "no_answer": 0, "queued": 1}
+        status = {r["agent_id"]: r["status"] for r in done["results"]}
+        assert status == {"away-01": "queued", "old-1": "error", "web-1": "ok", "web-2": "ok"}
+        wait_for(lambda: len(rows(db, "SELECT id FROM requests WHERE job = ?", job)) == 4,
+                 what="the job's four requests stored with its id")
+
+        procs.start("away", "fleet-agent", "--config", str(away))  # back: the broker delivers what waited
+        late = wait_for(lambda: (d := c.get(f"/api/job/{job}").get_json())["queued"] == 0 and d, 30,
+                        what="the late answer on the job")
+        assert (late["targeted"], late["ok"], late["errors"]) == (4, 3, 1)
+        html = c.get(f"/job/{job}").get_data(as_text=True)
+        assert 'data-agent="away-01" data-status="ok"' in html and "unknown_type" in html
+    finally:
+        store.close()

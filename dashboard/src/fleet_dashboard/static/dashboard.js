@@ -89,7 +89,10 @@
     var labelsButton = document.getElementById("ask-labels-button");
     var labelsStatus = document.getElementById("ask-labels-status");
     afterSwap.push(function (el) {  // offered only while the table is filtered by labels
-      if (el === fleet) { askLabels.hidden = !fleet.querySelector("#label-filter"); }
+      if (el !== fleet) { return; }
+      var filter = fleet.querySelector("#label-filter");
+      askLabels.hidden = !filter;
+      if (filter) { labelsButton.textContent = "Ask the agents labelled " + filter.dataset.selector + " now"; }
     });
     labelsForm.addEventListener("submit", function (e) {
       e.preventDefault();
