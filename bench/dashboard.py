@@ -1,6 +1,6 @@
 """How fast the dashboard's pages render for a large fleet.
 
-Fills a fresh SQLite store through the persister's own write path with N agents, each with a
+Fills a fresh SQLite store through the persister's own write path with N agents (labelled role and dc), each with a
 status and `--answers` rounds of cpu, memory, disk, network and ping answers inside the
 dashboard's stats window (plus os_info and a 250-row process list), then times the pages
 through the Flask app in this process: the first (cold) fleet page, which reads the store,

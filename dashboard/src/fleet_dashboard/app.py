@@ -209,8 +209,11 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt,
     @app.get("/")
     def fleet_page() -> str:
         page = fleet.page(FleetQuery.from_args(request.args))
+        links = LabelLinks(url_for("fleet_page"), page.query)
+        # each row's label links made here: a call from the template costs more than making them
+        rows_and_labels = [(r, links.cell(r.labels)) for r in page.rows]
         return render_template("_fleet.html" if partial() else "fleet.html", page=page, sort_keys=SORT_KEYS,
-                               args=request.args, label_links=LabelLinks(url_for("fleet_page"), page.query),
+                               args=request.args, label_links=links, rows_and_labels=rows_and_labels,
                                job_types=JOB_TYPES)
 
     @app.get("/api/fleet")
