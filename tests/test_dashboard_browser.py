@@ -194,7 +194,7 @@ def test_ask_now_as_an_operator_shows_a_fresh_answer(tmp_path, broker, write_con
     wait_page(lambda: rows(browser) == ["host-a"] and browser.find_element(By.ID, "ask-labels").is_displayed(), 10,
               what="the fleet filtered by role=web, and the ask panel shown")
     assert browser.find_element(By.ID, "ask-labels-button").text == "Ask the agents labelled role=web now"
-    screenshot(browser, tmp_path, "ask-labels")
+    screenshot(browser, tmp_path, "fleet-labels")
     Select(browser.find_element(By.ID, "ask-labels-type")).select_by_visible_text("cpu")
     browser.find_element(By.ID, "ask-labels-button").click()
     wait_page(lambda: "/job/" in browser.current_url, 10, what="the job's page")
