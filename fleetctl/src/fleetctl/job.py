@@ -72,8 +72,8 @@ def run(cfg: Config, args: Any) -> int:
     spec = spec_of(args)
     known, unreadable = stored_agents(cfg)
     if unreadable and spec.selector:
-        print(f"fleetctl: the store cannot be read ({unreadable}); offline agents' labels are not known, so "
-              "only online agents can match --label", file=sys.stderr)
+        print(f"fleetctl: offline agents' labels are unknown, so --label matches online agents only: {unreadable}",
+              file=sys.stderr)
     live = LiveTally(sys.stderr) if sys.stderr.isatty() else None
     try:
         result = run_job_blocking(cfg, spec, known, on_tally=live)
@@ -86,6 +86,10 @@ def run(cfg: Config, args: Any) -> int:
     print(render(result, args.json))
     print(f"job {result.job}: {result.tally.line()}; 'fleetctl job {result.job}' shows later answers",
           file=sys.stderr)
+    if result.tally.no_answer and not result.tally.answered:
+        print(f"fleetctl: no agent answered; if they are up, check that user {cfg.mqtt.username!r} may read "
+              f"{cfg.mqtt.topics().all_responses()} (the operator role may; the broker drops what a user may not "
+              "read without a word)", file=sys.stderr)
     return 0 if result.all_ok else 1
 
 
