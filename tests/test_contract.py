@@ -401,6 +401,8 @@ def test_packed_publish_properties_are_what_paho_would_write(args: tuple) -> Non
     Request(id="x", type="processes", params={"limit": 5, "sort_by": "rss"}),
     Request(id="x\\y", type="cpu", expires_at="t\u00e9"),
     Request(id="x", type="ping", job="0193e5c2a1b17c3d9f8e6a5b4c3d2e00"),
+    Request(id="x", type="ping", issued_at="2026-11-26T04:30:00.123Z", job="j-1_x"),
+    Request(id="x", type="ping", params={"a": 1}, job="j"),
 ])
 def test_request_payload_is_the_same_bytes_on_the_fast_path(request_: Request) -> None:
     assert request_.payload() == messages.dumps(request_.to_dict())

@@ -237,3 +237,36 @@ def test_importing_the_agent_or_the_contract_loads_no_aiomqtt() -> None:
             "assert not loaded, loaded")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_job_counts_only_the_first_answer_of_the_agent_it_asked() -> None:
+    """An answer is the job's only if it answers a request of the job and comes on the asked agent's
+    own topic: another agent's answer under a stolen id, a replay, a malformed answer or status, and
+    the controller's answers change nothing; a late answer from a no_answer agent still counts."""
+    import aiomqtt
+
+    from fleet_common import Response, load_config
+    from fleet_common.jobrun import JobRun
+
+    topics = Topics("fleet")
+    run = JobRun(load_config(None, env={}), JobSpec("ping"))
+    run.results = {a: AgentResult(a, "waiting") for a in ("a", "b", "c")}
+    run.waiting = 3
+    run.pending = {"r-a": ("a", 0.0), "r-b": ("b", 0.0), "r-c": ("c", 0.0)}
+
+    def deliver(agent: str, payload: bytes, topic: str | None = None) -> None:
+        run._on_message(aiomqtt.Message(topic or topics.response(agent, "ping"), payload, 1, False, 1, None), 0.5)
+
+    deliver("b", Response.ok("r-a", "b", "ping", {}, 1.0).payload())  # b answering a's request
+    deliver("a", b'{"id": "r-a", "status": "ok", "data": ')  # malformed
+    deliver("a", Response.ok("ctl-1", "a", "ping", {}, 1.0).payload())  # the controller's request
+    deliver("a", b"{broken", topic=topics.status("a"))
+    assert Tally.of(run.results.values()).waiting == 3 and run.waiting == 3
+    deliver("a", Response.ok("r-a", "a", "ping", {}, 1.0).payload())
+    deliver("a", Response.fail("r-a", "a", "ping", "timeout", "replayed").payload())  # a replay: ignored
+    assert (run.results["a"].status, run.results["a"].latency_ms, run.waiting) == ("ok", 500.0, 2)
+    run.results["c"].status, run.waiting = "no_answer", 1  # its wait ran out
+    deliver("c", Response.fail("r-c", "c", "ping", "unknown_type", "no ping here").payload())
+    assert run.results["c"].status == "error" and run.results["c"].error == {"code": "unknown_type",
+                                                                             "message": "no ping here"}
+    assert run.waiting == 1 and Tally.of(run.results.values()) == Tally(3, 2, 1, 1, 0, 0, 1)

@@ -4,13 +4,14 @@ fleet_common.jobs and fleet_common.jobrun, which the dashboard's "ask now" uses 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from typing import Any, TextIO
 
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
-from fleet_common.jobrun import NoTargets, run_job_blocking
+from fleet_common.jobrun import JobRun, NoTargets
 from fleet_common.jobs import ERROR, NO_ANSWER, OK, Candidate, JobResult, JobSpec, Tally, check_job_id
 from fleet_common.labels import select
 from fleet_store import StoreError, describe, open_reader
@@ -72,20 +73,32 @@ def run(cfg: Config, args: Any) -> int:
     spec = spec_of(args)
     known, unreadable = stored_agents(cfg)
     if unreadable and spec.selector:
-        print(f"fleetctl: the store cannot be read ({unreadable}); offline agents' labels are not known, so "
-              "only online agents can match --label", file=sys.stderr)
+        print(f"fleetctl: offline agents' labels are unknown, so --label matches online agents only: {unreadable}",
+              file=sys.stderr)
     live = LiveTally(sys.stderr) if sys.stderr.isatty() else None
+    job = JobRun(cfg, spec, on_tally=live)
     try:
-        result = run_job_blocking(cfg, spec, known, on_tally=live)
+        result = asyncio.run(job.run(known))
     except NoTargets as exc:
         print(f"fleetctl: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: what was sent stays sent; the store has the rest
+        if live is not None:
+            live.close()
+            live = None
+        print(f"fleetctl: stopped waiting: {Tally.of(job.results.values()).line()}; 'fleetctl job {job.job}' "
+              "shows the answers the store receives", file=sys.stderr)
+        return 130
     finally:
         if live is not None:
             live.close()
     print(render(result, args.json))
     print(f"job {result.job}: {result.tally.line()}; 'fleetctl job {result.job}' shows later answers",
           file=sys.stderr)
+    if result.tally.no_answer and not result.tally.answered:
+        print(f"fleetctl: no agent answered; if they are up, check that user {cfg.mqtt.username!r} may read "
+              f"{cfg.mqtt.topics().all_responses()} (the operator role may; the broker drops what a user may not "
+              "read without a word)", file=sys.stderr)
     return 0 if result.all_ok else 1
 
 
