@@ -800,3 +800,33 @@ def test_a_label_job_from_the_dashboard_over_a_real_broker(tmp_path, write_confi
         assert 'data-agent="away-01" data-status="ok"' in html and "unknown_type" in html
     finally:
         store.close()
+
+
+def test_wrong_bearer_tokens_for_a_label_job_count_toward_the_lockout(tmp_path, store) -> None:
+    """Starting a label job goes through the same token counting as asking one agent: wrong bearer
+    tokens at /api/jobs lock the address out, the right token then gets 429, and no job starts."""
+    runner = FakeRunner()
+    app = create_app(config(tmp_path, ask_enabled=True, operator_token="s3cret-token"), store, FakeAsker(), runner)
+    c = app.test_client()
+    body = {"type": "cpu", "labels": {"role": "web"}}
+    for n in range(5):
+        got = c.post("/api/jobs", json=body, headers={"Authorization": f"Bearer guess-{n}"})
+        assert got.status_code == 403
+    locked = c.post("/api/jobs", json=body, headers={"Authorization": "Bearer s3cret-token"})
+    assert locked.status_code == 429 and locked.is_json and locked.headers["Retry-After"] == "300"
+    assert runner.runs == []
+
+
+def test_at_most_so_many_jobs_wait_at_once(tmp_path, store) -> None:
+    """Beyond max_running jobs still waiting, a new one gets 429 and is not started; once one is done,
+    the next may start."""
+    runner = FakeRunner(release=False)
+    c, csrf = signed_in(tmp_path, store, runner=runner)
+    c.application.extensions["fleet_jobs"].max_running = 1
+    first = ask_labels(c, csrf, type="cpu", labels={"role": "web"}).get_json()["job"]
+    refused = ask_labels(c, csrf, type="cpu", labels={"role": "db"})
+    assert refused.status_code == 429 and "still waiting" in refused.get_json()["error"]
+    runner.release.set()
+    wait_job(c, first, "done")
+    assert ask_labels(c, csrf, type="cpu", labels={"role": "db"}).status_code == 202
+    assert [spec.selector for _, spec, _ in runner.runs] == [{"role": "web"}, {"role": "db"}]
