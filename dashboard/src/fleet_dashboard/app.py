@@ -8,26 +8,24 @@ import json
 import logging
 import secrets
 import time
-import urllib.parse
 from typing import Any, Callable
 
 from flask import Flask, abort, jsonify, redirect, render_template, request, url_for
 from flask.sessions import SecureCookieSessionInterface
-from markupsafe import Markup
 from werkzeug.wrappers.response import Response as HttpResponse
 
 from fleet_common.ask import NoAnswer, ask
 from fleet_common.config import BUILTIN_TYPES, Config
-from fleet_common.errors import ContractError, FleetError
+from fleet_common.errors import FleetError
 from fleet_common.jobs import AgentResult, Candidate, JobSpec, candidates, check_job_id, select
-from fleet_common.labels import check_labels
 from fleet_common.messages import Response
 from fleet_common.timefmt import ago
 from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
 
 from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery, cpu_percent, fullest_disk, memory_percent
-from .jobs import DashboardJobs, Runner, TooManyJobs, run_over_mqtt
+from .jobs import DashboardJobs, JobView, Runner, TooManyJobs, job_request, run_over_mqtt
+from .labellinks import LabelLinks
 from .operators import TooManyWrongTokens, operators
 from .query import PARTIAL, BadQuery, check_names, choice, local_path
 
@@ -42,45 +40,6 @@ TAKES: dict[str, tuple[str, ...]] = {
     "agent_series": ("range",), "ask_now": (), "rejected_page": ("partial",), "sign_in": ("next",),
     "sign_out": (), "health": (), "start_job": (), "job_page": ("partial",), "job_json": ()}
 JOB_TYPES = tuple(sorted(BUILTIN_TYPES))
-
-
-class LabelLinks:
-    """Links of the fleet page that change its label filter and keep the rest of its query. A page
-    holds hundreds of them, so they are built by hand from one prefix (url_for each would cost more),
-    and a row's cell of label links is made here once per set of labels on the page (most rows share
-    one with others) rather than by a template loop per label."""
-
-    def __init__(self, path: str, query: FleetQuery) -> None:
-        self.path, self.labels = path, query.labels
-        self._cells: dict[tuple[tuple[str, str], ...], Markup] = {}
-        keep = [("q", query.q), ("state", query.state), ("sort", query.sort), ("dir", "desc" if query.desc else "asc"),
-                ("per", "" if query.per_page == FleetQuery.per_page else str(query.per_page))]
-        self.rest = urllib.parse.urlencode([(k, v) for k, v in keep if v])  # a new filter starts at page 1
-
-    def _href(self, labels: dict[str, str]) -> str:
-        pairs = "&".join("label=" + urllib.parse.quote(f"{k}={v}", safe="") for k, v in labels.items())
-        query = "&".join(p for p in (self.rest, pairs) if p)
-        return f"{self.path}?{query}" if query else self.path
-
-    def only(self, key: str, value: str) -> str:
-        """This filter with key=value instead of any other value of key."""
-        return self._href({**{k: v for k, v in self.labels.items() if k != key}, key: value})
-
-    def without(self, key: str) -> str:
-        return self._href({k: v for k, v in self.labels.items() if k != key})
-
-    def none(self) -> str:
-        return self._href({})
-
-    def cell(self, labels: dict[str, str]) -> Markup:
-        """One row's labels, sorted, each a link to the filter by it (those in the filter marked "on")."""
-        key = tuple(sorted(labels.items()))
-        found = self._cells.get(key)
-        if found is None:
-            found = self._cells[key] = Markup("").join(
-                Markup('<a class="label{}" data-labels href="{}" title="only agents labelled {}={}">{}={}</a>').format(
-                    " on" if self.labels.get(k) == v else "", self.only(k, v), k, v, k, v) for k, v in key)
-        return found
 
 
 def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
@@ -143,20 +102,6 @@ class SessionCookies(SecureCookieSessionInterface):
     def get_cookie_secure(self, app: Flask) -> bool:
         forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
         return self.always or request.is_secure or forwarded == "https"
-
-
-def job_request(body: Any) -> tuple[str, dict[str, str]]:
-    """The type and labels of a POST /api/jobs body ({"type": "cpu", "labels": {"role": "web"}}),
-    checked: FleetError says what is wrong."""
-    if not isinstance(body, dict):
-        raise FleetError('send a JSON object: {"type": "cpu", "labels": {"role": "web"}}')
-    try:
-        labels = check_labels(body.get("labels", {}))
-    except ContractError as exc:
-        raise FleetError(exc.detail) from None
-    if not labels:
-        raise FleetError("choose at least one label: ask now reaches a label selection of the fleet page")
-    return str(body.get("type") or ""), labels
 
 
 def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt,
@@ -285,7 +230,7 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt,
         return jsonify(job=job.job, url=url_for("job_page", job_id=job.job),
                        api=url_for("job_json", job_id=job.job)), 202
 
-    def known_job(job_id: str) -> Any:
+    def known_job(job_id: str) -> JobView:
         try:
             check_job_id(job_id)
         except FleetError as exc:

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from fleet_common.config import Config
-from fleet_common.errors import FleetError
+from fleet_common.errors import ContractError, FleetError
 from fleet_common.jobs import ERROR, OK, AgentResult, Candidate, JobResult, JobSpec, Tally, new_job_id
-from fleet_common.labels import Labels
+from fleet_common.labels import Labels, check_labels
 from fleet_common.timefmt import iso
 from fleet_store import AgentRecord, StoreReader
 from fleet_store.jobs import stored_job
@@ -38,6 +38,20 @@ def run_over_mqtt(cfg: Config, spec: JobSpec, known: list[Candidate], on_tally: 
     from fleet_common.jobrun import JobRun  # aiomqtt: loaded only when an operator starts a job
 
     return asyncio.run(JobRun(cfg, spec, on_tally, "dashboard", job_id).run(known))
+
+
+def job_request(body: Any) -> tuple[str, Labels]:
+    """The type and labels of a POST /api/jobs body ({"type": "cpu", "labels": {"role": "web"}}),
+    checked: FleetError says what is wrong."""
+    if not isinstance(body, dict):
+        raise FleetError('send a JSON object: {"type": "cpu", "labels": {"role": "web"}}')
+    try:
+        labels = check_labels(body.get("labels", {}))
+    except ContractError as exc:
+        raise FleetError(exc.detail) from None
+    if not labels:
+        raise FleetError("choose at least one label: ask now reaches a label selection of the fleet page")
+    return str(body.get("type") or ""), labels
 
 
 class TooManyJobs(FleetError):
