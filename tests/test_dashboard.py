@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from conftest import BIN, wait_for
@@ -21,6 +22,7 @@ from helpers import examples, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import conforming
+from werkzeug.datastructures import MultiDict
 
 from fleet_common import Request, Response, Status, iso
 from fleet_common.cli import run_main
@@ -28,7 +30,8 @@ from fleet_common.config import Config, ConfigError, load_config
 from fleet_common.datatypes import BUILTIN as DATATYPES
 from fleet_common.jobs import AgentResult, Candidate, JobResult, JobSpec, Tally, select
 from fleet_dashboard.app import create_app
-from fleet_dashboard.data import network_series
+from fleet_dashboard.data import FleetQuery, network_series
+from fleet_dashboard.labellinks import LabelLinks
 from fleet_persister.datacheck import check_data
 from fleet_store import Batch, Incoming, RejectedRecord, RequestRecord
 from fleet_store.sqlite import SqliteStore
@@ -830,3 +833,29 @@ def test_at_most_so_many_jobs_wait_at_once(tmp_path, store) -> None:
     wait_job(c, first, "done")
     assert ask_labels(c, csrf, type="cpu", labels={"role": "db"}).status_code == 202
     assert [spec.selector for _, spec, _ in runner.runs] == [{"role": "web"}, {"role": "db"}]
+
+
+LABEL_KEYS = st.from_regex(r"\A[a-z][a-z0-9_]{0,31}\Z")
+LABEL_VALUES = st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z")
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(filter_=st.dictionaries(LABEL_KEYS, LABEL_VALUES, max_size=4), key=LABEL_KEYS, value=LABEL_VALUES,
+       q=st.text(max_size=20), desc=st.booleans())
+def test_a_label_link_reads_back_as_the_filter_it_names(filter_, key, value, q, desc) -> None:
+    """Whatever the labels and the rest of the query, a label link's query string parses back to the
+    filter it promises (key=value in place of that key's other value) with the rest kept, and the
+    link that drops a pair to the filter without it."""
+    query = FleetQuery(q=q.strip(), labels=filter_, sort="cpu", desc=desc)
+    links = LabelLinks("/", query)
+
+    def read(href: str) -> FleetQuery:
+        return FleetQuery.from_args(MultiDict(parse_qsl(urlsplit(href).query, keep_blank_values=True)))
+
+    got = read(links.only(key, value))
+    assert got.labels == {**{k: v for k, v in filter_.items() if k != key}, key: value}
+    assert (got.q, got.sort, got.desc, got.page) == (query.q, "cpu", desc, 1)
+    if filter_:
+        drop = next(iter(filter_))
+        assert read(links.without(drop)).labels == {k: v for k, v in filter_.items() if k != drop}
+    assert read(links.none()).labels == {}
