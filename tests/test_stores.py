@@ -591,11 +591,14 @@ def test_a_jobs_requests_are_read_back_by_its_id_whatever_the_order(store: Store
 
 
 def test_a_request_sent_again_keeps_its_first_job(store: Store) -> None:
-    """A request id is one request: a copy naming another job (a replay) does not move it."""
-    store.write(Batch(requests=[job_req("a1", "job1")]))
-    store.write(Batch(requests=[job_req("a1", "job2")]))
+    """A request id is one request: a copy naming another job, or a job where the first named none
+    (a replay), does not move it into that job."""
+    store.write(Batch(requests=[job_req("a1", "job1"), job_req("c1", None)]))
+    store.write(Batch(requests=[job_req("a1", "job2"), job_req("c1", "job2")]))
     assert [r.id for r in store.job_requests("job1")] == ["a1"]
     assert store.job_requests("job2") == []
+    rec = store.get_request("c1")
+    assert rec is not None and rec.job is None
 
 
 def test_an_older_sqlite_file_gets_the_job_column_and_its_index(tmp_path: Path) -> None:

@@ -105,7 +105,7 @@ INSERT INTO requests (id, agent_id, type, params, issued_at, expires_at, state, 
 VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     params = COALESCE(requests.params, excluded.params),
-    job = COALESCE(requests.job, excluded.job),
+    job = CASE WHEN requests.issued_at IS NULL THEN excluded.job ELSE requests.job END,
     issued_at = COALESCE(requests.issued_at, excluded.issued_at),
     expires_at = COALESCE(requests.expires_at, excluded.expires_at),
     expire_at = COALESCE(requests.expire_at, excluded.expire_at)
