@@ -22,7 +22,7 @@ from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "job")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -35,6 +35,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "controller": lambda: stages.controller(b, sizes),
         "agent": lambda: stages.agent(b, sizes),
         "cold": lambda: stages.cold_start(b, sizes),
+        "job": lambda: stages.job(b, sizes),
     }
     return calls[name]()
 
@@ -117,6 +118,14 @@ def table(results: dict[str, Any]) -> list[str]:
                   f"agents connected in {_fmt(cold['sim_connect_s'])} s"),
                  ("cold start: requests expired / left pending", f"{cold['expired']} / {cold['pending']}",
                   f"of {cold['requests']:,}")]
+    for n, fig in ((results.get("job") or {}).get("sizes") or {}).items():
+        rows += [(f"job to {int(n):,} agents: send s / total s", f"{_fmt(fig['send_s'])} / {_fmt(fig['total_s'])}",
+                  "all answered" if fig["all_answered"] else "NOT all answered"),
+                 ("job: s reading the fleet / to the last answer", f"{_fmt(fig['fleet_read_s'])} / "
+                  f"{_fmt(fig['last_answer_after_first_send_s'])}", "the last answer: from the first request"),
+                 ("job: s from last answer to the end of the wait", fig["after_last_answer_s"], "aim < 2"),
+                 ("job: peak publish/s; RSS growth MB", f"{_fmt(fig['peak_publish_per_s'])}; "
+                  f"{_fmt(fig['rss_growth_mb'])}", f"{fig['rss_growth_kb_per_agent']} KB per agent")]
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:

@@ -3,6 +3,7 @@ viewer for a moment), one agent's series and latest answers, and the dead letter
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -11,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fleet_common.config import Config
+from fleet_common.labels import Labels
 from fleet_common.timefmt import parse_iso
 from fleet_store import AgentRecord, RequestRecord, Stats, StoreReader
 
-from .query import choice, integer, text
+from .query import choice, integer, label_selector, text
 
 STATES = ("online", "silent", "offline")
-FLEET_PARAMS = ("q", "state", "sort", "dir", "page", "per")
+FLEET_PARAMS = ("q", "state", "label", "sort", "dir", "page", "per")
 SORT_KEYS = ("agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory", "disk")
 RANGES_S = {"15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800}
 MAX_POINTS = 10000
@@ -37,6 +39,7 @@ class FleetRow:
     memory: float | None
     disk: float | None
     disk_mount: str | None
+    labels: Labels = field(default_factory=dict)
 
     @property
     def answered_ratio(self) -> float | None:
@@ -50,14 +53,22 @@ class Snapshot:
     counts: dict[str, int]
     taken_at: float
     took_ms: float
+    by_label: dict[tuple[str, str], set[int]] = field(default_factory=dict)  # (key, value) -> indexes in rows
+
+    def labelled(self, selector: Labels) -> list[FleetRow]:
+        """The rows whose labels include every pair of `selector`, from the index: a label filter costs
+        what it finds, not a pass over the fleet."""
+        found = [self.by_label.get(pair, set()) for pair in selector.items()]
+        return [self.rows[i] for i in set.intersection(*found)] if found else self.rows
 
 
 @dataclass(frozen=True)
 class FleetQuery:
-    """What the fleet page asks for: filter text, state, sort key and direction, page."""
+    """What the fleet page asks for: filter text, state, labels, sort key and direction, page."""
 
     q: str = ""
     state: str = ""
+    labels: Labels = field(default_factory=dict)
     sort: str = "agent_id"
     desc: bool = False
     page: int = 1
@@ -65,11 +76,17 @@ class FleetQuery:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> FleetQuery:
-        """The query from `?q=&state=&sort=&dir=&page=&per=`; a value it cannot use raises BadQuery."""
+        """The query from `?q=&state=&label=&sort=&dir=&page=&per=`; a value it cannot use raises BadQuery."""
         return cls(q=text(args, "q", 100).strip(), state=choice(args, "state", ("", *STATES), ""),
+                   labels=label_selector(args, "label"),
                    sort=choice(args, "sort", SORT_KEYS, "agent_id"),
                    desc=choice(args, "dir", ("asc", "desc"), "asc") == "desc",
                    page=integer(args, "page", 1, 1), per_page=integer(args, "per", 100, 10, 1000))
+
+    @property
+    def label_args(self) -> list[str]:
+        """The label filter as its query values: ["role=web", "dc=ams"]."""
+        return [f"{k}={v}" for k, v in self.labels.items()]
 
 
 @dataclass(frozen=True)
@@ -173,17 +190,21 @@ class Fleet:
                                  last_seen=a.last_seen, hostname=a.hostname, platform=a.platform, issued=s.issued,
                                  answered=s.answered, median_latency_ms=s.median_latency_ms,
                                  cpu=cpu_percent(c.data) if c else None,
-                                 memory=memory_percent(m.data) if m else None, disk=disk_pct, disk_mount=mount))
+                                 memory=memory_percent(m.data) if m else None, disk=disk_pct, disk_mount=mount,
+                                 labels=a.labels))
         counts = {state: 0 for state in STATES}
-        for row in rows:
+        by_label: dict[tuple[str, str], set[int]] = {}
+        for i, row in enumerate(rows):
             counts[row.state] += 1
+            for pair in row.labels.items():
+                by_label.setdefault(pair, set()).add(i)
         return Snapshot(rows=rows, agents={a.agent_id: a for a in agents}, counts=counts, taken_at=now,
-                        took_ms=(time.perf_counter() - started) * 1000)
+                        took_ms=(time.perf_counter() - started) * 1000, by_label=by_label)
 
     def page(self, query: FleetQuery) -> FleetPage:
         snap = self.snapshot()
         needle = query.q.lower()
-        rows = [r for r in snap.rows if (not query.state or r.state == query.state)
+        rows = [r for r in snap.labelled(query.labels) if (not query.state or r.state == query.state)
                 and (not needle or needle in r.agent_id.lower() or needle in (r.hostname or "").lower()
                      or needle in (r.platform or "").lower())]
         rows = sort_rows(rows, query.sort, query.desc)
@@ -191,7 +212,7 @@ class Fleet:
         page = min(query.page, pages)
         start = (page - 1) * query.per_page
         return FleetPage(rows=rows[start:start + query.per_page], matched=len(rows), pages=pages,
-                         query=FleetQuery(query.q, query.state, query.sort, query.desc, page, query.per_page),
+                         query=dataclasses.replace(query, page=page),
                          snapshot=snap)
 
     # one agent

@@ -135,6 +135,7 @@ class RequestRecord:
     expire_at: str | None
     collected_at: str | None = None  # as the agent's clock said
     received_at: str | None = None  # when a persister received the answer, by its clock
+    job: str | None = None  # the job the request was sent in (fleetctl request --all|--label)
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,9 @@ class StoreReader(Protocol):
         """Requests of one agent and type, newest issued first."""
 
     def get_request(self, id_: str) -> RequestRecord | None: ...
+
+    def job_requests(self, job_id: str) -> list[RequestRecord]:
+        """The requests sent in job `job_id`, by agent id (an indexed read)."""
 
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         """The newest answered (state ok) request of `type_` per agent, answered since `since_s`,

@@ -112,6 +112,8 @@ class MongoStore:
                                     ("issued_at", DESCENDING)])
         self.requests.create_index([("agent_id", ASCENDING), ("issued_at", DESCENDING)])
         self.requests.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
+        # fleetctl job: a job's requests; partial, so the controller's (no job) cost it nothing
+        self.requests.create_index([("job", ASCENDING)], partialFilterExpression={"job": {"$type": "string"}})
         self.rejected_c.create_index([("received_at", DESCENDING)])
         self._add_latest()
 
@@ -190,11 +192,11 @@ class MongoStore:
             ops.append(UpdateOne(mine, {"$setOnInsert": {
                 "id": r.id, "params": r.params, "issued_at": issued, "expires_at": norm_ts(r.expires_at),
                 "state": "pending", "answered_at": None, "latency_ms": None, "data": None, "error": None,
-                "collected_at": None, "received_at": None,
+                "collected_at": None, "received_at": None, "job": r.job,
                 "expire_at": to_date(retention_until(item.received_at, r.type, ret))}}, upsert=True))
             # an answer stored first left the request's fields empty: fill them, never overwrite them
             ops.append(UpdateOne({**mine, "issued_at": None}, {"$set": {
-                "issued_at": issued, "params": r.params, "expires_at": norm_ts(r.expires_at)}}))
+                "issued_at": issued, "params": r.params, "expires_at": norm_ts(r.expires_at), "job": r.job}}))
             sources += [item, item]
         agents: list[Any] = []
         for res in resolved.responses:
@@ -363,6 +365,10 @@ class MongoStore:
         doc = self.requests.find_one({"_id": id_})
         return self._request(doc) if doc else None
 
+    def job_requests(self, job_id: str) -> list[RequestRecord]:
+        cursor = self.requests.find({"job": job_id}).sort([("agent_id", ASCENDING), ("_id", ASCENDING)])
+        return [self._request(d) for d in cursor]
+
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         query: Doc = {"type": type_}
         if since_s is not None:
@@ -407,4 +413,4 @@ class MongoStore:
                              issued_at=d.get("issued_at"), expires_at=d.get("expires_at"), state=d["state"],
                              answered_at=d.get("answered_at"), latency_ms=d.get("latency_ms"), data=d.get("data"),
                              error=d.get("error"), expire_at=from_date(d.get("expire_at")),
-                             collected_at=d.get("collected_at"), received_at=d.get("received_at"))
+                             collected_at=d.get("collected_at"), received_at=d.get("received_at"), job=d.get("job"))

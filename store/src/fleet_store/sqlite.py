@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS requests (
     error        TEXT,
     expire_at    TEXT,
     collected_at TEXT,
-    received_at  TEXT
+    received_at  TEXT,
+    job          TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_history ON requests (agent_id, type, COALESCE(issued_at, answered_at));
 CREATE INDEX IF NOT EXISTS requests_time ON requests (COALESCE(issued_at, answered_at));
@@ -105,17 +106,21 @@ CREATE TABLE latest (
 CREATE INDEX latest_type ON latest (type, answered_at);
 """
 # Columns added since the first release: a database made before gets them when it is opened.
-ADDED_COLUMNS = {"requests": ("collected_at TEXT", "received_at TEXT"),
+ADDED_COLUMNS = {"requests": ("collected_at TEXT", "received_at TEXT", "job TEXT"),
                  "rejected": ("detail TEXT NOT NULL DEFAULT ''",),
                  "agents": ("labels TEXT",)}
+# Indexes on added columns, made once the columns are there (SCHEMA runs before _add_columns).
+# Partial: the controller's requests (no job) cost the index nothing.
+ADDED_INDEXES = ("CREATE INDEX IF NOT EXISTS requests_job ON requests (job) WHERE job IS NOT NULL",)
 
 # The request decides whose a record is (base.resolve); these conditions make sure of it
 # in SQL too: an upsert never changes a record of another agent or type.
 UPSERT_REQUEST = """
-INSERT INTO requests (id, agent_id, type, params, issued_at, expires_at, state, expire_at)
-VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
+INSERT INTO requests (id, agent_id, type, params, issued_at, expires_at, state, expire_at, job)
+VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     params = COALESCE(requests.params, excluded.params),
+    job = CASE WHEN requests.issued_at IS NULL THEN excluded.job ELSE requests.job END,
     issued_at = COALESCE(requests.issued_at, excluded.issued_at),
     expires_at = COALESCE(requests.expires_at, excluded.expires_at),
     expire_at = COALESCE(requests.expire_at, excluded.expire_at)
@@ -165,7 +170,7 @@ INSERT_REJECTED = ("INSERT OR IGNORE INTO rejected (id, received_at, topic, reas
                    "VALUES (?, ?, ?, ?, ?, ?)")
 
 REQUEST_COLUMNS = ("id, agent_id, type, params, issued_at, expires_at, state, answered_at, latency_ms, "
-                   "data, error, expire_at, collected_at, received_at")
+                   "data, error, expire_at, collected_at, received_at, job")
 AGENT_COLUMNS = ("agent_id, online, first_seen, last_seen, hostname, platform, agent_version, types, status_at, "
                  "labels")
 CHUNK = 500
@@ -190,6 +195,8 @@ def _add_columns(db: sqlite3.Connection) -> None:
         for column in columns:
             if column.split()[0] not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    for index in ADDED_INDEXES:
+        db.execute(index)
 
 
 def _add_latest(db: sqlite3.Connection) -> None:
@@ -378,7 +385,7 @@ class SqliteStore:
             r = item.message
             out.requests[id(item)] = (r.id, item.agent_id, r.type, _json(r.params),
                                       norm_ts(r.issued_at) or item.received_at, norm_ts(r.expires_at),
-                                      retention_until(item.received_at, r.type, ret))
+                                      retention_until(item.received_at, r.type, ret), r.job)
         for res in batch.responses:
             p = res.message
             collected = norm_ts(p.collected_at)
@@ -535,6 +542,10 @@ class SqliteStore:
         rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?", (id_,))
         return self._request(rows[0]) if rows else None
 
+    def job_requests(self, job_id: str) -> list[RequestRecord]:
+        rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE job = ? ORDER BY agent_id, id", (job_id,))
+        return [self._request(row) for row in rows]
+
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         since = iso(since_s) if since_s is not None else ""
         return {r.agent_id: r.request() for r in self._latest_rows("type = ?1 AND answered_at >= ?2", (type_, since))}
@@ -598,8 +609,8 @@ class SqliteStore:
     @staticmethod
     def _request(row: Sequence[Any]) -> RequestRecord:
         (id_, agent_id, type_, params, issued, expires, state, answered, latency, data, error, expire_at,
-         collected, received) = row
+         collected, received, job) = row
         return RequestRecord(id=id_, agent_id=agent_id, type=type_, params=_unjson(params), issued_at=issued,
                              expires_at=expires, state=state, answered_at=answered, latency_ms=latency,
                              data=_unjson(data), error=_unjson(error), expire_at=expire_at, collected_at=collected,
-                             received_at=received)
+                             received_at=received, job=job)
