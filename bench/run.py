@@ -4,6 +4,7 @@ one broker; prints a table and writes bench/results.json.
     .venv/bin/python bench/run.py                 # every stage, full size (about 10 minutes)
     .venv/bin/python bench/run.py --tiny          # every stage at toy sizes (proves the bench works)
     .venv/bin/python bench/run.py --only raw,ingest --out /tmp/r.json
+    .venv/bin/python bench/run.py --only storage  # bytes per host per day, per type, on both stores
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import stages
+import storage
 from harness import ROOT, Bench, machine
 from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "storage")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -35,6 +37,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "controller": lambda: stages.controller(b, sizes),
         "agent": lambda: stages.agent(b, sizes),
         "cold": lambda: stages.cold_start(b, sizes),
+        "storage": lambda: storage.storage(storage.TINY_STORAGE if sizes == TINY else storage.StorageSizes()),
     }
     return calls[name]()
 
@@ -117,6 +120,7 @@ def table(results: dict[str, Any]) -> list[str]:
                   f"agents connected in {_fmt(cold['sim_connect_s'])} s"),
                  ("cold start: requests expired / left pending", f"{cold['expired']} / {cold['pending']}",
                   f"of {cold['requests']:,}")]
+    rows += storage.table(results.get("storage") or {})
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:
