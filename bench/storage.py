@@ -67,23 +67,71 @@ def _messages(type_: str, sizes: StorageSizes, start_s: float, topics: Topics,
         t += every
 
 
-def _write_all(store: Store, items: Iterator[Incoming[Any]]) -> int:
-    batch, n = Batch(), 0
+def _write_all(store: Store, items: Iterator[Incoming[Any]]) -> tuple[int, float]:
+    """Messages written, and the seconds spent in write() (not in making them)."""
+    batch, n, spent = Batch(), 0, 0.0
+
+    def write() -> float:
+        started = time.perf_counter()
+        store.write(batch)
+        return time.perf_counter() - started
+
     for item in items:
         (batch.requests if isinstance(item.message, Request) else batch.responses).append(item)
         n += 1
         if len(batch) >= BATCH:
-            store.write(batch)
+            spent += write()
             batch = Batch()
     if len(batch):
-        store.write(batch)
-    return n
+        spent += write()
+    return n, spent
 
 
 def _sqlite_sizes(path: Path) -> dict[str, int]:
     with sqlite3.connect(path) as db:
         return {name: int(size) for name, size in db.execute(
             "SELECT name, SUM(pgsize) FROM dbstat GROUP BY name")}
+
+
+def _grown(objects: dict[str, int], empty: dict[str, int]) -> dict[str, int]:
+    """What each table and index took beyond the page it has in an empty store."""
+    return {name: size - empty.get(name, 0) for name, size in objects.items()}
+
+
+DENSITY_HOSTS = 1000
+
+
+def trend_density(path: Path, workdir: Path) -> int | None:
+    """Trend bytes per host per day at scale. The write path's few hours of a few hosts fill a page
+    or two, so the rows it made for its first host (one hour of that type) are written again, with
+    the host and the hour changed, as the persister adds them (hour by hour, every host each hour)
+    for DENSITY_HOSTS hosts and a day, into a fresh store; the table and index pages are counted."""
+    with sqlite3.connect(path) as db:
+        names = [r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE name = 'trends'")]
+        if not names:
+            return None
+        first = db.execute("SELECT MIN(hour) FROM trends WHERE agent_id = 'sim-00000'").fetchone()[0]
+        template = db.execute("SELECT series, key, count, sum, min, max, expire_at FROM trends "
+                              "WHERE agent_id = 'sim-00000' AND hour = ?", (first,)).fetchall()
+    if not template:
+        return 0
+    from fleet_store.sqlite import UPSERT_TREND, SqliteStore  # a store without trends has none
+
+    target = workdir / f"density-{path.stem}.db"
+    store = SqliteStore(str(target))
+    empty = _sqlite_sizes(target)
+    start = time.time() - time.time() % 3600
+    with sqlite3.connect(target, isolation_level=None) as db:
+        for h in range(24):
+            hour = iso(start + h * 3600)
+            db.execute("BEGIN")
+            db.executemany(UPSERT_TREND, [(f"sim-{i:05d}", series, key, hour, n, total, low, high, exp)
+                                          for i in range(DENSITY_HOSTS)
+                                          for series, key, n, total, low, high, exp in template])
+            db.execute("COMMIT")
+    store.close()
+    grown = _grown(_sqlite_sizes(target), empty)
+    return round(sum(size for name, size in grown.items() if "trend" in name) / DENSITY_HOSTS)
 
 
 def _per_day(value: float, sizes: StorageSizes) -> int:
@@ -95,23 +143,25 @@ def sqlite_type(type_: str, sizes: StorageSizes, start_s: float, workdir: Path) 
 
     path = workdir / f"{type_}.db"
     store = SqliteStore(str(path), PersisterConfig().retention_s)
-    answers = _write_all(store, _messages(type_, sizes, start_s, Topics("fleet"), True)) // 2
+    empty = _sqlite_sizes(path)
+    messages, spent = _write_all(store, _messages(type_, sizes, start_s, Topics("fleet"), True))
+    answers = messages // 2
     store.close()
-    objects = _sqlite_sizes(path)
+    objects = _grown(_sqlite_sizes(path), empty)
     with sqlite3.connect(path) as db:
         data = int(db.execute("SELECT COALESCE(SUM(LENGTH(data)), 0) FROM requests").fetchone()[0])
     schema = {name for name in objects if not name.startswith("sqlite_")}
-    tables = {"requests", "agents", "rejected", "trends", "latest"}
-    requests_objects = {n: s for n, s in objects.items() if n not in tables or n == "requests"}
+    indexes = {n: s for n, s in objects.items() if n.startswith(("requests_", "sqlite_autoindex_requests"))}
     return {
         "answers_per_host_per_day": _per_day(answers, sizes),
+        "write_ms_per_1000_answers": round(1000 * spent / answers * 1000, 1),
         "data_json_bytes_per_host_per_day": _per_day(data, sizes),
         "requests_table_bytes_per_host_per_day": _per_day(objects.get("requests", 0), sizes),
-        "requests_indexes_bytes_per_host_per_day": _per_day(
-            sum(s for n, s in requests_objects.items() if n != "requests"), sizes),
-        "trends_bytes_per_host_per_day": _per_day(sum(s for n, s in objects.items() if "trend" in n), sizes),
-        "file_bytes_per_host_per_day": _per_day(sum(objects.values()), sizes),
-        "objects_bytes": {n: objects[n] for n in sorted(schema | set(objects))},
+        "requests_indexes_bytes_per_host_per_day": _per_day(sum(indexes.values()), sizes),
+        "trends_bytes_per_host_per_day_here": _per_day(sum(s for n, s in objects.items() if "trend" in n), sizes),
+        "trends_bytes_per_host_per_day": trend_density(path, workdir) or 0,
+        "raw_bytes_per_host_per_day": _per_day(sum(s for n, s in objects.items() if "trend" not in n), sizes),
+        "objects_bytes_grown": {n: objects[n] for n in sorted(schema | set(objects))},
     }
 
 
@@ -127,7 +177,7 @@ def mongodb_type(type_: str, sizes: StorageSizes, start_s: float) -> dict[str, A
     name = f"fleet_bench_{uuid.uuid4().hex[:10]}"
     _mongomock_accepts_sort()
     store = MongoStore(client, PersisterConfig().retention_s, name)
-    answers = _write_all(store, _messages(type_, sizes, start_s, Topics("fleet"), False)) // 2
+    answers = _write_all(store, _messages(type_, sizes, start_s, Topics("fleet"), False))[0] // 2
     out: dict[str, Any] = {"answers_per_host_per_day": _per_day(answers, sizes)}
     for coll in sorted(client[name].list_collection_names()):
         docs = sum(len(bson.encode(d)) for d in client[name][coll].find())
@@ -165,9 +215,8 @@ def _retention(type_: str) -> int:
 
 def fleet_cost(per_type: dict[str, dict[str, Any]], key: str, trend_retention_s: int | None) -> dict[str, Any]:
     """What FLEET hosts keep on disk at steady state under the default retention, and a year of it."""
-    raw = sum(f[key] - f.get("trends_bytes_per_host_per_day", 0) for f in per_type.values())
-    kept = sum((f[key] - f.get("trends_bytes_per_host_per_day", 0)) * _retention(t) / DAY_S
-               for t, f in per_type.items())
+    raw = sum(f[key] for f in per_type.values())
+    kept = sum(f[key] * _retention(t) / DAY_S for t, f in per_type.items())
     trends_day = sum(f.get("trends_bytes_per_host_per_day", 0) for f in per_type.values())
     trends_kept = trends_day * (trend_retention_s or 0) / DAY_S
     year_trends = trends_day * min(365, (trend_retention_s or 0) / DAY_S)
@@ -187,7 +236,7 @@ def storage(sizes: StorageSizes, stores: tuple[str, ...] = ("sqlite", "mongodb")
     with tempfile.TemporaryDirectory(prefix="fleet-storage-") as tmp:
         if "sqlite" in stores:
             out["sqlite"] = {t: sqlite_type(t, sizes, start_s, Path(tmp)) for t in types}
-            out["sqlite_fleet"] = fleet_cost(out["sqlite"], "file_bytes_per_host_per_day", out["trend_retention_s"])
+            out["sqlite_fleet"] = fleet_cost(out["sqlite"], "raw_bytes_per_host_per_day", out["trend_retention_s"])
     if "mongodb" in stores:
         out["mongodb"] = {t: mongodb_type(t, sizes, start_s) for t in types}
         out["mongodb_measure"] = ("real server collStats" if os.environ.get("FLEET_BENCH_MONGODB_URI")
@@ -199,7 +248,8 @@ def table(result: dict[str, Any]) -> list[tuple[str, Any, str]]:
     rows: list[tuple[str, Any, str]] = []
     for type_, f in (result.get("sqlite") or {}).items():
         mongo = (result.get("mongodb") or {}).get(type_, {})
-        rows.append((f"storage: sqlite {type_} bytes/host/day (file)", f["file_bytes_per_host_per_day"],
+        rows.append((f"storage: sqlite {type_} bytes/host/day raw", f["raw_bytes_per_host_per_day"],
+                     f"write {f.get('write_ms_per_1000_answers', 0):,} ms/1000; "
                      f"data {f['data_json_bytes_per_host_per_day']:,}, indexes "
                      f"{f['requests_indexes_bytes_per_host_per_day']:,}, trends {f['trends_bytes_per_host_per_day']:,};"
                      f" mongodb documents {mongo.get('requests_document_bytes_per_host_per_day', 0):,}"
