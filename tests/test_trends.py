@@ -142,3 +142,17 @@ def test_trends_expire_after_trend_retention_and_raw_answers_after_theirs(store:
     assert len(store.trends("web-01", "cpu_percent", HOUR, HOUR + 3600)) == 1
     store.purge(received + TREND_RETENTION + 1)
     assert store.trends("web-01", "cpu_percent", HOUR, HOUR + 3600) == []
+
+
+def test_a_reader_of_a_store_made_before_trends_finds_none(tmp_path: Path) -> None:
+    """A read-only reader (dashboard, fleetctl) of a file written before trends existed gets no
+    trends rather than an error."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    sqlite3.connect(path).execute("CREATE TABLE requests (id TEXT PRIMARY KEY)").connection.close()
+    reader = SqliteStore(str(path), read_only=True)
+    try:
+        assert reader.trends("web-01", "cpu_percent", HOUR, HOUR + 3600) == []
+    finally:
+        reader.close()

@@ -533,9 +533,14 @@ class SqliteStore:
         return found[:limit]
 
     def trends(self, agent_id: str, series: str, since_s: float, until_s: float) -> list[TrendRecord]:
-        rows = self._query("SELECT agent_id, series, key, hour, min, sum / count, max, count FROM trends "
-                           "WHERE agent_id = ? AND series = ? AND hour >= ? AND hour < ? ORDER BY key, hour",
-                           (agent_id, series, iso(since_s - since_s % 3600), iso(until_s)))
+        try:
+            rows = self._query("SELECT agent_id, series, key, hour, min, sum / count, max, count FROM trends "
+                               "WHERE agent_id = ? AND series = ? AND hour >= ? AND hour < ? ORDER BY key, hour",
+                               (agent_id, series, iso(since_s - since_s % 3600), iso(until_s)))
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return []  # a reader of a file no persister with trends has written to yet
         return [TrendRecord(*row) for row in rows]
 
     def rejected(self, limit: int = 100) -> list[RejectedRecord]:
