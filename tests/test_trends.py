@@ -127,7 +127,8 @@ def test_values_that_are_not_finite_numbers_are_left_out() -> None:
 
 def test_trends_expire_after_trend_retention_and_raw_answers_after_theirs(store: Store) -> None:
     """purge() with a clock past each retention, counted from when the persister received the answers:
-    processes go first (60 s), then the other raw answers (7200 s), then the trends (36000 s)."""
+    processes go first (60 s), then the other raw answers (7200 s), then the trends (36000 s after
+    the end of the hour they were received in)."""
     received = float(int(time.time()))
     cpu = [s for s in generated_hour(HOUR, agents=("web-01",)) if s.type == "cpu"][:3]
     store.write(Batch(responses=[answer(s, store, received) for s in cpu]))
@@ -138,9 +139,10 @@ def test_trends_expire_after_trend_retention_and_raw_answers_after_theirs(store:
     store.purge(received + 7201)
     assert store.get_request(cpu[0].id) is None
     assert store.trends("web-01", "cpu_percent", HOUR, HOUR + 3600)[0].count == 3
-    store.purge(received + TREND_RETENTION - 1)
+    hour_end = received - received % 3600 + 3600  # trends go by whole hours of the persister's clock
+    store.purge(hour_end + TREND_RETENTION - 1)
     assert len(store.trends("web-01", "cpu_percent", HOUR, HOUR + 3600)) == 1
-    store.purge(received + TREND_RETENTION + 1)
+    store.purge(hour_end + TREND_RETENTION + 1)
     assert store.trends("web-01", "cpu_percent", HOUR, HOUR + 3600) == []
 
 

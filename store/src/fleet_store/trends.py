@@ -51,7 +51,8 @@ class Answer:
 @dataclass(frozen=True)
 class TrendRow:
     """One hour's aggregate to add to what is stored: the store adds count and sum, keeps the
-    smaller min, the larger max and the later expire_at."""
+    smaller min, the larger max and the later expire_at (the end of the hour in which the persister
+    received the answer, plus trend_retention_s)."""
 
     agent_id: str
     series: str
@@ -124,7 +125,7 @@ def samples(type_: str, data: Any) -> list[tuple[str, str, float]]:
 
 def counters(data: Any) -> dict[str, tuple[float | None, float | None]]:
     """(bytes_recv, bytes_sent) per interface name of a network answer's data."""
-    out = {}
+    out: dict[str, tuple[float | None, float | None]] = {}
     for nic in _get(data, "interfaces") or ():
         name = _get(nic, "name")
         if isinstance(name, str):
@@ -132,18 +133,20 @@ def counters(data: Any) -> dict[str, tuple[float | None, float | None]]:
     return out
 
 
-def rates(before: Answer, after: Answer) -> list[tuple[str, str, float]]:
-    """Network bytes per second per interface between two answers of one agent."""
-    seconds = parse_iso(after.at) - parse_iso(before.at)
+Counters = dict[str, tuple[float | None, float | None]]
+
+
+def rates(before_at: str, then: Counters, after_at: str, now: Counters) -> list[tuple[str, str, float]]:
+    """Network bytes per second per interface between two answers of one agent, from their counters."""
+    seconds = parse_iso(after_at) - parse_iso(before_at)
     if seconds <= 0:
         return []
-    then = counters(before.data)
     out = []
-    for name, now in counters(after.data).items():
+    for name, (rx, tx) in now.items():
         old = then.get(name)
         if old is None:
             continue
-        for series, a, b in (("network_rx_bytes_per_s", old[0], now[0]), ("network_tx_bytes_per_s", old[1], now[1])):
+        for series, a, b in (("network_rx_bytes_per_s", old[0], rx), ("network_tx_bytes_per_s", old[1], tx)):
             if a is not None and b is not None and b >= a:
                 rate = _number((b - a) / seconds)
                 if rate is not None:
@@ -156,18 +159,28 @@ def roll_up(answers: Iterable[Answer], previous: Mapping[str, Answer], keep_s: i
     stored before these, for the first rate. A network answer no newer than the one before it (late)
     gives no rate and does not become the one before the next."""
     acc: dict[tuple[str, str, str, str], list[Any]] = {}
-    last = dict(previous)
+    expiry: dict[str, str] = {}
+    last: dict[str, tuple[str, Counters]] = {}  # each agent's newest network answer: its time and counters
     for a in sorted(answers, key=lambda x: (x.agent_id, x.at)):
         if a.type == "network":
             before = last.get(a.agent_id)
-            if before is not None and a.at <= before.at:
+            if before is None and a.agent_id in previous:
+                p = previous[a.agent_id]
+                before = (p.at, counters(p.data))
+            if before is not None and a.at <= before[0]:
                 continue
-            last[a.agent_id] = a
-            found = rates(before, a) if before is not None else []
+            now = counters(a.data)
+            last[a.agent_id] = (a.at, now)
+            found = rates(before[0], before[1], a.at, now) if before is not None else []
         else:
             found = samples(a.type, a.data)
         hour = hour_of(a.at)
-        expire_at = iso(parse_iso(a.received_at) + keep_s)
+        # Whole hours by the persister's clock: an hour's record changes its expire_at (and so its
+        # place in the expire_at index) once an hour, not with every answer.
+        received_hour = hour_of(a.received_at)
+        expire_at = expiry.get(received_hour)
+        if expire_at is None:
+            expire_at = expiry[received_hour] = iso(parse_iso(received_hour) + 3600 + keep_s)
         for series, key, value in found:
             cell = acc.get((a.agent_id, series, key, hour))
             if cell is None:
