@@ -158,3 +158,16 @@ def test_a_reader_of_a_store_made_before_trends_finds_none(tmp_path: Path) -> No
         assert reader.trends("web-01", "cpu_percent", HOUR, HOUR + 3600) == []
     finally:
         reader.close()
+
+
+def test_rates_of_counters_near_two_to_the_64_are_exact() -> None:
+    """Interface counters as large as 64 bits hold give exact rates (their delta is taken in integers)."""
+    big = 2**64 - 10**6
+
+    def net(at: float, value: int) -> Answer:
+        return Answer("a", "network", iso(at), {"interfaces": [{"name": "eth0", "bytes_recv": value,
+                                                                 "bytes_sent": value}]}, iso(at))
+
+    rows = roll_up([net(HOUR, big), net(HOUR + 10, big + 12345)], {}, 3600)
+    assert {(r.series, r.min, r.count) for r in rows} == {("network_rx_bytes_per_s", 1234.5, 1),
+                                                          ("network_tx_bytes_per_s", 1234.5, 1)}

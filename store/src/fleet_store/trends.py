@@ -123,17 +123,25 @@ def samples(type_: str, data: Any) -> list[tuple[str, str, float]]:
     return out
 
 
-def counters(data: Any) -> dict[str, tuple[float | None, float | None]]:
+Counters = dict[str, tuple[int | float | None, int | float | None]]
+
+
+def _counter(value: Any) -> int | float | None:
+    """A byte counter as sent: an integer stays one, so the delta of two large counters is exact."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    return _number(value)
+
+
+def counters(data: Any) -> Counters:
     """(bytes_recv, bytes_sent) per interface name of a network answer's data."""
-    out: dict[str, tuple[float | None, float | None]] = {}
+    out: Counters = {}
     for nic in _get(data, "interfaces") or ():
         name = _get(nic, "name")
         if isinstance(name, str):
-            out[name] = (_number(_get(nic, "bytes_recv")), _number(_get(nic, "bytes_sent")))
+            out[name] = (_counter(_get(nic, "bytes_recv")), _counter(_get(nic, "bytes_sent")))
     return out
 
-
-Counters = dict[str, tuple[float | None, float | None]]
 
 
 def rates(before_at: str, then: Counters, after_at: str, now: Counters) -> list[tuple[str, str, float]]:
