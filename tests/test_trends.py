@@ -17,6 +17,9 @@ from typing import Any
 import mongomock
 import pymongo
 import pytest
+from helpers import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from trendcalc import Sent, as_table, assert_equal, expected, generated_hour
 
 from fleet_common import Request, Response, iso
@@ -171,3 +174,24 @@ def test_rates_of_counters_near_two_to_the_64_are_exact() -> None:
     rows = roll_up([net(HOUR, big), net(HOUR + 10, big + 12345)], {}, 3600)
     assert {(r.series, r.min, r.count) for r in rows} == {("network_rx_bytes_per_s", 1234.5, 1),
                                                           ("network_tx_bytes_per_s", 1234.5, 1)}
+
+
+SHORT_HOUR = generated_hour(HOUR, agents=("web-01", "db-01"), every_s=300, reset_at=5)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(cuts=st.lists(st.integers(0, len(SHORT_HOUR)), max_size=8), again=st.lists(st.integers(0, len(SHORT_HOUR) - 1),
+                                                                                  max_size=6))
+def test_any_batching_and_any_redelivery_give_the_hand_computation(cuts: list[int], again: list[int]) -> None:
+    """However the answers of an hour (in time order) are cut into batches, and whichever of them are
+    delivered again with the next batch (a restart before the ack), the trends equal the hand
+    computation (SQLite)."""
+    store = SqliteStore(":memory:", RETENTION, trend_retention_s=TREND_RETENTION)
+    try:
+        bounds = [0, *sorted(cuts), len(SHORT_HOUR)]
+        for before, a, b in zip([0, *bounds], bounds, bounds[1:]):
+            repeated = [SHORT_HOUR[i] for i in again if before <= i < a]  # the batch before, again
+            store.write(Batch(responses=[answer(s, store, HOUR + 3700) for s in SHORT_HOUR[a:b] + repeated]))
+        assert_equal(stored(store), expected(SHORT_HOUR))
+    finally:
+        store.close()
