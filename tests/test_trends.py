@@ -195,3 +195,11 @@ def test_any_batching_and_any_redelivery_give_the_hand_computation(cuts: list[in
         assert_equal(stored(store), expected(SHORT_HOUR))
     finally:
         store.close()
+
+
+def test_an_answer_adds_a_bounded_number_of_keys() -> None:
+    """Thousands of mount points, or a name of a megabyte, add at most 64 keys of 256 characters."""
+    parts = [{"mountpoint": f"/m{i}", "percent": 1.0} for i in range(5000)] + [{"mountpoint": "/" * 10**6,
+                                                                                "percent": 1.0}]
+    found = samples("disk", {"partitions": parts})
+    assert len(found) == 64 and all(len(key) <= 256 for _, key, _ in found)

@@ -15,6 +15,7 @@ The series (`key` is '' for host-wide ones):
 | network_rx_bytes_per_s, network_tx_bytes_per_s | interface | network: interfaces[].bytes_recv/bytes_sent, |
 | | | the delta from the agent's previous answer over the time between them |
 
+One answer adds at most MAX_KEYS mount points or interfaces, of names up to MAX_KEY_CHARS.
 A network rate needs the answer before it: the first answer of an agent has none, and a counter
 that went down (a reset, a reboot) or an answer older than the newest stored gives no rate.
 """
@@ -34,6 +35,10 @@ SERIES = ("cpu_percent", "load1", "load5", "load15", "memory_percent", "swap_per
 # Larger values are left out: no measurement is that large, and a sum of them could overflow.
 MAX_SAMPLE = 1e18
 LOADS = ("load1", "load5", "load15")
+# What one answer may add to trends: an agent that sends thousands of mount points or interfaces,
+# or names of a megabyte, cannot make its trends grow without bound.
+MAX_KEYS = 64
+MAX_KEY_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def samples(type_: str, data: Any) -> list[tuple[str, str, float]]:
     elif type_ == "disk":
         for part in _get(data, "partitions") or ():
             mount = _get(part, "mountpoint")
-            if isinstance(mount, str):
+            if isinstance(mount, str) and len(mount) <= MAX_KEY_CHARS and len(found) < MAX_KEYS:
                 found.append(("disk_used_percent", mount, _get(part, "percent")))
     out = []
     for series, key, value in found:
@@ -138,7 +143,7 @@ def counters(data: Any) -> Counters:
     out: Counters = {}
     for nic in _get(data, "interfaces") or ():
         name = _get(nic, "name")
-        if isinstance(name, str):
+        if isinstance(name, str) and len(name) <= MAX_KEY_CHARS and len(out) < MAX_KEYS:
             out[name] = (_counter(_get(nic, "bytes_recv")), _counter(_get(nic, "bytes_sent")))
     return out
 
