@@ -4,6 +4,7 @@ one broker; prints a table and writes bench/results.json.
     .venv/bin/python bench/run.py                 # every stage, full size (about 10 minutes)
     .venv/bin/python bench/run.py --tiny          # every stage at toy sizes (proves the bench works)
     .venv/bin/python bench/run.py --only raw,ingest --out /tmp/r.json
+    .venv/bin/python bench/run.py --only storage  # bytes per host per day, per type, on both stores
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import stages
+import storage
 from harness import ROOT, Bench, machine
 from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "job")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "job", "storage")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -36,6 +38,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "agent": lambda: stages.agent(b, sizes),
         "cold": lambda: stages.cold_start(b, sizes),
         "job": lambda: stages.job(b, sizes),
+        "storage": lambda: storage.storage(storage.TINY_STORAGE if sizes == TINY else storage.StorageSizes()),
     }
     return calls[name]()
 
@@ -126,6 +129,7 @@ def table(results: dict[str, Any]) -> list[str]:
                  ("job: s from last answer to the end of the wait", fig["after_last_answer_s"], "aim < 2"),
                  ("job: peak publish/s; RSS growth MB", f"{_fmt(fig['peak_publish_per_s'])}; "
                   f"{_fmt(fig['rss_growth_mb'])}", f"{fig['rss_growth_kb_per_agent']} KB per agent")]
+    rows += storage.table(results.get("storage") or {})
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:

@@ -19,6 +19,7 @@ KEYS = {
     "controller": ("cpu_s_per_60s_interval", "peak_rss_mb", "agents_asked_in_window"),
     "agent": ("rss_mb_max", "cpu_pct_of_core", "collection_ms"),
     "job": ("sizes",),
+    "storage": ("sqlite", "mongodb", "sqlite_fleet"),
 }
 
 

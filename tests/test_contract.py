@@ -328,7 +328,8 @@ def test_config_defaults_without_a_file(tmp_path, monkeypatch) -> None:
     """With no config.yaml the built-in defaults apply, as the design lists them."""
     cfg = load_config(None, env={})
     assert cfg.mqtt.port == 1883 and cfg.controller.schedule["os_info"] == 3600
-    assert cfg.persister.retention_s == {"default": 2592000, "processes": 86400}
+    assert cfg.persister.retention_s == {"default": 604800, "processes": 86400}
+    assert cfg.persister.trend_retention_s == 34560000
 
 
 def test_config_env_overrides_scalars(tmp_path) -> None:

@@ -368,7 +368,7 @@ def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPath
 
 
 @pytest.mark.parametrize(("path", "name", "allowed"), [
-    ("/api/agent/web-01/series?range=bogus", "range", ["15m", "1h", "6h", "24h", "7d"]),
+    ("/api/agent/web-01/series?range=bogus", "range", ["15m", "1h", "6h", "24h", "7d", "30d", "90d", "400d"]),
     ("/api/agent/web-01/series?rnage=6h", "rnage", ["range"]),
     ("/api/fleet?sort=colour", "sort", ["agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory",
                                         "disk"]),
@@ -393,7 +393,7 @@ def test_api_refuses_bad_query_values_naming_the_parameter(tmp_path, store, path
 
 
 @pytest.mark.parametrize(("path", "says"), [
-    ("/agent/web-01?range=1y", "'range': '1y' is not one of 15m, 1h, 6h, 24h, 7d"),
+    ("/agent/web-01?range=1y", "'range': '1y' is not one of 15m, 1h, 6h, 24h, 7d, 30d, 90d, 400d"),
     ("/agent/web-01?partial=yes", "'partial': 'yes' is not one of 0, 1"),
     ("/?sort=colour", "'sort': 'colour' is not one of agent_id, state"),
     ("/?per=abc", "'per': 'abc' is not a whole number; it must be one from 10 to 1000"),
@@ -859,3 +859,31 @@ def test_a_label_link_reads_back_as_the_filter_it_names(filter_, key, value, q, 
         drop = next(iter(filter_))
         assert read(links.without(drop)).labels == {k: v for k, v in filter_.items() if k != drop}
     assert read(links.none()).labels == {}
+def test_charts_beyond_the_raw_window_are_drawn_from_the_hourly_trends(tmp_path) -> None:
+    """A range longer than the raw answers are kept (persister.retention_s) charts each hour's average
+    from the trends: answers of 40 days ago, whose raw records are purged, still show as two hours."""
+    store = SqliteStore(str(tmp_path / "trends.db"))
+    hour = float(int(NOW) // 3600 * 3600 - 40 * 86400)
+    cpu = [(hour + 60, 10.0), (hour + 600, 20.0), (hour + 1200, 30.0), (hour + 3660, 50.0), (hour + 4000, 70.0)]
+    for n, (at, percent) in enumerate(cpu):
+        answer(store, "old-01", "cpu", {"percent": percent, "load_avg": [0.1, 0.1, 0.1]}, at, n)
+        answer(store, "old-01", "disk", {"partitions": [{"mountpoint": "/", "percent": percent / 2},
+                                                        {"mountpoint": "/var", "percent": percent}]}, at, n)
+    for n in range(3):
+        answer(store, "old-01", "network", {"interfaces": [
+            {"name": "lo", "bytes_recv": 10**9 * n, "bytes_sent": 0},
+            {"name": "eth0", "bytes_recv": 6000 * n, "bytes_sent": 600 * n}]}, hour + 100 + 60 * n, n)
+    store.purge(NOW)
+    assert store.count_requests() == 0
+    try:
+        web = client(tmp_path, store)
+        doc = web.get("/api/agent/old-01/series?range=90d").get_json()
+        assert doc["cpu"]["t"] == [hour, hour + 3600] and doc["cpu"]["lines"] == {"cpu %": [20.0, 60.0]}
+        assert doc["disk"]["lines"] == {"/var": [20.0, 60.0], "/": [10.0, 30.0]}
+        assert doc["network"]["t"] == [hour]
+        assert doc["network"]["lines"]["received B/s"][0] == pytest.approx(100, rel=0.01)  # loopback left out
+        assert doc["network"]["lines"]["sent B/s"][0] == pytest.approx(10, rel=0.01)
+        assert doc["memory"]["t"] == []
+        assert web.get("/api/agent/old-01/series?range=7d").get_json()["cpu"]["t"] == []  # raw: purged
+    finally:
+        store.close()

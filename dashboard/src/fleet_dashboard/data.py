@@ -14,14 +14,16 @@ from typing import Any, Callable
 from fleet_common.config import Config
 from fleet_common.labels import Labels
 from fleet_common.timefmt import parse_iso
-from fleet_store import AgentRecord, RequestRecord, Stats, StoreReader
+from fleet_store import AgentRecord, RequestRecord, Stats, StoreReader, TrendRecord
 
 from .query import choice, integer, label_selector, text
 
 STATES = ("online", "silent", "offline")
 FLEET_PARAMS = ("q", "state", "label", "sort", "dir", "page", "per")
 SORT_KEYS = ("agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory", "disk")
-RANGES_S = {"15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800}
+# Beyond a type's raw retention (persister.retention_s) a chart is drawn from the hourly trends.
+RANGES_S = {"15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800, "30d": 2592000, "90d": 7776000,
+            "400d": 34560000}
 MAX_POINTS = 10000
 
 
@@ -227,7 +229,20 @@ class Fleet:
         return self.store.recent_requests(agent_id, limit)
 
     def series(self, agent_id: str, range_s: float) -> dict[str, dict[str, Any]]:
-        since = self.clock() - range_s
+        """The charts' series over the last `range_s`: from the raw answers while the range lies
+        within their retention, else from the hourly trends (each hour's average)."""
+        now = self.clock()
+        since = now - range_s
+        retention = self.cfg.persister.retention_s
+        if range_s > min(retention.get(t, retention["default"]) for t in ("cpu", "memory", "disk", "network")):
+            def hourly(series: str) -> list[TrendRecord]:
+                return self.store.trends(agent_id, series, since, now)
+
+            return {"cpu": trend_series(hourly("cpu_percent"), "cpu %").to_dict(),
+                    "memory": trend_series(hourly("memory_percent"), "memory %").to_dict(),
+                    "disk": trend_series(hourly("disk_used_percent"), None).to_dict(),
+                    "network": network_trend_series(hourly("network_rx_bytes_per_s"),
+                                                    hourly("network_tx_bytes_per_s")).to_dict()}
 
         def answers(type_: str) -> list[RequestRecord]:
             found = [r for r in self.store.history(agent_id, type_, limit=MAX_POINTS, since_s=since)
@@ -299,3 +314,30 @@ def network_series(records: Sequence[RequestRecord]) -> Series:
             out.lines["sent B/s"].append(rates[1])
         prev = (at, now)
     return out
+
+
+def trend_series(records: Sequence[TrendRecord], name: str | None, max_lines: int = 6) -> Series:
+    """Each hour's average: one line named `name`, or with None one per key (mount point), the
+    fullest `max_lines` of the newest hour."""
+    hours = sorted({r.hour for r in records})
+    newest = {r.key: r.avg for r in records if r.hour == hours[-1]} if hours else {}
+    keys = [""] if name is not None else sorted(newest, key=lambda k: -newest[k])[:max_lines]
+    by = {(r.key, r.hour): r.avg for r in records}
+    return Series(t=[parse_iso(h) for h in hours],
+                  lines={name if name is not None else k: [by.get((k, h)) for h in hours] for k in keys})
+
+
+def network_trend_series(rx: Sequence[TrendRecord], tx: Sequence[TrendRecord]) -> Series:
+    """Bytes per second received and sent per hour, the hour's average summed over all interfaces
+    but loopback, as the raw chart shows them."""
+    def totals(records: Sequence[TrendRecord]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r in records:
+            if r.key != "lo":
+                out[r.hour] = out.get(r.hour, 0.0) + r.avg
+        return out
+
+    received, sent = totals(rx), totals(tx)
+    hours = sorted(set(received) | set(sent))
+    return Series(t=[parse_iso(h) for h in hours], lines={"received B/s": [received.get(h) for h in hours],
+                                                          "sent B/s": [sent.get(h) for h in hours]})

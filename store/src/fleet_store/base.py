@@ -19,10 +19,13 @@ from fleet_common import FleetError, Request, Response, Status, iso, parse_iso
 from fleet_common.config import PersisterConfig
 from fleet_common.timefmt import LATEST_S, is_canonical
 
+from .trends import TrendRecord
+
 M = TypeVar("M", Request, Response, Status)
 
 STATES = ("pending", "ok", "error", "expired")
 DEFAULT_RETENTION_S: Mapping[str, int] = PersisterConfig().retention_s
+DEFAULT_TREND_RETENTION_S: int = PersisterConfig().trend_retention_s
 EXPIRED_ERROR = {"code": "expired", "message": "no response before expires_at"}
 
 
@@ -256,6 +259,10 @@ class StoreReader(Protocol):
 
     def rejected(self, limit: int = 100) -> list[RejectedRecord]:
         """Dead letters, newest first."""
+
+    def trends(self, agent_id: str, series: str, since_s: float, until_s: float) -> list[TrendRecord]:
+        """The hourly trend of one agent's series (trends.SERIES) for the hours from the one
+        `since_s` falls in up to `until_s`, by key (mountpoint, interface; '' for host-wide) and hour."""
 
     def count_requests(self, *, agent_id: str | None = None, type_: str | None = None,
                        state: str | None = None) -> int: ...
