@@ -98,11 +98,12 @@ def test_jobs_count_the_queued_offline_agent_and_the_error_and_fleetctl_job_show
         return rows(db, "SELECT id, agent_id, job FROM requests WHERE job = ?", job)
 
     wait_for(lambda: len(job_records(web["job"])) == 5, what="the --label job's five requests stored")
+    wait_for(lambda: len(job_records(every["job"])) == 7, what="the --all job's seven requests stored")
     stored = {r["id"]: r for r in rows(db, "SELECT id, agent_id, job FROM requests WHERE type = 'ping'")}
     for result in (web, every):
-        sent = {r["request_id"] for r in result["results"]}
-        assert all(stored[i]["job"] == result["job"] for i in sent if i in stored), "each request has its job"
-        assert len({r["agent_id"] for r in job_records(result["job"])}) == len(result["results"])
+        for r in result["results"]:  # each request the job sent is stored with its agent and its job
+            assert stored[r["request_id"]]["job"] == result["job"], r
+            assert stored[r["request_id"]]["agent_id"] == r["agent_id"], r
 
     before = json.loads(fleetctl(cfg, "job", web["job"], "--json").stdout)
     assert by_agent(before)["away-01"] == "queued" and before["queued"] == 1
@@ -145,6 +146,24 @@ def test_an_online_agent_that_does_not_answer_is_no_answer_and_nothing_matching_
     done = fleetctl(cfg, "request", "--label", "role=nothing", "ping")
     assert done.returncode == 1 and "no known agent is one of agents labelled role=nothing" in done.stderr
     assert done.stdout == "" and "Traceback" not in done.stderr
+
+
+def test_with_no_status_at_the_broker_the_store_is_the_fleet(tmp_path: Path, write_config: Callable[..., Path]) -> None:
+    """A broker with no retained status (it lost them, or drops what this user may not read): the
+    job asks the agents the store knows, online or queued as the store last heard."""
+    from fleet_common import iso
+    from fleet_store import Batch, Incoming
+    from fleet_store.sqlite import SqliteStore
+
+    cfg = write_config()
+    store = SqliteStore(str(tmp_path / "fleet.db"))
+    now = iso(1_800_000_000)
+    store.write(Batch(statuses=[Incoming(Status("st-1", True, ts=now, labels={"role": "x"}), "st-1", now),
+                                Incoming(Status("st-2", True, ts=now, labels={"role": "x"}), "st-2", now),
+                                Incoming(Status("st-2", False, ts=now), "st-2", iso(1_800_000_001))]))
+    store.close()
+    code, result = job_json(cfg, "--label", "role=x", "ping", "--timeout", "1")
+    assert code == 1 and by_agent(result) == {"st-1": "no_answer", "st-2": "queued"}
 
 
 @pytest.mark.parametrize("args,says", [

@@ -145,7 +145,9 @@ class JobRun:
         messages = client.messages
         for _ in range(len(messages)):
             self._on_message(await messages.__anext__(), loop.time())
-        fleet = candidates(self.statuses if statuses_readable else None, known)
+        # No status at all (a broker that drops what this user may not read, or one that lost its
+        # retained messages): the store's agents are the fleet.
+        fleet = candidates(self.statuses if statuses_readable and self.statuses else None, known)
         targets = select(fleet, self.spec)
         if not targets:
             raise NoTargets(f"no known agent is one of {self.spec.describe()} (of {len(fleet)} known); "
@@ -190,6 +192,7 @@ class JobRun:
             now = loop.time()
             self.unacked += 1
             self.pending[req.request.id] = (target.agent_id, now)
+            self.results[target.agent_id].request_id = req.request.id
             if target.online:
                 self.deadlines.append((now + self.spec.timeout_s, target.agent_id))
             self.sent_at.append(now)

@@ -15,7 +15,7 @@ from fleet_common.jobrun import JobRun, NoTargets
 from fleet_common.jobs import ERROR, NO_ANSWER, OK, Candidate, JobResult, JobSpec, Tally, check_job_id
 from fleet_common.labels import select
 from fleet_store import StoreError, describe, open_reader
-from fleet_store.jobs import stored_job
+from fleet_store.jobs import known_agents, stored_job
 
 from .views import fmt_ms, summarise, table
 
@@ -63,7 +63,7 @@ def stored_agents(cfg: Config) -> tuple[list[Candidate], str | None]:
     except StoreError as exc:
         return [], str(exc)
     try:
-        return [Candidate(a.agent_id, bool(a.online), dict(a.labels)) for a in store.agents()], None
+        return known_agents(store.agents()), None
     finally:
         store.close()
 

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fleet_common.jobs import ERROR, NO_ANSWER, OK, QUEUED, WAITING, AgentResult, JobResult
+from fleet_common.jobs import ERROR, NO_ANSWER, OK, QUEUED, WAITING, AgentResult, Candidate, JobResult
 
 from .base import AgentRecord, RequestRecord
+
+
+def known_agents(agents: Iterable[AgentRecord]) -> list[Candidate]:
+    """The store's agents as a job's candidates (fleet_common.jobrun.JobRun.run's `known`): the
+    labels of agents that are offline now, whose status carries none."""
+    return [Candidate(a.agent_id, bool(a.online), dict(a.labels)) for a in agents]
 
 
 def stored_result(record: RequestRecord, online: bool) -> AgentResult:
@@ -38,4 +44,4 @@ def stored_job(job_id: str, records: Iterable[RequestRecord], agents: Iterable[A
     return JobResult(job_id, records[0].type, [stored_result(r, online.get(r.agent_id, False)) for r in records])
 
 
-__all__ = ["stored_job", "stored_result"]
+__all__ = ["known_agents", "stored_job", "stored_result"]
