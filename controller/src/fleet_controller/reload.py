@@ -48,8 +48,8 @@ def reload(controller: Controller, path: str | None) -> bool:
         return False
     restart = [k for k in changed_keys(controller.cfg, cfg) if k not in RELOADABLE]
     change = controller.apply_schedule(cfg.controller)
-    log.info("reloaded the schedule: %s; %d agents changed intervals (%d requests started, %d stopped, "
-             "%d moved to a new interval); the others keep their phases",
+    log.info("reloaded the schedule: %s; %d agents changed intervals (%d types turned on, %d turned off, "
+             "%d at a new interval); the others keep their phases",
              controller.schedule.rules.describe(), change.agents, change.started, change.stopped, change.moved)
     if restart:
         log.warning("reload: %s changed in the file; only controller.schedule and controller.groups are "
