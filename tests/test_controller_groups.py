@@ -3,7 +3,10 @@ with fake agents (paho clients) that carry labels in their births."""
 
 from __future__ import annotations
 
+import re
+import shlex
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +15,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
-from conftest import wait_for
+from conftest import ROOT, wait_for
 from test_controller import FakeFleet
 
 from fleet_common.messages import Status, parse_request
@@ -143,4 +146,20 @@ def test_sighup_refuses_a_bad_file_and_keeps_the_schedule(fleet: FakeFleet, writ
     hup_and_wait(procs, "controller", "reloaded the schedule")
     wait_for(lambda: fleet.asked("db-01", "ping"), what="a ping after the fixed file is loaded")
     assert procs.procs["controller"].poll() is None  # it never stopped
+    assert procs.stop("controller") == 0
+
+
+def test_the_units_execreload_reloads_a_running_controller(fleet: FakeFleet, write_config: Any, procs: Any) -> None:
+    """`systemctl reload fleet-controller` runs the unit's ExecReload with $MAINPID set: run here
+    as systemd would, it makes a running controller reload its schedule."""
+    unit = (ROOT / "controller" / "fleet-controller.service").read_text()
+    assert re.search(r"^ExecStart=\S*fleet-controller --config \S+$", unit, re.M)
+    reload_line = re.search(r"^ExecReload=(.+)$", unit, re.M)
+    assert reload_line is not None
+    config = write_config(controller={"schedule": {"cpu": 60}, "tick_s": 0.2})
+    proc = procs.start_controller(config)
+    rewrite(config, schedule={"cpu": 30})
+    argv = shlex.split(reload_line[1].replace("$MAINPID", str(proc.pid)))
+    assert subprocess.run(argv, timeout=10).returncode == 0
+    wait_for(lambda: "reloaded the schedule: cpu=30s" in procs.log("controller"), what="the reload in the log")
     assert procs.stop("controller") == 0
