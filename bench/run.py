@@ -22,7 +22,7 @@ from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "groups")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -35,6 +35,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "controller": lambda: stages.controller(b, sizes),
         "agent": lambda: stages.agent(b, sizes),
         "cold": lambda: stages.cold_start(b, sizes),
+        "groups": lambda: stages.groups(b, sizes),
     }
     return calls[name]()
 
@@ -117,6 +118,13 @@ def table(results: dict[str, Any]) -> list[str]:
                   f"agents connected in {_fmt(cold['sim_connect_s'])} s"),
                  ("cold start: requests expired / left pending", f"{cold['expired']} / {cold['pending']}",
                   f"of {cold['requests']:,}")]
+    grp = results.get("groups") or {}
+    if "agents" in grp:
+        rows += [(f"groups {grp['agents']:,} labelled agents: CPU s per 60 s", grp["cpu_s_per_60s_interval"],
+                  f"{grp['requests_per_s']:,} req/s"),
+                 ("groups: RSS MB", grp["peak_rss_mb"], ""),
+                 ("groups: SIGHUP reload of every agent, ms", grp["reload_ms"],
+                  f"busiest second after it {_fmt(grp['busiest_second_after_reload_over_steady'])}x steady")]
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:

@@ -161,5 +161,6 @@ def test_the_units_execreload_reloads_a_running_controller(fleet: FakeFleet, wri
     rewrite(config, schedule={"cpu": 30})
     argv = shlex.split(reload_line[1].replace("$MAINPID", str(proc.pid)))
     assert subprocess.run(argv, timeout=10).returncode == 0
-    wait_for(lambda: "reloaded the schedule: cpu=30s" in procs.log("controller"), what="the reload in the log")
+    wait_for(lambda: re.search(r"reloaded the schedule in \d+ ms: cpu=30s", procs.log("controller")),
+             what="the reload in the log")
     assert procs.stop("controller") == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 from fleet_common.config import Config, load_config
@@ -47,9 +48,10 @@ def reload(controller: Controller, path: str | None) -> bool:
         log.error("reload refused, the running schedule stays: %s", exc)
         return False
     restart = [k for k in changed_keys(controller.cfg, cfg) if k not in RELOADABLE]
+    started = time.monotonic()
     change = controller.apply_schedule(cfg.controller)
-    log.info("reloaded the schedule: %s; %d agents changed intervals (%d types turned on, %d turned off, "
-             "%d at a new interval); the others keep their phases",
+    log.info("reloaded the schedule in %.0f ms: %s; %d agents changed intervals (%d types turned on, %d turned "
+             "off, %d at a new interval); the others keep their phases", 1000 * (time.monotonic() - started),
              controller.schedule.rules.describe(), change.agents, change.started, change.stopped, change.moved)
     if restart:
         log.warning("reload: %s changed in the file; only controller.schedule and controller.groups are "
