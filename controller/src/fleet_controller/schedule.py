@@ -1,4 +1,4 @@
-"""Who is due for which request type, and when: a timing wheel per type over stable phases.
+"""Who is due for which request type, and when: a timing wheel per (type, interval) over stable phases.
 
 Every (agent, type) pair has a phase inside the interval in force for it, derived from a
 stable hash of its names and that interval, as Prometheus spreads its scrapes. Due times are
@@ -90,10 +90,6 @@ class AgentState:
     plan: Plan = field(default_factory=lambda: NO_PLAN)  # type -> interval_s asked; shared, never mutated
     online: bool = True
     offline_since_s: float = 0.0
-
-    @property
-    def types(self) -> frozenset[str]:
-        return frozenset(self.plan)
 
 
 @dataclass(frozen=True)
