@@ -24,7 +24,7 @@ from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "job", "storage")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "groups", "job", "storage")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -39,6 +39,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "cold": lambda: stages.cold_start(b, sizes),
         "job": lambda: stages.job(b, sizes),
         "storage": lambda: storage.storage(storage.TINY_STORAGE if sizes == TINY else storage.StorageSizes()),
+        "groups": lambda: stages.groups(b, sizes),
     }
     return calls[name]()
 
@@ -130,6 +131,13 @@ def table(results: dict[str, Any]) -> list[str]:
                  ("job: peak publish/s; RSS growth MB", f"{_fmt(fig['peak_publish_per_s'])}; "
                   f"{_fmt(fig['rss_growth_mb'])}", f"{fig['rss_growth_kb_per_agent']} KB per agent")]
     rows += storage.table(results.get("storage") or {})
+    grp = results.get("groups") or {}
+    if "agents" in grp:
+        rows += [(f"groups {grp['agents']:,} labelled agents: CPU s per 60 s", grp["cpu_s_per_60s_interval"],
+                  f"{grp['requests_per_s']:,} req/s"),
+                 ("groups: RSS MB", grp["peak_rss_mb"], ""),
+                 ("groups: SIGHUP reload of every agent, ms", grp["reload_ms"],
+                  f"busiest second after it {_fmt(grp['busiest_second_after_reload_over_steady'])}x steady")]
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:

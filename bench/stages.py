@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from fleet_sim.synthetic import TYPES, Host
 from harness import (
     BIN,
@@ -714,3 +717,86 @@ def job(b: Bench, sizes: Sizes) -> dict[str, Any]:
         fig["rss_growth_kb_per_agent"] = round(1024 * fig["rss_growth_mb"] / n, 2)
         out["sizes"][str(n)] = fig
     return out
+# 9. controller groups and a reload at 100,000 agents ---------------------------------------------
+GROUPS_BEFORE = [{"match": {"role": "db"}, "schedule": {"processes": 60}},
+                 {"match": {"role": "build"}, "schedule": {"processes": 0}}]
+GROUPS_AFTER = [{"match": {"role": "db"}, "schedule": {"processes": 120}},
+                {"match": {"role": "build"}, "schedule": {"disk": 60}}]
+ROLES = ("web", "db", "build")
+
+
+def _publish_labelled_fleet(b: Bench, topics: Topics, n: int) -> float:
+    """n retained births, a third each of role web, db and build; seconds it took."""
+    c = client()
+    connect(c, b.port)
+    acked = [0]
+    c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
+    c.loop_start()
+    started = time.monotonic()
+    for i in range(n):
+        agent = f"syn-{i:06d}"
+        status = Status(agent_id=agent, online=True, hostname=agent, platform="Linux", agent_version="0.1.0",
+                        types=list(TYPES), labels={"role": ROLES[i % 3]})
+        while i - acked[0] >= 1000:
+            time.sleep(0.0005)
+        c.publish(topics.status(agent), status.payload(), qos=1, retain=True)
+    wait_until(lambda: acked[0] >= n, 120, 0.05)
+    c.disconnect()
+    c.loop_stop()
+    return time.monotonic() - started
+
+
+def groups(b: Bench, sizes: Sizes) -> dict[str, Any]:
+    """The controller stage with labels and controller.groups (db agents' processes every minute,
+    build agents' never), then a SIGHUP that changes the groups: CPU and RSS as the controller
+    stage measures them, how long the reload took, and the busiest second after it against the
+    steady rate (a burst would show there)."""
+    prefix = "grp100k"
+    topics = Topics(prefix)
+    n = sizes.controller_agents
+    publish_s = _publish_labelled_fleet(b, topics, n)
+    per_second: Counter[int] = Counter()
+    lock = threading.Lock()
+    obs = client()
+
+    def on_message(cl: Any, ud: Any, msg: Any) -> None:
+        with lock:
+            per_second[int(time.time())] += 1
+
+    obs.on_message = on_message
+    obs.on_connect = lambda cl, *a: cl.subscribe(topics.all_requests(), qos=0)
+    connect(obs, b.port)
+    obs.loop_start()
+    cfg = b.config("grp100k", prefix, log={"level": "info"},
+                   controller={"max_dispatch_per_s": UNPACED, "groups": GROUPS_BEFORE})
+    ctl = b.service("grp100k-controller", "fleet-controller", cfg)
+    try:
+        time.sleep(sizes.controller_settle_s)
+        window = CpuWindow({"controller": ctl}).start()
+        t0 = time.time()
+        time.sleep(sizes.controller_window_s)
+        cpu = window.stop()["controller"]
+        t1 = time.time()
+        data = yaml.safe_load(cfg.read_text())
+        data["controller"]["groups"] = GROUPS_AFTER
+        cfg.write_text(yaml.safe_dump(data))
+        hup = time.time()
+        ctl.popen.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded the schedule in" in ctl.text(), 60, 0.05)
+        reloaded = re.search(r"reloaded the schedule in (\d+) ms", ctl.text())
+        time.sleep(5.0)
+    finally:
+        ctl.stop()
+        obs.disconnect()
+        obs.loop_stop()
+    with lock:
+        steady = sum(c for s, c in per_second.items() if int(t0) < s < int(t1)) / max(1, int(t1) - int(t0) - 1)
+        after = [per_second.get(s, 0) for s in range(int(hup), int(hup) + 5)]
+    return {"agents": n, "groups_before": GROUPS_BEFORE, "groups_after": GROUPS_AFTER,
+            "status_publish_s": round(publish_s, 1), "window_s": sizes.controller_window_s,
+            "requests_per_s": round(steady), "cpu_s_per_60s_interval": round(cpu["cpu_s"] * 60.0 /
+                                                                             sizes.controller_window_s, 2),
+            "cpu_pct_of_core": cpu["cpu_pct_of_core"], "peak_rss_mb": cpu["peak_rss_mb"],
+            "reload_ms": int(reloaded[1]) if reloaded else None,
+            "requests_per_s_after_reload": after,
+            "busiest_second_after_reload_over_steady": round(max(after) / steady, 2) if steady and after else None}

@@ -20,6 +20,7 @@ KEYS = {
     "agent": ("rss_mb_max", "cpu_pct_of_core", "collection_ms"),
     "job": ("sizes",),
     "storage": ("sqlite", "mongodb", "sqlite_fleet"),
+    "groups": ("cpu_s_per_60s_interval", "peak_rss_mb", "reload_ms", "busiest_second_after_reload_over_steady"),
 }
 
 

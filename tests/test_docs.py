@@ -56,6 +56,8 @@ def shown(value: Any) -> str:
         return f'`"{value}"`'
     if isinstance(value, dict):
         return ", ".join(f"{k} {shown(v)}" for k, v in value.items()) or "(none)"
+    if isinstance(value, list) and not value:
+        return "(none)"
     return f"`{value}`"
 
 

@@ -48,8 +48,9 @@ def test_phases_are_stable_across_instances() -> None:
     """Two schedules built apart (as after a restart) put every agent at the same instants."""
     a, b = fleet(500), fleet(500, start_s=T0 + 7.3)
     assert phase_ms("web-01", "cpu", 60) == phase_ms("web-01", "cpu", 60)
-    for type_ in SCHEDULE:
-        assert a.wheels[type_].buckets == b.wheels[type_].buckets
+    assert set(a.wheels) == {(t, s) for t, s in SCHEDULE.items()}
+    for key, wheel in a.wheels.items():
+        assert wheel.buckets == b.wheels[key].buckets
 
 
 def test_requests_spread_evenly_over_the_interval() -> None:

@@ -4,10 +4,12 @@ config errors printed as one plain line, and signals turned into a stop event.""
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Callable
 
 from .config import Config, load_config
@@ -49,9 +51,10 @@ def load(args: argparse.Namespace, prog: str, level: str | None = None) -> Confi
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def stop_event() -> threading.Event:
+def stop_event(handlers: Mapping[int, Callable[[], object]] | None = None) -> threading.Event:
     """An event set by SIGINT or SIGTERM, so services drain and exit instead of dying mid-write.
-    Call it once per process, from the main thread.
+    Call it once per process, from the main thread. `handlers` run for other signals (SIGHUP:
+    reload), one at a time, in the same thread that sets the event; one that fails is logged.
 
     The event is set by a thread of its own, woken through signal.set_wakeup_fd: a Python signal
     handler runs in the main thread between two bytecodes, and if those are inside the event's
@@ -61,7 +64,8 @@ def stop_event() -> threading.Event:
     receive, send = socket.socketpair()
     send.setblocking(False)
     signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
-    for signum in STOP_SIGNALS:
+    handlers = dict(handlers or {})
+    for signum in (*STOP_SIGNALS, *handlers):
         signal.signal(signum, lambda _signum, _frame: None)  # the C handler writes signum to `send`
 
     def watch() -> None:
@@ -69,6 +73,12 @@ def stop_event() -> threading.Event:
             while data := receive.recv(64):
                 if any(signum in STOP_SIGNALS for signum in data):
                     event.set()
+                for signum in dict.fromkeys(s for s in data if s in handlers):  # repeats coalesce
+                    try:
+                        handlers[signum]()
+                    except Exception as exc:  # the thread must live on: it is what stops the process
+                        logging.getLogger("fleet").error("handling signal %s failed: %s",
+                                                         signal.Signals(signum).name, exc)
 
     threading.Thread(target=watch, name="stop-signals", daemon=True).start()
     return event

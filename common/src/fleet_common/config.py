@@ -157,9 +157,46 @@ class AgentConfig:
             raise ConfigError("labels", exc.detail) from None
 
 
+def _check_intervals(key: str, schedule: Mapping[str, int], off_allowed: bool) -> None:
+    """Each `type: seconds` of a schedule: a valid type name, and an interval a request can expire in."""
+    for name, seconds in schedule.items():
+        if not TYPE_RE.match(name):
+            raise ConfigError(f"{key}.{name}", "is not a valid request type name")
+        if seconds == 0 and off_allowed:
+            continue
+        if seconds < 1:
+            raise ConfigError(f"{key}.{name}", "interval must be at least 1 second" + (" (0 turns the type off)"
+                                                                                    if off_allowed else ""))
+        if seconds > EXPIRES_FUTURE_S:
+            # a request expires one interval after it is sent, and receivers refuse an expiry further ahead
+            raise ConfigError(f"{key}.{name}", f"interval must be at most {EXPIRES_FUTURE_S:.0f} seconds (366 days)")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One of `controller.groups`: the agents whose labels include every pair of `match` take
+    `schedule`'s intervals over controller.schedule's (0 turns a type off for them)."""
+
+    match: dict[str, str] = field(default_factory=dict)
+    schedule: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.match:
+            raise ConfigError("match", "must name at least one label, e.g. {role: db} (to change every "
+                                       "agent's intervals, change controller.schedule)")
+        try:
+            check_labels(self.match)
+        except ContractError as exc:
+            raise ConfigError("match", exc.detail) from None
+        if not self.schedule:
+            raise ConfigError("schedule", "must give at least one type: seconds, e.g. {processes: 60}")
+        _check_intervals("schedule", self.schedule, off_allowed=True)
+
+
 @dataclass(frozen=True)
 class ControllerConfig:
     schedule: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
+    groups: list[GroupConfig] = field(default_factory=list)
     offline_forget_s: int = 86400
     shard: Shard = Shard()
     tick_s: float = 0.5
@@ -170,15 +207,7 @@ class ControllerConfig:
     metrics: MetricsConfig = field(default=MetricsConfig(port=9811), metadata=FLAT)
 
     def __post_init__(self) -> None:
-        for name, seconds in self.schedule.items():
-            if not TYPE_RE.match(name):
-                raise ConfigError(f"schedule.{name}", "is not a valid request type name")
-            if seconds < 1:
-                raise ConfigError(f"schedule.{name}", "interval must be at least 1 second")
-            if seconds > EXPIRES_FUTURE_S:
-                # a request expires one interval after it is sent, and receivers refuse an expiry further ahead
-                raise ConfigError(f"schedule.{name}", f"interval must be at most {EXPIRES_FUTURE_S:.0f} "
-                                                      "seconds (366 days)")
+        _check_intervals("schedule", self.schedule, off_allowed=False)
         if self.max_unacked_requests < 1:
             raise ConfigError("max_unacked_requests", "must be at least 1")
         if self.max_dispatch_per_s < 1:

@@ -1,8 +1,10 @@
-"""`fleet-controller`: run the scheduler until SIGTERM or SIGINT; `--check` reports its health."""
+"""`fleet-controller`: run the scheduler until SIGTERM or SIGINT, reloading its schedule on SIGHUP;
+`--check` reports its health."""
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from fleet_common import compat
@@ -12,12 +14,14 @@ from fleet_common.metrics import serve_metrics
 
 from .controller import Controller
 from .metrics import registry_for, snapshot
+from .reload import reload
 
 PROG = "fleet-controller"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = base_parser(PROG, "Ask every agent for each request type on a spread schedule.")
+    parser = base_parser(PROG, "Ask every agent for each request type on a spread schedule; "
+                               "SIGHUP rereads controller.schedule and controller.groups.")
     add_check_argument(parser)
     args = parser.parse_args(argv)
     cfg = load(args, PROG)
@@ -26,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     compat.apply()
     # APScheduler logs every run of the tick at info; a tick runs twice a second.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    stop = stop_event()
     controller = Controller(cfg)
+    stop = stop_event({signal.SIGHUP: lambda: reload(controller, args.config)})
     metrics = serve_metrics("controller", cfg.controller, registry_for(controller))
     heartbeat = Heartbeat(cfg.controller.heartbeat.path, PROG, cfg.controller.heartbeat.interval_s,
                           lambda: snapshot(controller),

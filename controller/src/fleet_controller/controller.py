@@ -15,7 +15,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from fleet_common.ask import build_request
 from fleet_common.brokerwatch import ADVICE, BrokerWatch
-from fleet_common.config import Config
+from fleet_common.config import Config, ControllerConfig
 from fleet_common.errors import ContractError
 from fleet_common.health import Readiness
 from fleet_common.link import Link
@@ -24,7 +24,7 @@ from fleet_common.timefmt import new_id
 from fleet_common.topics import STATUS
 
 from .pacing import Pacer
-from .schedule import Schedule
+from .schedule import Change, Schedule
 
 log = logging.getLogger("fleet.controller")
 
@@ -49,7 +49,7 @@ class Controller:
         self._clock = clock
         self._lock = threading.Lock()  # the schedule is fed by the network thread, read by the tick
         self.schedule = Schedule(self.intervals_s, start_s=clock(), shard=cfg.controller.shard,
-                                 offline_forget_s=cfg.controller.offline_forget_s)
+                                 offline_forget_s=cfg.controller.offline_forget_s, groups=cfg.controller.groups)
         # No in-flight window in paho: with one, every ack walks all the messages in flight
         # (paho 2.2's _update_inflight), which took a quarter of the controller's time at 100,000
         # agents. The bound is on what is unacknowledged instead; past it requests are skipped.
@@ -92,9 +92,19 @@ class Controller:
                                 name="controller-tick", coalesce=True, max_instances=1, misfire_grace_time=None)
         self._scheduler.start()
         log.info("controller started: shard %s, schedule %s, tick %.2f s, at most %d requests a second",
-                 self.cfg.controller.shard, ", ".join(f"{t}={s}s" for t, s in sorted(self.intervals_s.items())),
+                 self.cfg.controller.shard, self.schedule.rules.describe(),
                  self.cfg.controller.tick_s, self.cfg.controller.max_dispatch_per_s)
         return self
+
+    def apply_schedule(self, new: ControllerConfig) -> Change:
+        """Take `new`'s schedule and groups (a reload): in force from the next tick, agents whose
+        intervals are unchanged keep their phases, and nothing is sent because of it. The other
+        controller keys stay as they were started."""
+        with self._lock:
+            change = self.schedule.replace_rules(new.schedule, new.groups)
+            self.intervals_s = dict(new.schedule)
+            self.cfg = self.cfg.replace("controller", schedule=dict(new.schedule), groups=list(new.groups))
+        return change
 
     def stop(self) -> None:
         self._scheduler.shutdown(wait=True)
@@ -145,9 +155,10 @@ class Controller:
         while not self._stopping.is_set():
             with self._lock:
                 connected = self.link.connected.is_set()
-                # an agent forgotten meanwhile is asked nothing; an offline one still is (its session queues)
-                batch = [(a, t) for a, t in self.pacer.take(self._clock()) if self.schedule.is_known(a)] \
-                    if connected else []
+                # an agent forgotten meanwhile is asked nothing, nor one whose type a reload or new labels
+                # turned off; an offline one still is (its session queues)
+                batch = [(a, t, i) for a, t in self.pacer.take(self._clock())
+                         if (i := self.schedule.interval_of(a, t)) is not None] if connected else []
             if not batch:
                 self._stopping.wait(0.05)
                 continue
@@ -155,17 +166,17 @@ class Controller:
                 log.info("connected: dispatching requests (%d skipped while disconnected)", self.skipped)
                 self._skipping = False
             started = time.monotonic()
-            for i, (agent_id, type_) in enumerate(batch):
-                wait_s = started + i * gap_s - time.monotonic()
+            for k, (agent_id, type_, interval_s) in enumerate(batch):
+                wait_s = started + k * gap_s - time.monotonic()
                 if wait_s > 0.002:  # sleeping is coarse; a couple of ms early is within the budget's second
                     time.sleep(wait_s)
                 if self._stopping.is_set() or not self.link.wait_for_room(1.0):
                     with self._lock:
-                        self.pacer.put_back(batch[i:])
+                        self.pacer.put_back([(a, t) for a, t, _ in batch[k:]])
                     if not self._stopping.is_set():
                         self._say_behind()
                     break
-                self.send(agent_id, type_, self._clock())
+                self.send(agent_id, type_, self._clock(), interval_s)
 
     def _say_behind(self) -> None:
         if not self._behind:
@@ -189,8 +200,7 @@ class Controller:
         log.warning("the schedule asks for more than controller.max_dispatch_per_s (%d a second): %d requests "
                     "wait; raise it (and what the persisters can store) or lengthen the intervals", budget, waiting)
 
-    def send(self, agent_id: str, type_: str, now: float) -> bool:
-        interval_s = self.intervals_s[type_]
+    def send(self, agent_id: str, type_: str, now: float, interval_s: int) -> bool:
         # The expiry is the interval, so an offline agent's session holds at most one of each type.
         out = build_request(self.topics, agent_id, type_, interval_s, now_s=now)
         info = self.link.publish(out.topic, out.payload(), qos=1, properties=out.properties)

@@ -28,7 +28,7 @@ class ControllerCollector(Collector):
         s = snapshot(self.controller)
         issued = CounterMetricFamily("fleet_controller_requests_issued",
                                      "Requests published to agents, per request type", labels=["type"])
-        for type_ in sorted(set(self.controller.intervals_s) | set(s["issued"])):
+        for type_ in sorted(self.controller.schedule.rules.types() | set(s["issued"])):
             issued.add_metric([type_], s["issued"].get(type_, 0))
         yield issued
         yield CounterMetricFamily("fleet_controller_requests_skipped",

@@ -1,11 +1,15 @@
-"""Who is due for which request type, and when: a timing wheel per type over stable phases.
+"""Who is due for which request type, and when: a timing wheel per (type, interval) over stable phases.
 
-Every (agent, type) pair has a phase inside the type's interval, derived from a stable
-hash of its names, as Prometheus spreads its scrapes. Due times are
+Every (agent, type) pair has a phase inside the interval in force for it, derived from a
+stable hash of its names and that interval, as Prometheus spreads its scrapes. Due times are
 `k * interval + phase` on the wall clock, so a restarted controller, or another shard,
 computes exactly the same instants and resumes without a burst. Phases are grouped into
 slots of `slot_ms`; a tick walks only the slots that passed since the previous tick, so
 its cost grows with the agents due, not with the fleet.
+
+Groups (groups.py) give agents with some labels other intervals: there is one wheel per
+(type, interval) in force, so an agent whose interval is unchanged, by a reload or a new
+birth, stays in its slot and is asked neither twice nor late.
 
 This module is pure: no MQTT, no threads, no clock of its own. Callers pass `now_s`.
 """
@@ -14,11 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fleet_common.config import GroupConfig
 from fleet_common.config import Shard as Shard  # re-exported: fleet_controller.Shard
 from fleet_common.messages import Status
+
+from .groups import NO_LABELS, LabelKey, Plan, Planner, Rules
 
 SLOT_MS = 100
 
@@ -73,11 +80,27 @@ class Wheel:
             yield from self.buckets.get(absolute % self.slots, ())
 
 
-@dataclass
+NO_PLAN: Plan = {}
+
+
+@dataclass(slots=True)
 class AgentState:
-    types: frozenset[str] = frozenset()
+    advertised: frozenset[str] = frozenset()  # interned: agents of one kind share it
+    labels: LabelKey = NO_LABELS  # interned too
+    plan: Plan = field(default_factory=lambda: NO_PLAN)  # type -> interval_s asked; shared, never mutated
     online: bool = True
     offline_since_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a reload did: agents whose intervals changed, and (agent, type) pairs started,
+    stopped or moved to another interval; the rest kept their phases."""
+
+    agents: int = 0
+    started: int = 0
+    stopped: int = 0
+    moved: int = 0
 
 
 def owns(shard: Shard, agent_id: str) -> bool:
@@ -97,16 +120,34 @@ class Schedule:
     shard: Shard = field(default_factory=Shard)
     offline_forget_s: float = 86400.0
     slot_ms: int = SLOT_MS
+    groups: Sequence[GroupConfig] = ()
 
     def __post_init__(self) -> None:
         if self.slot_ms <= 0 or 1000 % self.slot_ms:
             raise ValueError(f"slot_ms must divide 1000, not {self.slot_ms}")
-        self.wheels = {t: Wheel(t, i, self.slot_ms) for t, i in self.intervals_s.items()}
+        self.planner = Planner(Rules(dict(self.intervals_s), tuple(self.groups)))
+        self.wheels: dict[tuple[str, int], Wheel] = {}  # (type, interval_s) -> its wheel, made when needed
+        self._longest_slots = 1
         self.agents: dict[str, AgentState] = {}
         self.online = 0
         self._forget_at: list[tuple[float, str]] = []  # a heap; entries go stale, checked on pop
         self._last_slot = self._slot(self.start_s)
-        self._longest_slots = max((w.slots for w in self.wheels.values()), default=1)
+
+    def _wheel(self, type_: str, interval_s: int) -> Wheel:
+        wheel = self.wheels.get((type_, interval_s))
+        if wheel is None:
+            wheel = self.wheels[(type_, interval_s)] = Wheel(type_, interval_s, self.slot_ms)
+            self._longest_slots = max(w.slots for w in self.wheels.values())
+        return wheel
+
+    @property
+    def rules(self) -> Rules:
+        return self.planner.rules
+
+    def interval_of(self, agent_id: str, type_: str) -> int | None:
+        """The interval in force for this agent and type; None if it is not asked for it (any more)."""
+        state = self.agents.get(agent_id)
+        return None if state is None else state.plan.get(type_)
 
     def _slot(self, now_s: float) -> int:
         return int(now_s * 1000) // self.slot_ms
@@ -143,8 +184,10 @@ class Schedule:
         if not state.online:
             state.online = True
             self.online += 1
-        self._retype(agent_id, state, frozenset(status.types or ()) & self.wheels.keys())
-        return sorted(state.types) if comes_online else []
+        state.advertised = self.planner.intern_types(status.types or ())
+        state.labels = self.planner.intern_labels(status.labels)
+        self._replan(agent_id, state)  # new labels take effect at once
+        return sorted(state.plan) if comes_online else []
 
     def _start_forgetting(self, agent_id: str, state: AgentState, now_s: float) -> None:
         # An offline agent keeps its schedule (its persistent session queues the requests)
@@ -153,19 +196,49 @@ class Schedule:
         state.offline_since_s = now_s
         heapq.heappush(self._forget_at, (now_s + self.offline_forget_s, agent_id))
 
-    def _retype(self, agent_id: str, state: AgentState, types: frozenset[str]) -> None:
-        for type_ in state.types - types:
-            self.wheels[type_].remove(agent_id)
-        for type_ in types - state.types:
-            self.wheels[type_].add(agent_id)
-        state.types = types
+    def _replan(self, agent_id: str, state: AgentState) -> Change:
+        """Move the agent to the wheels its types and labels call for; a pair whose interval
+        stays the same is not touched (same wheel, same slot)."""
+        old, new = state.plan, self.planner.plan(state.advertised, state.labels)
+        if new is old:
+            return Change()
+        started = stopped = moved = 0
+        for type_, interval_s in old.items():
+            if new.get(type_) != interval_s:
+                self.wheels[(type_, interval_s)].remove(agent_id)
+                stopped += type_ not in new
+        for type_, interval_s in new.items():
+            if old.get(type_) != interval_s:
+                self._wheel(type_, interval_s).add(agent_id)
+                moved += type_ in old
+                started += type_ not in old
+        state.plan = new
+        return Change(int(bool(started or stopped or moved)), started, stopped, moved)
+
+    def replace_rules(self, intervals_s: Mapping[str, int], groups: Sequence[GroupConfig] = ()) -> Change:
+        """Apply a new schedule and groups to every agent known (a reload). Pairs whose interval
+        is unchanged keep their phase; the others start at their new phase, with nothing sent
+        at once, so a reload causes no burst. Wheels left empty are dropped."""
+        self.intervals_s = dict(intervals_s)
+        self.groups = tuple(groups)
+        self.planner.replace_rules(Rules(self.intervals_s, self.groups))
+        total = Change()
+        for agent_id, state in self.agents.items():
+            change = self._replan(agent_id, state)
+            if change.agents:
+                total = Change(total.agents + 1, total.started + change.started, total.stopped + change.stopped,
+                               total.moved + change.moved)
+        for key in [k for k, w in self.wheels.items() if not w.buckets]:
+            del self.wheels[key]
+        self._longest_slots = max((w.slots for w in self.wheels.values()), default=1)
+        return total
 
     def forget(self, agent_id: str) -> None:
         state = self.agents.pop(agent_id, None)
         if state is None:
             return
-        for type_ in state.types:
-            self.wheels[type_].remove(agent_id)
+        for type_, interval_s in state.plan.items():
+            self.wheels[(type_, interval_s)].remove(agent_id)
         if state.online:
             self.online -= 1
 
