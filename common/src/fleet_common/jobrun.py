@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from .ask import build_request
@@ -188,7 +189,8 @@ class JobRun:
                                 self.spec.params, job=self.job)
             info = client._client.publish(req.topic, req.payload(), qos=1, properties=req.properties)
             if info.rc != 0:
-                raise FleetError(f"paho could not send the request to {target.agent_id} (error {info.rc})")
+                raise FleetError(f"the request to {target.agent_id} could not be sent: "
+                                 f"{paho_mqtt.error_string(info.rc)}")
             now = loop.time()
             self.unacked += 1
             self.pending[req.request.id] = (target.agent_id, now)
