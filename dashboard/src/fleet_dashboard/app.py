@@ -23,6 +23,7 @@ from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
 
 from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery
+from .exposition import metrics_for
 from .operators import TooManyWrongTokens, operators
 from .query import PARTIAL, BadQuery, check_names, choice, local_path
 
@@ -35,7 +36,7 @@ CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline
 TAKES: dict[str, tuple[str, ...]] = {
     "fleet_page": (*FLEET_PARAMS, "partial"), "fleet_json": FLEET_PARAMS, "agent_page": ("range", "partial"),
     "agent_series": ("range",), "ask_now": (), "rejected_page": ("partial",), "sign_in": ("next",),
-    "sign_out": (), "health": ()}
+    "sign_out": (), "health": (), "metrics": ()}
 
 
 def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
@@ -95,6 +96,7 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
                                  tojson_pretty=lambda v: json.dumps(v, indent=2, ensure_ascii=False))
     app.extensions["fleet"] = fleet
     app.extensions["fleet_operators"] = ops
+    exposition = app.extensions["fleet_metrics"] = metrics_for(store, cfg)
 
     @app.context_processor
     def common() -> dict[str, Any]:
@@ -204,6 +206,13 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
         except Exception as exc:  # the store is down: say so, for the health check
             return jsonify(ok=False, error=f"{type(exc).__name__}: {exc}"), 503
         return jsonify(ok=True, store=cfg.persister.store)
+
+    if exposition.enabled:
+        @app.get("/metrics")
+        def metrics() -> HttpResponse:
+            reply = exposition.reply(request.headers.get("Authorization", ""),
+                                     request.headers.get("Accept-Encoding", ""))
+            return HttpResponse(reply.body, reply.status, reply.headers)
 
     @app.after_request
     def headers(resp: HttpResponse) -> HttpResponse:

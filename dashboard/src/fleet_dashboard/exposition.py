@@ -1,0 +1,358 @@
+"""The fleet's newest values for Prometheus at /metrics (docs/prometheus.md): one exposition,
+labelled per host, as Prometheus does not take pushes from agents.
+
+A background thread reads the store every `dashboard.metrics_refresh_s` into `FleetValues`
+and renders it through `FleetCollector`, a prometheus_client collector, into one page of text
+(and its gzip form); a scrape is handed that page and never reads the store. A value older than
+three intervals of its type (`controller.schedule`) at the time of the read is left out, not
+shown stale: its series ends, which is what Prometheus's staleness and `absent()` understand.
+With the endpoint off, `MetricsOff` is the null object.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hmac
+import ipaddress
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Protocol
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+
+from fleet_common.config import Config, DashboardConfig
+from fleet_common.timefmt import parse_iso
+from fleet_store import AgentRecord, StoreReader
+
+from .data import agent_state
+
+log = logging.getLogger("fleet.dashboard")
+STALE_INTERVALS = 3
+INFO_LABELS = ("agent_id", "hostname", "platform", "agent_version")
+# An agent label becomes a Prometheus label as it is; one Prometheus could not take, or that
+# would hide a fixed one, is left out.
+LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
+# A page older than this many refresh intervals is not served (503): Prometheus then reports the
+# target down, rather than charting values the dashboard could no longer read.
+SERVE_FOR_REFRESHES = 4
+
+
+class Newest(NamedTuple):
+    """An agent's newest answered request of one type."""
+
+    agent_id: str
+    type: str
+    answered_at: str | None
+    data: dict[str, Any] | None
+
+
+def newest_answers(store: StoreReader, since_s: Mapping[str, float]) -> list[Newest]:
+    """The newest ok answer of each agent for each type in `since_s`, issued since that time.
+    The one place the exposition reads answers: a reader with a `latest` table of its own
+    answers this in one read."""
+    return [Newest(r.agent_id, r.type, r.answered_at, r.data)
+            for type_, since in since_s.items() for r in store.latest(type_, since).values()]
+
+
+@dataclass(frozen=True)
+class FleetValues:
+    """What one scrape shows, read from the store at `taken_at`: every agent, and its answers
+    that were current then (answered within three intervals of their type), by agent and type."""
+
+    taken_at: float
+    agents: list[AgentRecord]
+    online: dict[str, bool]
+    answers: dict[str, dict[str, Newest]]
+    answered_ratio: dict[str, float]
+
+
+def read_values(store: StoreReader, cfg: Config, now: float) -> FleetValues:
+    schedule = cfg.controller.schedule
+    # a request expires one interval after it is issued, so a current answer was issued within four
+    since = {type_: now - (STALE_INTERVALS + 1) * interval_s for type_, interval_s in schedule.items()}
+    answers: dict[str, dict[str, Newest]] = {}
+    for found in newest_answers(store, since):
+        current_s = STALE_INTERVALS * schedule[found.type]
+        if found.answered_at is not None and now - parse_iso(found.answered_at) <= current_s:
+            answers.setdefault(found.agent_id, {})[found.type] = found
+    agents = store.agents()
+    stats = store.agent_stats(now - cfg.dashboard.stats_window_s)
+    return FleetValues(taken_at=now, agents=agents,
+                       online={a.agent_id: agent_state(a, now, cfg.dashboard.silent_after_s) == "online"
+                               for a in agents},
+                       answers=answers,
+                       answered_ratio={agent_id: s.answered / s.issued for agent_id, s in stats.items() if s.issued})
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _items(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def info_labels(agent: AgentRecord) -> dict[str, str]:
+    labels = {"agent_id": agent.agent_id, "hostname": agent.hostname or "", "platform": agent.platform or "",
+              "agent_version": agent.agent_version or ""}
+    own = getattr(agent, "labels", None) or {}  # agents gain labels of their own (issue 16's "labels")
+    for key, value in sorted(own.items()):
+        if LABEL_RE.match(key) and not key.startswith("__") and key not in INFO_LABELS:
+            labels[key] = str(value)
+    return labels
+
+
+class Families:
+    """The metric families of one scrape, each filled agent by agent."""
+
+    def __init__(self) -> None:
+        def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=["agent_id", *labels])
+
+        def counter(name: str, doc: str, *labels: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=["agent_id", *labels])
+
+        self.online = gauge("fleet_agent_online", "1 if the agent is online: its last status said so and it "
+                                                  "was heard from within dashboard.silent_after_s; else 0")
+        self.info = GaugeMetricFamily("fleet_agent_info", "Always 1: the agent's host name, platform, version "
+                                                          "and labels")
+        self.cpu = gauge("fleet_cpu_percent", "Busy share of all CPUs since the previous cpu request, in %")
+        self.load = [gauge(f"fleet_load{n}", f"Load average over {n} minute(s)") for n in (1, 5, 15)]
+        self.mem_used = gauge("fleet_memory_used_percent", "Memory in use, in %")
+        self.mem_available = gauge("fleet_memory_available_bytes", "Memory available to programs without swapping")
+        self.swap_used = gauge("fleet_swap_used_percent", "Swap in use, in %")
+        self.disk_used = gauge("fleet_disk_used_percent", "Used space of a mounted file system, in %", "mountpoint")
+        self.disk_free = gauge("fleet_disk_free_bytes", "Free space of a mounted file system", "mountpoint")
+        self.received = counter("fleet_network_receive_bytes", "Bytes received by a network interface since boot",
+                                "interface")
+        self.sent = counter("fleet_network_transmit_bytes", "Bytes sent by a network interface since boot",
+                            "interface")
+        self.age = gauge("fleet_answer_age_seconds", "Seconds since the newest answer of this type, at the "
+                                                     "dashboard's last read of the store", "type")
+        self.ratio = gauge("fleet_requests_answered_ratio", "Share of the agent's requests answered, over "
+                                                            "dashboard.stats_window_s")
+        self.processes = gauge("fleet_process_count", "Processes on the host")
+
+    def all(self) -> list[Metric]:
+        return [self.online, self.info, self.cpu, *self.load, self.mem_used, self.mem_available, self.swap_used,
+                self.disk_used, self.disk_free, self.received, self.sent, self.age, self.ratio, self.processes]
+
+    def add_agent(self, agent: AgentRecord, values: FleetValues) -> None:
+        a = agent.agent_id
+        self.online.add_metric([a], 1 if values.online.get(a) else 0)
+        self.info.samples.append(Sample("fleet_agent_info", info_labels(agent), 1.0))
+        ratio = values.answered_ratio.get(a)
+        if ratio is not None:
+            self.ratio.add_metric([a], ratio)
+        answers = values.answers.get(a, {})
+        for type_, found in sorted(answers.items()):
+            if found.answered_at is not None:
+                self.age.add_metric([a, type_], max(0.0, values.taken_at - parse_iso(found.answered_at)))
+        for type_, add in (("cpu", self._cpu), ("memory", self._memory), ("disk", self._disk),
+                           ("network", self._network), ("processes", self._processes)):
+            if type_ in answers:
+                add(a, _dict(answers[type_].data))
+
+    @staticmethod
+    def _put(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], value: Any) -> None:
+        number = _number(value)
+        if number is not None:
+            family.add_metric(labels, number)
+
+    def _cpu(self, a: str, data: dict[str, Any]) -> None:
+        self._put(self.cpu, [a], data.get("percent"))
+        load = data.get("load_avg")
+        if isinstance(load, list):
+            for family, value in zip(self.load, load):
+                self._put(family, [a], value)
+
+    def _memory(self, a: str, data: dict[str, Any]) -> None:
+        virtual, swap = _dict(data.get("virtual")), _dict(data.get("swap"))
+        self._put(self.mem_used, [a], virtual.get("percent"))
+        self._put(self.mem_available, [a], virtual.get("available"))
+        self._put(self.swap_used, [a], swap.get("percent"))
+
+    def _disk(self, a: str, data: dict[str, Any]) -> None:
+        seen: set[str] = set()
+        for part in _items(data.get("partitions")):
+            mount = part.get("mountpoint")
+            if isinstance(mount, str) and mount not in seen:  # one series per mount point (bind mounts repeat)
+                seen.add(mount)
+                self._put(self.disk_used, [a, mount], part.get("percent"))
+                self._put(self.disk_free, [a, mount], part.get("free"))
+
+    def _network(self, a: str, data: dict[str, Any]) -> None:
+        seen: set[str] = set()
+        for nic in _items(data.get("interfaces")):
+            name = nic.get("name")
+            if isinstance(name, str) and name not in seen:
+                seen.add(name)
+                self._put(self.received, [a, name], nic.get("bytes_recv"))
+                self._put(self.sent, [a, name], nic.get("bytes_sent"))
+
+    def _processes(self, a: str, data: dict[str, Any]) -> None:
+        self._put(self.processes, [a], data.get("total"))  # the list itself is only the top few
+
+
+class FleetCollector(Collector):
+    """prometheus_client's view of the last `FleetValues`; collecting never reads the store."""
+
+    def __init__(self) -> None:
+        self.values: FleetValues | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        values = self.values
+        if values is None:
+            return
+        families = Families()
+        for agent in values.agents:
+            families.add_agent(agent, values)
+        yield from families.all()
+
+
+@dataclass(frozen=True)
+class Page:
+    """One rendering of the exposition, plain and gzipped, and what it took to make."""
+
+    text: bytes
+    gzipped: bytes
+    taken_at: float
+    read_s: float
+    render_s: float
+
+
+class Reply(NamedTuple):
+    status: int
+    body: bytes
+    headers: dict[str, str]
+
+
+class Metrics(Protocol):
+    enabled: bool
+
+    def reply(self, authorization: str, accept_encoding: str) -> Reply: ...
+
+    def run(self, stop: threading.Event) -> None: ...
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def serves_metrics(d: DashboardConfig) -> bool:
+    """dashboard.metrics_enabled, where null means: when the dashboard listens on loopback only."""
+    return is_loopback(d.host) if d.metrics_enabled is None else d.metrics_enabled
+
+
+def authorised(authorization: str, token: str | None) -> bool:
+    """No token configured, or `Bearer <token>` sent; compared in constant time."""
+    if not token:
+        return True
+    scheme, _, given = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+class Exposition:
+    enabled = True
+
+    def __init__(self, store: StoreReader, cfg: Config, clock: Callable[[], float] = time.time) -> None:
+        self.store, self.cfg, self.clock = store, cfg, clock
+        self.collector = FleetCollector()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self._page: Page | None = None
+        self._lock = threading.Lock()
+
+    def refresh(self) -> Page:
+        """Read the store and render a new page: what the background thread does each interval."""
+        with self._lock:
+            return self._render()
+
+    def _render(self) -> Page:
+        started = time.perf_counter()
+        values = read_values(self.store, self.cfg, self.clock())
+        read = time.perf_counter()
+        self.collector.values = values
+        text = generate_latest(self.registry)
+        page = Page(text=text, gzipped=gzip.compress(text, compresslevel=5), taken_at=values.taken_at,
+                    read_s=read - started, render_s=time.perf_counter() - read)
+        self._page = page
+        return page
+
+    def page(self) -> Page:
+        """The last page; a scrape before the first refresh has finished waits for it."""
+        page = self._page
+        if page is None:
+            with self._lock:
+                page = self._page or self._render()
+        return page
+
+    def reply(self, authorization: str, accept_encoding: str) -> Reply:
+        if not authorised(authorization, self.cfg.dashboard.metrics_token):
+            return Reply(401, b"/metrics needs the dashboard's metrics token: Authorization: Bearer <token>\n",
+                         {"WWW-Authenticate": 'Bearer realm="fleet metrics"', "Content-Type": "text/plain"})
+        page = self.page()
+        age_s = self.clock() - page.taken_at
+        if age_s > SERVE_FOR_REFRESHES * self.cfg.dashboard.metrics_refresh_s:
+            return Reply(503, f"the dashboard has not read the store for {age_s:.0f} s; see its log\n".encode(),
+                         {"Content-Type": "text/plain"})
+        headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
+        if "gzip" in accept_encoding.lower():
+            return Reply(200, page.gzipped, {**headers, "Content-Encoding": "gzip"})
+        return Reply(200, page.text, headers)
+
+    def run(self, stop: threading.Event) -> None:
+        """Refresh every dashboard.metrics_refresh_s until `stop` is set; a failed read is logged and
+        the last page served until a read succeeds (or it grows too old to serve)."""
+        interval_s = self.cfg.dashboard.metrics_refresh_s
+        while not stop.is_set():
+            try:
+                page = self.refresh()
+                log.debug("metrics refreshed: read %.3f s, rendered %.3f s, %d bytes", page.read_s,
+                          page.render_s, len(page.text))
+            except Exception:  # a busy or restarting store: try again next interval
+                log.exception("cannot read the fleet's newest values from the store for /metrics")
+            stop.wait(interval_s)
+
+
+class MetricsOff:
+    """dashboard.metrics_enabled is false (or null on a dashboard beyond loopback): no /metrics."""
+
+    enabled = False
+
+    def reply(self, authorization: str, accept_encoding: str) -> Reply:
+        return Reply(404, b"/metrics is off: set dashboard.metrics_enabled\n", {"Content-Type": "text/plain"})
+
+    def run(self, stop: threading.Event) -> None:
+        return None
+
+
+def metrics_for(store: StoreReader, cfg: Config) -> Metrics:
+    return Exposition(store, cfg) if serves_metrics(cfg.dashboard) else MetricsOff()
+
+
+def metric_names(families: Iterable[Metric]) -> set[str]:
+    """The sample names a scrape can hold (a counter's with its `_total`): what dashboards may query."""
+    names = set()
+    for family in families:
+        names.add(family.name + "_total" if family.type == "counter" else family.name)
+    return names
+
+
+def exposed_names() -> set[str]:
+    return metric_names(Families().all())
