@@ -22,7 +22,7 @@ from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "metrics")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -35,6 +35,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "controller": lambda: stages.controller(b, sizes),
         "agent": lambda: stages.agent(b, sizes),
         "cold": lambda: stages.cold_start(b, sizes),
+        "metrics": lambda: stages.metrics(sizes),
     }
     return calls[name]()
 
@@ -117,6 +118,14 @@ def table(results: dict[str, Any]) -> list[str]:
                   f"agents connected in {_fmt(cold['sim_connect_s'])} s"),
                  ("cold start: requests expired / left pending", f"{cold['expired']} / {cold['pending']}",
                   f"of {cold['requests']:,}")]
+    mx = results.get("metrics") or {}
+    if "scrape_plain" in mx:
+        rows += [(f"metrics {mx['agents']:,} agents: scrape ms plain / gzip (median)",
+                  f"{_fmt(mx['scrape_plain']['median_ms'])} / {_fmt(mx['scrape_gzip']['median_ms'])}",
+                  f"{mx['series']:,} series, {mx['bytes'] / 1e6:.1f} MB ({mx['bytes_gzip'] / 1e6:.2f} MB gzip)"),
+                 ("metrics: refresh ms, every part read / nothing due (median)",
+                  f"{_fmt(mx['refresh_full']['median_ms'])} / {_fmt(mx['refresh_nothing_due']['median_ms'])}",
+                  "in the background, every dashboard.metrics_refresh_s")]
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:

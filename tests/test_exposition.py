@@ -234,7 +234,8 @@ def test_a_scrape_serves_the_snapshot_without_reading_the_store(tmp_path: Path, 
     resp = client.get("/metrics", headers={"Accept-Encoding": "gzip"})
     assert resp.headers["Content-Encoding"] == "gzip" and resp.headers["Content-Type"].startswith("text/plain")
     assert parse(gzip.decompress(resp.data).decode())[("fleet_cpu_percent", frozenset({("agent_id", "a-1")}))] == 10
-    exposition.store = SqliteStore(str(tmp_path / "fleet.db"))
+    exposition.reads.store = SqliteStore(str(tmp_path / "fleet.db"))
+    exposition.clock = lambda: now + 20  # cpu is read again after dashboard.metrics_refresh_s
     exposition.refresh()
     assert scrape_client(client)[("fleet_cpu_percent", frozenset({("agent_id", "a-1")}))] == 20
 

@@ -15,6 +15,7 @@ import gzip
 import hmac
 import ipaddress
 import logging
+import math
 import re
 import threading
 import time
@@ -74,22 +75,50 @@ class FleetValues:
     answered_ratio: dict[str, float]
 
 
-def read_values(store: StoreReader, cfg: Config, now: float) -> FleetValues:
-    schedule = cfg.controller.schedule
-    # a request expires one interval after it is issued, so a current answer was issued within four
-    since = {type_: now - (STALE_INTERVALS + 1) * interval_s for type_, interval_s in schedule.items()}
-    answers: dict[str, dict[str, Newest]] = {}
-    for found in newest_answers(store, since):
-        current_s = STALE_INTERVALS * schedule[found.type]
-        if found.answered_at is not None and now - parse_iso(found.answered_at) <= current_s:
-            answers.setdefault(found.agent_id, {})[found.type] = found
-    agents = store.agents()
-    stats = store.agent_stats(now - cfg.dashboard.stats_window_s)
-    return FleetValues(taken_at=now, agents=agents,
-                       online={a.agent_id: agent_state(a, now, cfg.dashboard.silent_after_s) == "online"
-                               for a in agents},
-                       answers=answers,
-                       answered_ratio={agent_id: s.answered / s.issued for agent_id, s in stats.items() if s.issued})
+class StoreReads:
+    """A refresh's reads of the store, each part only as often as it can usefully change: a type's
+    newest answers every dashboard.metrics_refresh_s, or a quarter of the type's interval if that is
+    longer (disk and processes every 75 s, os_info every 15 min on the default schedule: their
+    answers come no oftener, and a processes answer is large); the answered ratio, over a window of
+    minutes, once a minute. Whether an answer is current is judged at every refresh."""
+
+    stats_every_s = 60.0
+
+    def __init__(self, store: StoreReader, cfg: Config) -> None:
+        self.store, self.cfg = store, cfg
+        self._answers: dict[str, list[Newest]] = {}
+        self._read_at: dict[str, float] = {}
+        self._ratio: dict[str, float] = {}
+
+    def _due(self, part: str, every_s: float, now: float) -> bool:
+        return now - self._read_at.get(part, -math.inf) >= every_s
+
+    def values(self, now: float) -> FleetValues:
+        schedule, refresh_s = self.cfg.controller.schedule, self.cfg.dashboard.metrics_refresh_s
+        # a request expires one interval after it is issued, so a current answer was issued within four
+        due = {type_: now - (STALE_INTERVALS + 1) * interval_s for type_, interval_s in schedule.items()
+               if self._due(type_, max(refresh_s, interval_s / 4), now)}
+        if due:
+            for type_ in due:
+                self._answers[type_] = []
+            for found in newest_answers(self.store, due):
+                self._answers[found.type].append(found)
+            self._read_at.update(dict.fromkeys(due, now))
+        answers: dict[str, dict[str, Newest]] = {}
+        for type_, found_of_type in self._answers.items():
+            current_s = STALE_INTERVALS * schedule.get(type_, 0)
+            for found in found_of_type:
+                if found.answered_at is not None and now - parse_iso(found.answered_at) <= current_s:
+                    answers.setdefault(found.agent_id, {})[type_] = found
+        if self._due("stats", max(refresh_s, self.stats_every_s), now):
+            stats = self.store.agent_stats(now - self.cfg.dashboard.stats_window_s)
+            self._ratio = {agent_id: s.answered / s.issued for agent_id, s in stats.items() if s.issued}
+            self._read_at["stats"] = now
+        agents = self.store.agents()
+        silent_after_s = self.cfg.dashboard.silent_after_s
+        return FleetValues(taken_at=now, agents=agents,
+                           online={a.agent_id: agent_state(a, now, silent_after_s) == "online" for a in agents},
+                           answers=answers, answered_ratio=self._ratio)
 
 
 def _number(value: Any) -> float | None:
@@ -151,59 +180,64 @@ class Families:
 
     def add_agent(self, agent: AgentRecord, values: FleetValues) -> None:
         a = agent.agent_id
-        self.online.add_metric([a], 1 if values.online.get(a) else 0)
+        mine = {"agent_id": a}
+        self._put(self.online, mine, 1 if values.online.get(a) else 0)
         self.info.samples.append(Sample("fleet_agent_info", info_labels(agent), 1.0))
-        ratio = values.answered_ratio.get(a)
-        if ratio is not None:
-            self.ratio.add_metric([a], ratio)
+        self._put(self.ratio, mine, values.answered_ratio.get(a))
         answers = values.answers.get(a, {})
         for type_, found in sorted(answers.items()):
             if found.answered_at is not None:
-                self.age.add_metric([a, type_], max(0.0, values.taken_at - parse_iso(found.answered_at)))
+                self._put(self.age, {"agent_id": a, "type": type_},
+                          max(0.0, values.taken_at - parse_iso(found.answered_at)))
         for type_, add in (("cpu", self._cpu), ("memory", self._memory), ("disk", self._disk),
                            ("network", self._network), ("processes", self._processes)):
             if type_ in answers:
-                add(a, _dict(answers[type_].data))
+                add(mine, _dict(answers[type_].data))
 
     @staticmethod
-    def _put(family: GaugeMetricFamily | CounterMetricFamily, labels: list[str], value: Any) -> None:
+    def _put(family: Metric, labels: dict[str, str], value: Any) -> None:
+        """One sample, if the reading is a number (a platform may lack it: null). The samples are made
+        here rather than by add_metric, which costs twice as much a sample at fleet scale."""
         number = _number(value)
         if number is not None:
-            family.add_metric(labels, number)
+            name = family.name + "_total" if family.type == "counter" else family.name
+            family.samples.append(Sample(name, labels, number))
 
-    def _cpu(self, a: str, data: dict[str, Any]) -> None:
-        self._put(self.cpu, [a], data.get("percent"))
+    def _cpu(self, mine: dict[str, str], data: dict[str, Any]) -> None:
+        self._put(self.cpu, mine, data.get("percent"))
         load = data.get("load_avg")
         if isinstance(load, list):
             for family, value in zip(self.load, load):
-                self._put(family, [a], value)
+                self._put(family, mine, value)
 
-    def _memory(self, a: str, data: dict[str, Any]) -> None:
+    def _memory(self, mine: dict[str, str], data: dict[str, Any]) -> None:
         virtual, swap = _dict(data.get("virtual")), _dict(data.get("swap"))
-        self._put(self.mem_used, [a], virtual.get("percent"))
-        self._put(self.mem_available, [a], virtual.get("available"))
-        self._put(self.swap_used, [a], swap.get("percent"))
+        self._put(self.mem_used, mine, virtual.get("percent"))
+        self._put(self.mem_available, mine, virtual.get("available"))
+        self._put(self.swap_used, mine, swap.get("percent"))
 
-    def _disk(self, a: str, data: dict[str, Any]) -> None:
+    def _disk(self, mine: dict[str, str], data: dict[str, Any]) -> None:
         seen: set[str] = set()
         for part in _items(data.get("partitions")):
             mount = part.get("mountpoint")
             if isinstance(mount, str) and mount not in seen:  # one series per mount point (bind mounts repeat)
                 seen.add(mount)
-                self._put(self.disk_used, [a, mount], part.get("percent"))
-                self._put(self.disk_free, [a, mount], part.get("free"))
+                labels = {**mine, "mountpoint": mount}
+                self._put(self.disk_used, labels, part.get("percent"))
+                self._put(self.disk_free, labels, part.get("free"))
 
-    def _network(self, a: str, data: dict[str, Any]) -> None:
+    def _network(self, mine: dict[str, str], data: dict[str, Any]) -> None:
         seen: set[str] = set()
         for nic in _items(data.get("interfaces")):
             name = nic.get("name")
             if isinstance(name, str) and name not in seen:
                 seen.add(name)
-                self._put(self.received, [a, name], nic.get("bytes_recv"))
-                self._put(self.sent, [a, name], nic.get("bytes_sent"))
+                labels = {**mine, "interface": name}
+                self._put(self.received, labels, nic.get("bytes_recv"))
+                self._put(self.sent, labels, nic.get("bytes_sent"))
 
-    def _processes(self, a: str, data: dict[str, Any]) -> None:
-        self._put(self.processes, [a], data.get("total"))  # the list itself is only the top few
+    def _processes(self, mine: dict[str, str], data: dict[str, Any]) -> None:
+        self._put(self.processes, mine, data.get("total"))  # the list itself is only the top few
 
 
 class FleetCollector(Collector):
@@ -271,7 +305,8 @@ class Exposition:
     enabled = True
 
     def __init__(self, store: StoreReader, cfg: Config, clock: Callable[[], float] = time.time) -> None:
-        self.store, self.cfg, self.clock = store, cfg, clock
+        self.cfg, self.clock = cfg, clock
+        self.reads = StoreReads(store, cfg)
         self.collector = FleetCollector()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
@@ -285,7 +320,7 @@ class Exposition:
 
     def _render(self) -> Page:
         started = time.perf_counter()
-        values = read_values(self.store, self.cfg, self.clock())
+        values = self.reads.values(self.clock())
         read = time.perf_counter()
         self.collector.values = values
         text = generate_latest(self.registry)
