@@ -104,7 +104,7 @@ AGENT_STATUS_EXTRAS = {"outbox", "counters"}
 @pytest.mark.parametrize("schema,fields", [
     ("Request", set(Request(id="x", type="cpu").to_dict())),
     ("Response", set(Response.ok("x", "web-01", "cpu", {}, 1.0).to_dict())),
-    ("Status", set(Status(agent_id="web-01", online=True).to_dict())),
+    ("Status", set(Status(agent_id="web-01", online=True, labels={"role": "web"}).to_dict())),
 ])
 def test_properties_are_the_fields_the_contract_writes(schema: str, fields: set) -> None:
     """Every field fleet_common writes into a payload is described, and nothing else is

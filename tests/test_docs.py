@@ -55,7 +55,7 @@ def shown(value: Any) -> str:
     if isinstance(value, Shard):
         return f'`"{value}"`'
     if isinstance(value, dict):
-        return ", ".join(f"{k} {shown(v)}" for k, v in value.items())
+        return ", ".join(f"{k} {shown(v)}" for k, v in value.items()) or "(none)"
     return f"`{value}`"
 
 

@@ -548,3 +548,20 @@ def test_importing_the_stores_loads_no_mqtt_code() -> None:
             "loaded = sorted(m for m in sys.modules if m.startswith('paho')); assert not loaded, loaded")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_birth_sets_labels_and_a_goodbye_keeps_them(store: Store) -> None:
+    """Labels come from the newest birth (none given is none); a Last Will leaves them as they are."""
+    def birth(received: float, labels: dict[str, str] | None) -> Incoming[Status]:
+        return Incoming(Status(agent_id=AGENT, online=True, ts=iso(received), types=["cpu"], labels=labels),
+                        AGENT, iso(received))
+    store.write(Batch(statuses=[birth(T0 + 1, {"role": "web", "dc": "ams"})]))
+    assert store.agents()[0].labels == {"role": "web", "dc": "ams"}
+    store.write(Batch(statuses=[status(False, received=T0 + 2)]))
+    assert store.agents()[0].labels == {"role": "web", "dc": "ams"}
+    store.write(Batch(statuses=[birth(T0 + 3, {"role": "db"})]))
+    assert store.agents()[0].labels == {"role": "db"}
+    store.write(Batch(statuses=[birth(T0 + 2.5, {"role": "stale"})]))  # received before the stored one
+    assert store.agents()[0].labels == {"role": "db"}
+    store.write(Batch(statuses=[birth(T0 + 4, None)]))
+    assert store.agents()[0].labels == {}

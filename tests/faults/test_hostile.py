@@ -289,6 +289,12 @@ SMALL = [  # (name, what to send: "res" to a fresh cpu request of host-b, or "st
      lambda rid: Status(agent_id=B, online=True, types=[f"t{i}" for i in range(10_000)]).payload(), "bad_types"),
     ("a type advertised twice", "status",
      lambda rid: Status(agent_id=B, online=True, types=["cpu", "cpu"]).payload(), "bad_types"),
+    ("1,000 labels", "status",
+     lambda rid: Status(agent_id=B, online=True, labels={f"k{i}": "v" for i in range(1000)}).payload(), "bad_labels"),
+    ("a label value with control characters", "status",
+     lambda rid: Status(agent_id=B, online=True, labels={"role": "web\x1b[2J"}).payload(), "bad_labels"),
+    ("labels that are not a mapping", "status",
+     lambda rid: Status(agent_id=B, online=True, extra={"labels": ["role=web"]}).payload(), "bad_labels"),
     ("a status ts a year ahead", "status",
      lambda rid: Status(agent_id=B, online=True, ts=iso(time.time() + 366 * 86400)).payload(), "bad_timestamp"),
 ]

@@ -58,7 +58,8 @@ class Agent:
                          will=presence.will(self.topics, self.id), username=cfg.mqtt.username or self.id,
                          logger=logging.getLogger("fleet.link"))
         self.outbox = Outbox(cfg.agent.outbox_path, cfg.agent.outbox_max_messages)
-        self.presence = presence.Presence(self.id, self.topics, self.link, self.outbox, lambda: self.types)
+        self.presence = presence.Presence(self.id, self.topics, self.link, self.outbox, lambda: self.types,
+                                          cfg.agent.labels)
         self.intake = Intake(self.id, self.topics, self.collectors, self._stopping)
         self.dispatcher = Dispatcher(self.id, self.workers, self.timeout_s, self._answer, self._drop)
         self.publisher = DurablePublisher(self.outbox, self.link, self._stopping, on_tick=self.presence.report_drops)

@@ -68,12 +68,13 @@ class Counters:
 
 
 class Presence:
-    """Presence(agent_id, topics, link, outbox, types): `types` gives the request types the agent
-    answers, sorted, when a birth is made."""
+    """Presence(agent_id, topics, link, outbox, types, labels): `types` gives the request types the
+    agent answers, sorted, when a birth is made; `labels` (agent.labels) go into every birth."""
 
     def __init__(self, agent_id: str, topics: Topics, link: StatusLink, outbox: Outbox,
-                 types: Callable[[], list[str]]) -> None:
+                 types: Callable[[], list[str]], labels: dict[str, str] | None = None) -> None:
         self.id, self.link, self.outbox, self._types = agent_id, link, outbox, types
+        self.labels = dict(labels or {})
         self.topic = topics.status(agent_id)
         self.counters = Counters()
         self._health: dict[str, str] = {}  # type -> last outcome, to log changes only
@@ -81,7 +82,8 @@ class Presence:
 
     def birth(self) -> Status:
         return Status(agent_id=self.id, online=True, hostname=socket.gethostname(), platform=platform.platform(),
-                      agent_version=__version__, types=self._types(), extra=self.health())
+                      agent_version=__version__, types=self._types(), labels=self.labels or None,
+                      extra=self.health())
 
     def health(self) -> dict[str, Any]:
         """The agent's own counters: in its status message (it serves no metrics) and its heartbeat."""

@@ -27,6 +27,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from .errors import ConfigError, ConfigFileError, ContractError
+from .labels import check_labels, parse_pairs
 from .messages import EXPIRES_FUTURE_S
 from .topics import TYPE_RE, Topics, check_agent_id
 
@@ -135,6 +136,7 @@ class MqttConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     id: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
     session_expiry_s: int = 604800
     outbox_path: str = "~/.local/state/fleet-agent/outbox.db"
     outbox_max_messages: int = 10000
@@ -149,6 +151,10 @@ class AgentConfig:
                 check_agent_id(self.id)
             except Exception:
                 raise ConfigError("id", f"{self.id!r} must be 1-64 characters of [A-Za-z0-9_.-]") from None
+        try:
+            check_labels(self.labels)
+        except ContractError as exc:
+            raise ConfigError("labels", exc.detail) from None
 
 
 @dataclass(frozen=True)
@@ -433,14 +439,26 @@ def _env_overrides(env: Mapping[str, str], sections: Mapping[str, Any]) -> dict[
             key, keys, where = key[len(nested) + 1:], _keys(keys[nested]), where.setdefault(nested, {})
         if key not in keys:
             raise ConfigError(f"{section}.{key}", f"unknown key (from environment variable {name})")
+        if typing.get_args(keys[key]) == (str, str):  # a map of text to text, replaced whole:
+            try:  # FLEET_AGENT_LABELS="role=web,dc=ams" (or YAML: "{role: web}")
+                loaded = yaml.safe_load(text) if text.lstrip().startswith("{") else parse_pairs(text)
+            except (ValueError, yaml.YAMLError) as exc:
+                raise ConfigError(f"{section}.{key}", f"{exc} (from environment variable {name}; "
+                                                      "write key=value,key=value)") from None
+            where[key] = Whole(loaded) if isinstance(loaded, dict) else loaded
+            continue
         where[key] = text if _is_text(keys[key]) else yaml.safe_load(text) if text != "" else None
     return out
+
+
+class Whole(dict):  # type: ignore[type-arg]
+    """A map from the environment that replaces the file's whole, not key by key."""
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not isinstance(value, Whole):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value

@@ -15,6 +15,7 @@ from itertools import chain
 from typing import Any
 
 from .errors import ContractError
+from .labels import check_labels
 from .timefmt import is_canonical, is_valid_id, iso, now_iso, parse_iso
 from .topics import ParsedTopic, check_agent_id, check_type
 
@@ -457,6 +458,7 @@ class Status:
     platform: str | None = None
     agent_version: str | None = None
     types: list[str] | None = None
+    labels: dict[str, str] | None = None
     extra: JsonObject = field(default_factory=dict)
     v: int = VERSION
 
@@ -465,6 +467,8 @@ class Status:
         if self.online:
             out.update(hostname=self.hostname, platform=self.platform,
                        agent_version=self.agent_version, types=self.types)
+            if self.labels:
+                out["labels"] = self.labels
         out.update(self.extra)
         return out
 
@@ -503,9 +507,12 @@ def parse_status(payload: bytes, topic: ParsedTopic, now_s: float | None = None)
                 raise ContractError(f"bad_{key}", f"{key} must be at most {longest} characters, "
                                                   "none of them control characters")
         strings[key] = value
-    known = {"v", "agent_id", "online", "ts", "types", *strings}
+    labels = obj.get("labels")
+    if labels is not None:
+        labels = check_labels(labels)
+    known = {"v", "agent_id", "online", "ts", "types", "labels", *strings}
     return Status(
         v=_version(obj), agent_id=_same(obj, "agent_id", check_agent_id(topic.agent_id)), online=online,
-        ts=_opt_ts(obj, "ts", now_s, past_s=UNBOUNDED) or now_iso(), types=types,
+        ts=_opt_ts(obj, "ts", now_s, past_s=UNBOUNDED) or now_iso(), types=types, labels=labels,
         extra={k: v for k, v in obj.items() if k not in known}, **strings,
     )

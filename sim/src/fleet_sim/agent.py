@@ -31,10 +31,10 @@ PLATFORM = "Linux-6.1.0-21-amd64-x86_64-with-glibc2.36"
 class SimAgent:
     """Connect with `connect()`; the fleet's loop does the I/O. `done` resolves on CONNACK."""
 
-    __slots__ = ("client", "connected", "fleet", "host", "id", "pending", "status_topic", "was_online")
+    __slots__ = ("client", "connected", "fleet", "host", "id", "labels", "pending", "status_topic", "was_online")
 
-    def __init__(self, fleet: Fleet, agent_id: str) -> None:
-        self.fleet, self.id = fleet, agent_id
+    def __init__(self, fleet: Fleet, agent_id: str, labels: dict[str, str] | None = None) -> None:
+        self.fleet, self.id, self.labels = fleet, agent_id, labels
         topics: Topics = fleet.topics
         self.host = Host(agent_id, fleet.settings.processes)
         self.status_topic = topics.status(agent_id)
@@ -71,7 +71,7 @@ class SimAgent:
 
     def birth(self) -> Status:
         return Status(agent_id=self.id, online=True, hostname=self.id, platform=PLATFORM,
-                      agent_version=f"{__version__}+sim", types=list(self.fleet.settings.types))
+                      agent_version=f"{__version__}+sim", types=list(self.fleet.settings.types), labels=self.labels)
 
     def say_goodbye(self) -> None:
         if self.connected:

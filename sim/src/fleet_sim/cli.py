@@ -9,6 +9,7 @@ import sys
 
 from fleet_common import compat
 from fleet_common.cli import base_parser, load, run_main
+from fleet_common.labels import parse_pairs
 
 from . import __version__
 from .fleet import Fleet, SimSettings
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-expiry-s", type=int, default=0,
                         help="MQTT session expiry; 0 (default) is a clean session, >0 a persistent one like the "
                              "real agent's")
+    parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                        help="a label every agent advertises (repeatable)")
+    parser.add_argument("--label-cycle", action="append", default=[], metavar="KEY=V1/V2/...",
+                        help="a label whose value goes round the list by agent number, e.g. role=web/db (repeatable)")
     parser.add_argument("--keepalive-s", type=int, default=60)
     parser.add_argument("--connect-concurrency", type=int, default=100,
                         help="CONNECTs awaiting their CONNACK at once (default 100)")
@@ -49,7 +54,10 @@ async def serve(fleet_args: argparse.Namespace, mqtt_cfg: object) -> int:
                            types=tuple(t for t in fleet_args.types.split(",") if t),
                            processes=fleet_args.processes, session_expiry_s=fleet_args.session_expiry_s,
                            keepalive_s=fleet_args.keepalive_s, connect_concurrency=fleet_args.connect_concurrency,
-                           stats_every_s=fleet_args.stats_every_s, stats_file=fleet_args.stats_file)
+                           stats_every_s=fleet_args.stats_every_s, stats_file=fleet_args.stats_file,
+                           labels=tuple(parse_pairs(",".join(fleet_args.label)).items()),
+                           label_cycle=tuple((k, tuple(v.split("/"))) for k, v in
+                                             parse_pairs(",".join(fleet_args.label_cycle)).items()))
     fleet = Fleet(mqtt_cfg, settings)  # type: ignore[arg-type]
     await fleet.run(stop)
     return 0

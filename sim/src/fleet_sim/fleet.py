@@ -45,6 +45,16 @@ class SimSettings:
     stop_grace_s: float = 15.0
     stats_every_s: float = 10.0
     stats_file: str | None = None
+    # Every agent's labels, and labels whose value cycles through a list by agent number:
+    # (("role", ("web", "db")),) gives sim-1 role=db, sim-2 role=web, ...
+    labels: tuple[tuple[str, str], ...] = ()
+    label_cycle: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def labels_of(self, number: int) -> dict[str, str] | None:
+        """The labels of agent `number` (1-based, as in its id), or None when it has none."""
+        out = dict(self.labels)
+        out.update((key, values[number % len(values)]) for key, values in self.label_cycle if values)
+        return out or None
 
     def agent_ids(self) -> list[str]:
         width = len(str(self.agents))
@@ -105,7 +115,8 @@ class Fleet:
         tasks = [asyncio.create_task(self.glue.housekeeping(), name="sim-housekeeping"),
                  asyncio.create_task(self._report(stop), name="sim-stats")]
         try:
-            self.agents = [SimAgent(self, agent_id) for agent_id in self.settings.agent_ids()]
+            self.agents = [SimAgent(self, agent_id, self.settings.labels_of(number))
+                           for number, agent_id in enumerate(self.settings.agent_ids(), start=1)]
             connecting = asyncio.create_task(self._connect_all(stop), name="sim-connect")
             await stop.wait()
             connecting.cancel()

@@ -153,6 +153,7 @@ class AgentRecord:
     agent_version: str | None
     types: list[str] | None
     status_at: str | None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -374,6 +375,12 @@ def response_state(response: Response) -> str:
     if response.status == "error" and (response.error or {}).get("code") == "expired":
         return "expired"
     return response.status
+
+
+def birth_labels(status: Status) -> dict[str, str] | None:
+    """The labels a status sets: a birth sets them (none given is none), a Last Will or goodbye
+    leaves the last birth's in place (None)."""
+    return (status.labels or {}) if status.online else None
 
 
 def seen_at(item: Incoming[Status]) -> str:

@@ -36,6 +36,7 @@ from .base import (
     StoreError,
     StoreUnreachable,
     answer_time,
+    birth_labels,
     displaced_letter,
     latency_ms,
     norm_ts,
@@ -193,7 +194,8 @@ class MongoStore:
             agents.append(self._seen(s.agent_id, seen_at(st)))
             change = {"online": s.online, "status_at": st.received_at}
             change.update({k: v for k, v in (("hostname", s.hostname), ("platform", s.platform),
-                                             ("agent_version", s.agent_version), ("types", s.types))
+                                             ("agent_version", s.agent_version), ("types", s.types),
+                                             ("labels", birth_labels(s)))
                            if v is not None})
             agents.append(UpdateOne({"_id": s.agent_id, "$or": [{"status_at": None},
                                                                  {"status_at": {"$lte": st.received_at}}]},
@@ -272,7 +274,8 @@ class MongoStore:
     def agents(self) -> list[AgentRecord]:
         return [AgentRecord(agent_id=d["_id"], online=d.get("online"), first_seen=d["first_seen"],
                             last_seen=d["last_seen"], hostname=d.get("hostname"), platform=d.get("platform"),
-                            agent_version=d.get("agent_version"), types=d.get("types"), status_at=d.get("status_at"))
+                            agent_version=d.get("agent_version"), types=d.get("types"), status_at=d.get("status_at"),
+                            labels=d.get("labels") or {})
                 for d in self.agents_c.find().sort("_id", ASCENDING)]
 
     def agent_stats(self, since_s: float) -> dict[str, Stats]:

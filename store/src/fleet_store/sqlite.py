@@ -35,6 +35,7 @@ from .base import (
     StoreError,
     StoreMissing,
     answer_time,
+    birth_labels,
     displaced_letter,
     latency_ms,
     norm_ts,
@@ -75,7 +76,8 @@ CREATE TABLE IF NOT EXISTS agents (
     platform      TEXT,
     agent_version TEXT,
     types         TEXT,
-    status_at     TEXT
+    status_at     TEXT,
+    labels        TEXT
 );
 CREATE TABLE IF NOT EXISTS rejected (
     id          TEXT PRIMARY KEY,
@@ -89,7 +91,8 @@ CREATE INDEX IF NOT EXISTS rejected_received_at ON rejected (received_at);
 """
 # Columns added since the first release: a database made before gets them when it is opened.
 ADDED_COLUMNS = {"requests": ("collected_at TEXT", "received_at TEXT"),
-                 "rejected": ("detail TEXT NOT NULL DEFAULT ''",)}
+                 "rejected": ("detail TEXT NOT NULL DEFAULT ''",),
+                 "agents": ("labels TEXT",)}
 
 # The request decides whose a record is (base.resolve); these conditions make sure of it
 # in SQL too: an upsert never changes a record of another agent or type.
@@ -122,7 +125,8 @@ ON CONFLICT (agent_id) DO UPDATE SET last_seen = MAX(agents.last_seen, excluded.
 
 APPLY_STATUS = """
 UPDATE agents SET online = ?, hostname = COALESCE(?, hostname), platform = COALESCE(?, platform),
-    agent_version = COALESCE(?, agent_version), types = COALESCE(?, types), status_at = ?
+    agent_version = COALESCE(?, agent_version), types = COALESCE(?, types), labels = COALESCE(?, labels),
+    status_at = ?
 WHERE agent_id = ? AND (status_at IS NULL OR status_at <= ?)
 """
 
@@ -131,7 +135,8 @@ INSERT_REJECTED = ("INSERT OR IGNORE INTO rejected (id, received_at, topic, reas
 
 REQUEST_COLUMNS = ("id, agent_id, type, params, issued_at, expires_at, state, answered_at, latency_ms, "
                    "data, error, expire_at, collected_at, received_at")
-AGENT_COLUMNS = "agent_id, online, first_seen, last_seen, hostname, platform, agent_version, types, status_at"
+AGENT_COLUMNS = ("agent_id, online, first_seen, last_seen, hostname, platform, agent_version, types, status_at, "
+                 "labels")
 CHUNK = 500
 
 log = logging.getLogger("fleet.persister")
@@ -336,7 +341,7 @@ class SqliteStore:
             s, seen = st.message, seen_at(st)
             out.statuses.append(((s.agent_id, seen, seen),
                                  (int(s.online), s.hostname, s.platform, s.agent_version, _json(s.types),
-                                  st.received_at, s.agent_id, st.received_at)))
+                                  _json(birth_labels(s)), st.received_at, s.agent_id, st.received_at)))
         out.rejected = [_rejected_row(r) for r in batch.rejected]
         return out
 
@@ -424,8 +429,9 @@ class SqliteStore:
 
     def agents(self) -> list[AgentRecord]:
         return [AgentRecord(agent_id=a, online=None if on is None else bool(on), first_seen=first, last_seen=last,
-                            hostname=host, platform=plat, agent_version=ver, types=_unjson(types), status_at=st)
-                for a, on, first, last, host, plat, ver, types, st
+                            hostname=host, platform=plat, agent_version=ver, types=_unjson(types), status_at=st,
+                            labels=_unjson(labels) or {})
+                for a, on, first, last, host, plat, ver, types, st, labels
                 in self._query(f"SELECT {AGENT_COLUMNS} FROM agents ORDER BY agent_id")]
 
     def agent_stats(self, since_s: float) -> dict[str, Stats]:
