@@ -4,7 +4,6 @@ store, and the token and the on/off default hold."""
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import time
 from collections.abc import Iterator
@@ -181,17 +180,19 @@ def test_online_info_and_answered_ratio(tmp_path: Path, store: SqliteStore) -> N
     assert not any(k[0] == "fleet_requests_answered_ratio" and ("agent_id", "gone-01") in k[1] for k in got)
 
 
-def test_agent_labels_become_prometheus_labels_except_those_that_clash() -> None:
-    """An agent's own labels join fleet_agent_info as they are; one that would hide a fixed label,
-    or that Prometheus could not take, is left out."""
-    @dataclasses.dataclass(frozen=True)
-    class Labelled(AgentRecord):
-        labels: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    agent = Labelled("a-1", True, "t", "t", "h", "Linux", "0.1.0", None, None,
-                     labels={"role": "web", "site": "ams", "hostname": "fake", "__name__": "x", "bad-key": "v"})
-    assert info_labels(agent) == {"agent_id": "a-1", "hostname": "h", "platform": "Linux", "agent_version": "0.1.0",
-                                  "role": "web", "site": "ams"}
+def test_agent_labels_become_prometheus_labels_except_those_that_clash(tmp_path: Path, store: SqliteStore) -> None:
+    """An agent's labels, from its birth, join fleet_agent_info as they are; one that would hide a
+    fixed label, or that Prometheus could not take, is left out."""
+    now = time.time()
+    store.write(Batch(statuses=[Incoming(Status(agent_id="a-1", online=True, ts=iso(now), hostname="h",
+                                                platform="Linux", agent_version="0.1.0",
+                                                labels={"role": "web", "site": "ams", "hostname": "fake"}),
+                                         "a-1", iso(now))]))
+    info = [labels for (name, labels) in scrape(config(tmp_path), store) if name == "fleet_agent_info"]
+    assert info == [frozenset({("agent_id", "a-1"), ("hostname", "h"), ("platform", "Linux"),
+                               ("agent_version", "0.1.0"), ("role", "web"), ("site", "ams")})]
+    odd = AgentRecord("a-2", True, "t", "t", None, None, None, None, None, labels={"__name__": "x", "bad-key": "v"})
+    assert info_labels(odd) == {"agent_id": "a-2", "hostname": "", "platform": "", "agent_version": ""}
 
 
 KEY = "Bearer s3cret-token-for-prometheus"

@@ -38,8 +38,8 @@ from .data import agent_state
 log = logging.getLogger("fleet.dashboard")
 STALE_INTERVALS = 3
 INFO_LABELS = ("agent_id", "hostname", "platform", "agent_version")
-# An agent label becomes a Prometheus label as it is; one Prometheus could not take, or that
-# would hide a fixed one, is left out.
+# An agent label becomes a Prometheus label as it is (the contract's keys are [a-z][a-z0-9_]{0,31});
+# one that would hide a fixed label, or that Prometheus could not take, is left out.
 LABEL_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # A page older than this many refresh intervals is not served (503): Prometheus then reports the
 # target down, rather than charting values the dashboard could no longer read.
@@ -136,8 +136,7 @@ def _items(value: Any) -> list[dict[str, Any]]:
 def info_labels(agent: AgentRecord) -> dict[str, str]:
     labels = {"agent_id": agent.agent_id, "hostname": agent.hostname or "", "platform": agent.platform or "",
               "agent_version": agent.agent_version or ""}
-    own = getattr(agent, "labels", None) or {}  # agents gain labels of their own (issue 16's "labels")
-    for key, value in sorted(own.items()):
+    for key, value in sorted(agent.labels.items()):
         if LABEL_RE.match(key) and not key.startswith("__") and key not in INFO_LABELS:
             labels[key] = str(value)
     return labels
