@@ -14,6 +14,7 @@ longer be current, and the page would shrink.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import statistics
@@ -26,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboard import populate
@@ -58,29 +60,41 @@ def measure(agents: int, answers: int = 10, db: Path | None = None, refreshes: i
         stale.unlink(missing_ok=True)
     store = SqliteStore(str(db))
     started = time.perf_counter()
+    t0 = time.time()  # what populate dates the answers from: the clock below stays near it
     populate(store, agents, answers, cfg.dashboard.stats_window_s)
     populate_s = round(time.perf_counter() - started, 1)
     from waitress.server import create_server
 
     app = create_app(cfg, store)
     exposition: Exposition = app.extensions["fleet_metrics"]
+    rss_before = psutil.Process().memory_info().rss
+    clock = [t0]
+    exposition.clock = lambda: clock[0]  # so the answers stay as current as at t0, however long this takes
     full = []  # every part read, as the first refresh does
     for _ in range(refreshes):
         exposition.reads = StoreReads(store, cfg)
         full.append(exposition.refresh())
-    steady = [exposition.refresh() for _ in range(refreshes)]  # nothing due but the agents: render alone
-    now = time.time()
-    since = {type_: now - 4 * interval_s for type_, interval_s in cfg.controller.schedule.items()}
+    steady = []  # refreshes dashboard.metrics_refresh_s apart: each reads what has fallen due by then
+    for k in range(1, refreshes + 1):
+        clock[0] = t0 + k * cfg.dashboard.metrics_refresh_s
+        steady.append(exposition.refresh())
+    snapshot_mb = round((psutil.Process().memory_info().rss - rss_before) / 2 ** 20, 1)
+    since = {type_: t0 - 4 * interval_s for type_, interval_s in cfg.controller.schedule.items()}
     reads = {type_: timed(partial(newest_answers, store, {type_: since[type_]}), refreshes) for type_ in since}
-    reads["answered ratio"] = timed(lambda: store.agent_stats(now - cfg.dashboard.stats_window_s), refreshes)
+    reads["answered ratio"] = timed(lambda: store.agent_stats(t0 - cfg.dashboard.stats_window_s), refreshes)
     reads["agents"] = timed(store.agents, refreshes)
-    server = create_server(app, host="127.0.0.1", port=port, threads=4)
-    thread = threading.Thread(target=server.run, name="bench-metrics-http", daemon=True)
+    server = create_server(app, host="127.0.0.1", port=port, threads=4)  # scrapes: the last page, not timed above
+    def run() -> None:
+        with contextlib.suppress(OSError):  # close() below pulls the socket from under its loop
+            server.run()
+
+    thread = threading.Thread(target=run, name="bench-metrics-http", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}/metrics"
     try:
         plain = [scrape_ms(url, False) for _ in range(scrapes)]
         zipped = [scrape_ms(url, True) for _ in range(scrapes)]
+        time.sleep(0.2)  # the last reply's channel finishes before the server closes
     finally:
         server.close()
         thread.join(5)
@@ -88,10 +102,12 @@ def measure(agents: int, answers: int = 10, db: Path | None = None, refreshes: i
     page = full[-1]
     series = sum(len(f.samples) for f in text_string_to_metric_families(page.text.decode()))
     return {"agents": agents, "populate_s": populate_s, "series": series, "bytes": len(page.text),
-            "bytes_gzip": len(page.gzipped), "refresh_full_read": ms([p.read_s * 1000 for p in full]),
+            "bytes_gzip": len(page.gzipped), "rss_growth_mb": snapshot_mb,
+            "refresh_full_read": ms([p.read_s * 1000 for p in full]),
             "refresh_full": ms([(p.read_s + p.render_s) * 1000 for p in full]),
-            "refresh_render": ms([p.render_s * 1000 for p in steady]),
-            "refresh_nothing_due": ms([(p.read_s + p.render_s) * 1000 for p in steady]),
+            "refresh_steady": ms([(p.read_s + p.render_s) * 1000 for p in steady]),
+            "refresh_steady_read": ms([p.read_s * 1000 for p in steady]),
+            "refresh_render": ms([p.render_s * 1000 for p in full + steady]),
             "reads": {name: ms(v) for name, v in reads.items()},
             "scrape_plain": ms([t for t, _ in plain]), "scrape_gzip": ms([t for t, _ in zipped])}
 
@@ -111,11 +127,12 @@ def ms(values: list[float]) -> dict[str, float]:
 
 def report(r: dict[str, Any]) -> list[str]:
     lines = [f"{r['agents']} agents: {r['series']:,} series, {r['bytes'] / 1e6:.1f} MB a scrape "
-             f"({r['bytes_gzip'] / 1e6:.2f} MB gzipped)"]
+             f"({r['bytes_gzip'] / 1e6:.2f} MB gzipped); the dashboard grew {r['rss_growth_mb']} MB holding it"]
     rows = [(name, r[key]) for key, name in (
         ("scrape_plain", "scrape over HTTP, plain"), ("scrape_gzip", "scrape over HTTP, gzip"),
         ("refresh_full", "refresh, every part read"), ("refresh_full_read", "  of which reading the store"),
-        ("refresh_nothing_due", "refresh, nothing due"), ("refresh_render", "  of which render + gzip"))]
+        ("refresh_steady", "refresh, one interval after"), ("refresh_steady_read", "  of which reading the store"),
+        ("refresh_render", "render + gzip, each refresh"))]
     rows += [(f"read: {name}", fig) for name, fig in r["reads"].items()]
     for name, fig in rows:
         lines.append(f"  {name:<30} median {fig['median_ms']:>8.1f} ms   max {fig['max_ms']:>8.1f} ms")

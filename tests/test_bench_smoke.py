@@ -18,7 +18,7 @@ KEYS = {
     "fleet": ("in_time_share", "latency_ms_p50", "latency_ms_p99", "peak_dispatch_per_s", "even_share_per_s"),
     "controller": ("cpu_s_per_60s_interval", "peak_rss_mb", "agents_asked_in_window"),
     "agent": ("rss_mb_max", "cpu_pct_of_core", "collection_ms"),
-    "metrics": ("scrape_plain", "scrape_gzip", "refresh_full", "refresh_nothing_due", "series", "bytes_gzip"),
+    "metrics": ("scrape_plain", "scrape_gzip", "refresh_full", "refresh_steady", "series", "bytes_gzip"),
 }
 
 

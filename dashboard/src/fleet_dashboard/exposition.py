@@ -63,62 +63,25 @@ def newest_answers(store: StoreReader, since_s: Mapping[str, float]) -> list[New
             for type_, since in since_s.items() for r in store.latest(type_, since).values()]
 
 
-@dataclass(frozen=True)
-class FleetValues:
-    """What one scrape shows, read from the store at `taken_at`: every agent, and its answers
-    that were current then (answered within three intervals of their type), by agent and type."""
-
-    taken_at: float
-    agents: list[AgentRecord]
-    online: dict[str, bool]
-    answers: dict[str, dict[str, Newest]]
-    answered_ratio: dict[str, float]
+Labels = dict[str, str]
 
 
-class StoreReads:
-    """A refresh's reads of the store, each part only as often as it can usefully change: a type's
-    newest answers every dashboard.metrics_refresh_s, or a quarter of the type's interval if that is
-    longer (disk and processes every 75 s, os_info every 15 min on the default schedule: their
-    answers come no oftener, and a processes answer is large); the answered ratio, over a window of
-    minutes, once a minute. Whether an answer is current is judged at every refresh."""
+class Reading(NamedTuple):
+    """One sample of an answer, but for its agent_id: e.g. fleet_disk_used_percent{mountpoint="/"} 91.5."""
 
-    stats_every_s = 60.0
+    name: str
+    labels: Labels
+    value: float
 
-    def __init__(self, store: StoreReader, cfg: Config) -> None:
-        self.store, self.cfg = store, cfg
-        self._answers: dict[str, list[Newest]] = {}
-        self._read_at: dict[str, float] = {}
-        self._ratio: dict[str, float] = {}
 
-    def _due(self, part: str, every_s: float, now: float) -> bool:
-        return now - self._read_at.get(part, -math.inf) >= every_s
+class Current(NamedTuple):
+    """An agent's newest answer of one type as the exposition keeps it: when it was answered, and the
+    readings taken from it when it was read (not its data: a processes answer is large)."""
 
-    def values(self, now: float) -> FleetValues:
-        schedule, refresh_s = self.cfg.controller.schedule, self.cfg.dashboard.metrics_refresh_s
-        # a request expires one interval after it is issued, so a current answer was issued within four
-        due = {type_: now - (STALE_INTERVALS + 1) * interval_s for type_, interval_s in schedule.items()
-               if self._due(type_, max(refresh_s, interval_s / 4), now)}
-        if due:
-            for type_ in due:
-                self._answers[type_] = []
-            for found in newest_answers(self.store, due):
-                self._answers[found.type].append(found)
-            self._read_at.update(dict.fromkeys(due, now))
-        answers: dict[str, dict[str, Newest]] = {}
-        for type_, found_of_type in self._answers.items():
-            current_s = STALE_INTERVALS * schedule.get(type_, 0)
-            for found in found_of_type:
-                if found.answered_at is not None and now - parse_iso(found.answered_at) <= current_s:
-                    answers.setdefault(found.agent_id, {})[type_] = found
-        if self._due("stats", max(refresh_s, self.stats_every_s), now):
-            stats = self.store.agent_stats(now - self.cfg.dashboard.stats_window_s)
-            self._ratio = {agent_id: s.answered / s.issued for agent_id, s in stats.items() if s.issued}
-            self._read_at["stats"] = now
-        agents = self.store.agents()
-        silent_after_s = self.cfg.dashboard.silent_after_s
-        return FleetValues(taken_at=now, agents=agents,
-                           online={a.agent_id: agent_state(a, now, silent_after_s) == "online" for a in agents},
-                           answers=answers, answered_ratio=self._ratio)
+    agent_id: str
+    type: str
+    answered_s: float
+    readings: list[Reading]
 
 
 def _number(value: Any) -> float | None:
@@ -133,7 +96,120 @@ def _items(value: Any) -> list[dict[str, Any]]:
     return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
 
 
-def info_labels(agent: AgentRecord) -> dict[str, str]:
+def _cpu(data: dict[str, Any]) -> Iterator[tuple[str, Labels, Any]]:
+    yield "fleet_cpu_percent", {}, data.get("percent")
+    load = data.get("load_avg")
+    for n, value in zip((1, 5, 15), load if isinstance(load, list) else []):
+        yield f"fleet_load{n}", {}, value
+
+
+def _memory(data: dict[str, Any]) -> Iterator[tuple[str, Labels, Any]]:
+    virtual, swap = _dict(data.get("virtual")), _dict(data.get("swap"))
+    yield "fleet_memory_used_percent", {}, virtual.get("percent")
+    yield "fleet_memory_available_bytes", {}, virtual.get("available")
+    yield "fleet_swap_used_percent", {}, swap.get("percent")
+
+
+def _firsts(items: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    """The first item of each name: one series per mount point or interface (bind mounts repeat one)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name = item.get(key)
+        if isinstance(name, str) and name not in out:
+            out[name] = item
+    return out
+
+
+def _disk(data: dict[str, Any]) -> Iterator[tuple[str, Labels, Any]]:
+    for mount, part in _firsts(_items(data.get("partitions")), "mountpoint").items():
+        yield "fleet_disk_used_percent", {"mountpoint": mount}, part.get("percent")
+        yield "fleet_disk_free_bytes", {"mountpoint": mount}, part.get("free")
+
+
+def _network(data: dict[str, Any]) -> Iterator[tuple[str, Labels, Any]]:
+    for name, nic in _firsts(_items(data.get("interfaces")), "name").items():
+        yield "fleet_network_receive_bytes_total", {"interface": name}, nic.get("bytes_recv")
+        yield "fleet_network_transmit_bytes_total", {"interface": name}, nic.get("bytes_sent")
+
+
+def _processes(data: dict[str, Any]) -> Iterator[tuple[str, Labels, Any]]:
+    yield "fleet_process_count", {}, data.get("total")  # the list itself is only the top few
+
+
+READERS = {"cpu": _cpu, "memory": _memory, "disk": _disk, "network": _network, "processes": _processes}
+
+
+def current(found: Newest) -> Current | None:
+    """The readings of an answer; a reading sent as null (a platform without it) is none."""
+    if found.answered_at is None:
+        return None
+    read = READERS.get(found.type)
+    readings = [Reading(name, labels, float(value)) for name, labels, value in read(_dict(found.data))
+                if _number(value) is not None] if read else []
+    return Current(found.agent_id, found.type, parse_iso(found.answered_at), readings)
+
+
+@dataclass(frozen=True)
+class FleetValues:
+    """What one scrape shows, read from the store at `taken_at`: every agent, and its answers
+    that were current then (answered within three intervals of their type), by agent and type."""
+
+    taken_at: float
+    agents: list[AgentRecord]
+    online: dict[str, bool]
+    answers: dict[str, dict[str, Current]]
+    answered_ratio: dict[str, float]
+
+
+class StoreReads:
+    """A refresh's reads of the store, each part only as often as it can usefully change: a type's
+    newest answers every dashboard.metrics_refresh_s, or a quarter of the type's interval if that is
+    longer (disk and processes every 75 s, os_info every 15 min on the default schedule: their
+    answers come no oftener, and a processes answer is large); the answered ratio, over a window of
+    minutes, once a minute. Whether an answer is current is judged at every refresh."""
+
+    stats_every_s = 60.0
+
+    def __init__(self, store: StoreReader, cfg: Config) -> None:
+        self.store, self.cfg = store, cfg
+        self._answers: dict[str, list[Current]] = {}
+        self._read_at: dict[str, float] = {}
+        self._ratio: dict[str, float] = {}
+
+    def _due(self, part: str, every_s: float, now: float) -> bool:
+        return now - self._read_at.get(part, -math.inf) >= every_s
+
+    def values(self, now: float) -> FleetValues:
+        schedule, refresh_s = self.cfg.controller.schedule, self.cfg.dashboard.metrics_refresh_s
+        # a request expires one interval after it is issued, so a current answer was issued within four
+        due = {type_: now - (STALE_INTERVALS + 1) * interval_s for type_, interval_s in schedule.items()
+               if self._due(type_, max(refresh_s, interval_s / 4), now)}
+        if due:
+            fresh: dict[str, list[Current]] = {type_: [] for type_ in due}
+            for found in newest_answers(self.store, due):
+                kept = current(found)
+                if kept is not None:
+                    fresh[found.type].append(kept)
+            self._answers.update(fresh)
+            self._read_at.update(dict.fromkeys(due, now))
+        answers: dict[str, dict[str, Current]] = {}
+        for type_, of_type in self._answers.items():
+            oldest = now - STALE_INTERVALS * schedule.get(type_, 0)
+            for kept in of_type:
+                if kept.answered_s >= oldest:
+                    answers.setdefault(kept.agent_id, {})[type_] = kept
+        if self._due("stats", max(refresh_s, self.stats_every_s), now):
+            stats = self.store.agent_stats(now - self.cfg.dashboard.stats_window_s)
+            self._ratio = {agent_id: s.answered / s.issued for agent_id, s in stats.items() if s.issued}
+            self._read_at["stats"] = now
+        agents = self.store.agents()
+        silent_after_s = self.cfg.dashboard.silent_after_s
+        return FleetValues(taken_at=now, agents=agents,
+                           online={a.agent_id: agent_state(a, now, silent_after_s) == "online" for a in agents},
+                           answers=answers, answered_ratio=self._ratio)
+
+
+def info_labels(agent: AgentRecord) -> Labels:
     labels = {"agent_id": agent.agent_id, "hostname": agent.hostname or "", "platform": agent.platform or "",
               "agent_version": agent.agent_version or ""}
     for key, value in sorted(agent.labels.items()):
@@ -146,97 +222,46 @@ class Families:
     """The metric families of one scrape, each filled agent by agent."""
 
     def __init__(self) -> None:
-        def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=["agent_id", *labels])
-
-        def counter(name: str, doc: str, *labels: str) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, labels=["agent_id", *labels])
-
+        gauge, counter = GaugeMetricFamily, CounterMetricFamily
         self.online = gauge("fleet_agent_online", "1 if the agent is online: its last status said so and it "
                                                   "was heard from within dashboard.silent_after_s; else 0")
-        self.info = GaugeMetricFamily("fleet_agent_info", "Always 1: the agent's host name, platform, version "
-                                                          "and labels")
-        self.cpu = gauge("fleet_cpu_percent", "Busy share of all CPUs since the previous cpu request, in %")
-        self.load = [gauge(f"fleet_load{n}", f"Load average over {n} minute(s)") for n in (1, 5, 15)]
-        self.mem_used = gauge("fleet_memory_used_percent", "Memory in use, in %")
-        self.mem_available = gauge("fleet_memory_available_bytes", "Memory available to programs without swapping")
-        self.swap_used = gauge("fleet_swap_used_percent", "Swap in use, in %")
-        self.disk_used = gauge("fleet_disk_used_percent", "Used space of a mounted file system, in %", "mountpoint")
-        self.disk_free = gauge("fleet_disk_free_bytes", "Free space of a mounted file system", "mountpoint")
-        self.received = counter("fleet_network_receive_bytes", "Bytes received by a network interface since boot",
-                                "interface")
-        self.sent = counter("fleet_network_transmit_bytes", "Bytes sent by a network interface since boot",
-                            "interface")
+        self.info = gauge("fleet_agent_info", "Always 1: the agent's host name, platform, version and labels")
         self.age = gauge("fleet_answer_age_seconds", "Seconds since the newest answer of this type, at the "
-                                                     "dashboard's last read of the store", "type")
+                                                     "dashboard's last read of the store")
         self.ratio = gauge("fleet_requests_answered_ratio", "Share of the agent's requests answered, over "
                                                             "dashboard.stats_window_s")
-        self.processes = gauge("fleet_process_count", "Processes on the host")
+        values: list[Metric] = [
+            gauge("fleet_cpu_percent", "Busy share of all CPUs since the previous cpu request, in %"),
+            *(gauge(f"fleet_load{n}", f"Load average over {n} minute(s)") for n in (1, 5, 15)),
+            gauge("fleet_memory_used_percent", "Memory in use, in %"),
+            gauge("fleet_memory_available_bytes", "Memory available to programs without swapping"),
+            gauge("fleet_swap_used_percent", "Swap in use, in %"),
+            gauge("fleet_disk_used_percent", "Used space of a mounted file system, in %"),
+            gauge("fleet_disk_free_bytes", "Free space of a mounted file system"),
+            counter("fleet_network_receive_bytes", "Bytes received by a network interface since boot"),
+            counter("fleet_network_transmit_bytes", "Bytes sent by a network interface since boot"),
+            gauge("fleet_process_count", "Processes on the host"),
+        ]
+        # by the name of their samples (a counter's end in _total)
+        self.values: dict[str, Metric] = {f.name + ("_total" if f.type == "counter" else ""): f for f in values}
 
     def all(self) -> list[Metric]:
-        return [self.online, self.info, self.cpu, *self.load, self.mem_used, self.mem_available, self.swap_used,
-                self.disk_used, self.disk_free, self.received, self.sent, self.age, self.ratio, self.processes]
+        return [self.online, self.info, *self.values.values(), self.age, self.ratio]
 
     def add_agent(self, agent: AgentRecord, values: FleetValues) -> None:
+        """The agent's samples. They are made here rather than by add_metric, which costs twice as
+        much a sample at fleet scale."""
         a = agent.agent_id
-        mine = {"agent_id": a}
-        self._put(self.online, mine, 1 if values.online.get(a) else 0)
+        self.online.samples.append(Sample("fleet_agent_online", {"agent_id": a}, 1.0 if values.online.get(a) else 0.0))
         self.info.samples.append(Sample("fleet_agent_info", info_labels(agent), 1.0))
-        self._put(self.ratio, mine, values.answered_ratio.get(a))
-        answers = values.answers.get(a, {})
-        for type_, found in sorted(answers.items()):
-            if found.answered_at is not None:
-                self._put(self.age, {"agent_id": a, "type": type_},
-                          max(0.0, values.taken_at - parse_iso(found.answered_at)))
-        for type_, add in (("cpu", self._cpu), ("memory", self._memory), ("disk", self._disk),
-                           ("network", self._network), ("processes", self._processes)):
-            if type_ in answers:
-                add(mine, _dict(answers[type_].data))
-
-    @staticmethod
-    def _put(family: Metric, labels: dict[str, str], value: Any) -> None:
-        """One sample, if the reading is a number (a platform may lack it: null). The samples are made
-        here rather than by add_metric, which costs twice as much a sample at fleet scale."""
-        number = _number(value)
-        if number is not None:
-            name = family.name + "_total" if family.type == "counter" else family.name
-            family.samples.append(Sample(name, labels, number))
-
-    def _cpu(self, mine: dict[str, str], data: dict[str, Any]) -> None:
-        self._put(self.cpu, mine, data.get("percent"))
-        load = data.get("load_avg")
-        if isinstance(load, list):
-            for family, value in zip(self.load, load):
-                self._put(family, mine, value)
-
-    def _memory(self, mine: dict[str, str], data: dict[str, Any]) -> None:
-        virtual, swap = _dict(data.get("virtual")), _dict(data.get("swap"))
-        self._put(self.mem_used, mine, virtual.get("percent"))
-        self._put(self.mem_available, mine, virtual.get("available"))
-        self._put(self.swap_used, mine, swap.get("percent"))
-
-    def _disk(self, mine: dict[str, str], data: dict[str, Any]) -> None:
-        seen: set[str] = set()
-        for part in _items(data.get("partitions")):
-            mount = part.get("mountpoint")
-            if isinstance(mount, str) and mount not in seen:  # one series per mount point (bind mounts repeat)
-                seen.add(mount)
-                labels = {**mine, "mountpoint": mount}
-                self._put(self.disk_used, labels, part.get("percent"))
-                self._put(self.disk_free, labels, part.get("free"))
-
-    def _network(self, mine: dict[str, str], data: dict[str, Any]) -> None:
-        seen: set[str] = set()
-        for nic in _items(data.get("interfaces")):
-            name = nic.get("name")
-            if isinstance(name, str) and name not in seen:
-                seen.add(name)
-                labels = {**mine, "interface": name}
-                self._put(self.received, labels, nic.get("bytes_recv"))
-                self._put(self.sent, labels, nic.get("bytes_sent"))
-
-    def _processes(self, mine: dict[str, str], data: dict[str, Any]) -> None:
-        self._put(self.processes, mine, data.get("total"))  # the list itself is only the top few
+        ratio = values.answered_ratio.get(a)
+        if ratio is not None:
+            self.ratio.samples.append(Sample("fleet_requests_answered_ratio", {"agent_id": a}, ratio))
+        for type_, kept in sorted(values.answers.get(a, {}).items()):
+            self.age.samples.append(Sample("fleet_answer_age_seconds", {"agent_id": a, "type": type_},
+                                           max(0.0, values.taken_at - kept.answered_s)))
+            for name, labels, value in kept.readings:
+                self.values[name].samples.append(Sample(name, {"agent_id": a, **labels}, value))
 
 
 class FleetCollector(Collector):
