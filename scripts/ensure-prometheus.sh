@@ -3,7 +3,7 @@
 # scrapes the dashboard's /metrics; promtool checks docs/prometheus/alerts.yml); install Debian's
 # package when we can, otherwise say how. Never fails: without them those tests are skipped, and
 # say why. The package's own service is not wanted (each test starts its own Prometheus), so its
-# recommended node exporter is left out; in a container the package does not start a service.
+# recommended node exporter is left out, and a service the package starts is stopped.
 set -uo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ]; }
@@ -19,10 +19,13 @@ fi
 
 if [ "$sudo_cmd" != "none" ] && command -v apt-get >/dev/null 2>&1; then
     echo "Installing Prometheus (and promtool) from the system's packages (apt-get)..."
-    $sudo_cmd apt-get update -qq \
+    if $sudo_cmd apt-get update -qq \
         && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends prometheus \
-            >/dev/null \
-        && exit 0
+            >/dev/null; then
+        # where systemd runs, the package starts a Prometheus of its own on port 9090: not wanted here
+        if [ -d /run/systemd/system ]; then $sudo_cmd systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
+        exit 0
+    fi
 fi
 
 cat >&2 <<'MSG'
