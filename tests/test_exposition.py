@@ -241,6 +241,24 @@ def test_a_scrape_serves_the_snapshot_without_reading_the_store(tmp_path: Path, 
     assert scrape_client(client)[("fleet_cpu_percent", frozenset({("agent_id", "a-1")}))] == 20
 
 
+def test_a_page_the_dashboard_could_not_refresh_for_four_intervals_is_not_served(tmp_path: Path,
+                                                                                 store: SqliteStore) -> None:
+    """When the store cannot be read, the last page is served for four refresh intervals, then 503:
+    Prometheus then marks the target down instead of storing values that are no longer read."""
+    now = time.time()
+    hello(store, "a-1", True, now)
+    app = create_app(config(tmp_path), store)
+    exposition: Exposition = app.extensions["fleet_metrics"]
+    exposition.clock = lambda: now
+    exposition.refresh()
+    client = app.test_client()
+    exposition.clock = lambda: now + 4 * 15
+    assert client.get("/metrics").status_code == 200
+    exposition.clock = lambda: now + 4 * 15 + 1
+    resp = client.get("/metrics")
+    assert resp.status_code == 503 and b"has not read the store for 61 s" in resp.data
+
+
 def scrape_client(client: Any) -> Samples:
     return parse(client.get("/metrics").get_data(as_text=True))
 
