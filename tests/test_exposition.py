@@ -243,20 +243,32 @@ def test_a_scrape_serves_the_snapshot_without_reading_the_store(tmp_path: Path, 
 
 def test_a_page_the_dashboard_could_not_refresh_for_four_intervals_is_not_served(tmp_path: Path,
                                                                                  store: SqliteStore) -> None:
-    """When the store cannot be read, the last page is served for four refresh intervals, then 503:
-    Prometheus then marks the target down instead of storing values that are no longer read."""
+    """When the store cannot be read, the last page is served until it is four refresh intervals
+    old, then 503, so that Prometheus marks the target down; an old page after a refresh that
+    worked (a slow one) is served."""
     now = time.time()
     hello(store, "a-1", True, now)
     app = create_app(config(tmp_path), store)
     exposition: Exposition = app.extensions["fleet_metrics"]
     exposition.clock = lambda: now
-    exposition.refresh()
+    assert exposition.try_refresh()
     client = app.test_client()
+    exposition.clock = lambda: now + 4 * 15 + 1
+    assert client.get("/metrics").status_code == 200
+    store.close()
     exposition.clock = lambda: now + 4 * 15
+    assert not exposition.try_refresh()
     assert client.get("/metrics").status_code == 200
     exposition.clock = lambda: now + 4 * 15 + 1
     resp = client.get("/metrics")
     assert resp.status_code == 503 and b"has not read the store for 61 s" in resp.data
+
+
+def test_the_first_scrape_says_so_when_the_store_cannot_be_read(tmp_path: Path, store: SqliteStore) -> None:
+    app = create_app(config(tmp_path), store)
+    store.close()
+    resp = app.test_client().get("/metrics")
+    assert resp.status_code == 503 and resp.data.startswith(b"the dashboard cannot read the store: ")
 
 
 def scrape_client(client: Any) -> Samples:

@@ -336,6 +336,7 @@ class Exposition:
         self.registry.register(self.collector)
         self._page: Page | None = None
         self._lock = threading.Lock()
+        self._failing = False  # the last refresh could not read the store
 
     def refresh(self) -> Page:
         """Read the store and render a new page: what the background thread does each interval."""
@@ -365,9 +366,13 @@ class Exposition:
         if not authorised(authorization, self.cfg.dashboard.metrics_token):
             return Reply(401, b"/metrics needs the dashboard's metrics token: Authorization: Bearer <token>\n",
                          {"WWW-Authenticate": 'Bearer realm="fleet metrics"', "Content-Type": "text/plain"})
-        page = self.page()
+        try:
+            page = self.page()
+        except Exception as exc:  # the first read failed: no page yet
+            return Reply(503, f"the dashboard cannot read the store: {type(exc).__name__}: {exc}\n".encode(),
+                         {"Content-Type": "text/plain"})
         age_s = self.clock() - page.taken_at
-        if age_s > SERVE_FOR_REFRESHES * self.cfg.dashboard.metrics_refresh_s:
+        if self._failing and age_s > SERVE_FOR_REFRESHES * self.cfg.dashboard.metrics_refresh_s:
             return Reply(503, f"the dashboard has not read the store for {age_s:.0f} s; see its log\n".encode(),
                          {"Content-Type": "text/plain"})
         headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
@@ -375,18 +380,25 @@ class Exposition:
             return Reply(200, page.gzipped, {**headers, "Content-Encoding": "gzip"})
         return Reply(200, page.text, headers)
 
+    def try_refresh(self) -> bool:
+        """refresh(), logging a failure (a busy or restarting store) instead of raising: the last page
+        is served until a refresh succeeds, or until it is SERVE_FOR_REFRESHES intervals old."""
+        try:
+            page = self.refresh()
+        except Exception:
+            self._failing = True
+            log.exception("cannot read the fleet's newest values from the store for /metrics")
+            return False
+        self._failing = False
+        log.debug("metrics refreshed: read %.3f s, rendered %.3f s, %d bytes", page.read_s, page.render_s,
+                  len(page.text))
+        return True
+
     def run(self, stop: threading.Event) -> None:
-        """Refresh every dashboard.metrics_refresh_s until `stop` is set; a failed read is logged and
-        the last page served until a read succeeds (or it grows too old to serve)."""
-        interval_s = self.cfg.dashboard.metrics_refresh_s
+        """Refresh until `stop` is set, each refresh dashboard.metrics_refresh_s after the last ended."""
         while not stop.is_set():
-            try:
-                page = self.refresh()
-                log.debug("metrics refreshed: read %.3f s, rendered %.3f s, %d bytes", page.read_s,
-                          page.render_s, len(page.text))
-            except Exception:  # a busy or restarting store: try again next interval
-                log.exception("cannot read the fleet's newest values from the store for /metrics")
-            stop.wait(interval_s)
+            self.try_refresh()
+            stop.wait(self.cfg.dashboard.metrics_refresh_s)
 
 
 class MetricsOff:
