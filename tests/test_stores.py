@@ -233,7 +233,7 @@ def test_type_counts(store: Store) -> None:
 
 def test_latest_answer_per_agent(store: Store) -> None:
     """latest() gives each agent's newest ok answer of one type, skipping newer pending or failed
-    requests, other types, and answers issued before `since_s`."""
+    requests, other types, and answers answered before `since_s` (tests/test_latest.py: the table)."""
     store.write(Batch(requests=[req("a1", at=T0), req("a2", at=T0 + 60), req("a3", at=T0 + 120),
                                 req("a4", at=T0 + 180), req("m1", at=T0 + 200, type_="memory"),
                                 req("b1", at=T0 + 10, agent="db-01"), req("c1", at=T0 - 500, agent="old-01")],

@@ -18,6 +18,7 @@ from .base import (
     Batch,
     EncodedJSON,
     Incoming,
+    LatestRecord,
     RejectedRecord,
     RequestRecord,
     Stats,
@@ -103,6 +104,6 @@ def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
 
 
 __all__ = ["ENCODES_JSON", "MAX_REJECTED_PAYLOAD", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming",
-           "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreMissing", "StoreReader",
-           "StoreUnreachable", "StoreWriter", "dead_letter", "describe", "open_reader", "open_store",
+           "LatestRecord", "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreMissing",
+           "StoreReader", "StoreUnreachable", "StoreWriter", "dead_letter", "describe", "open_reader", "open_store",
            "open_store_waiting", "refused"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import statistics
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -138,6 +138,37 @@ class RequestRecord:
 
 
 @dataclass(frozen=True)
+class LatestRecord:
+    """The newest ok answer of one agent and type: the `latest` table (collection), one per
+    (agent_id, type), written with the batch that stores the answer. Newest by `answered_at`,
+    then `id`; an older answer arriving later never replaces it, error and expired answers never
+    do, and it stays when retention deletes its request (see docs/wire-contract.md, "Storage")."""
+
+    agent_id: str
+    type: str
+    id: str
+    answered_at: str
+    data: dict[str, Any] | None
+
+    def request(self) -> RequestRecord:
+        """As the RequestRecord `latest()` returns: state ok, and only what the row keeps filled
+        (the request's params, issue time, latency: `get_request(id)`, while it is retained)."""
+        return RequestRecord(id=self.id, agent_id=self.agent_id, type=self.type, params=None, issued_at=None,
+                             expires_at=None, state="ok", answered_at=self.answered_at, latency_ms=None,
+                             data=self.data, error=None, expire_at=None)
+
+
+def newest_per_key(records: list[LatestRecord]) -> list[LatestRecord]:
+    """The newest of each (agent_id, type), as the latest table keeps it, sorted by agent and type."""
+    out: dict[tuple[str, str], LatestRecord] = {}
+    for r in records:
+        found = out.get((r.agent_id, r.type))
+        if found is None or (r.answered_at, r.id) > (found.answered_at, found.id):
+            out[r.agent_id, r.type] = r
+    return [out[k] for k in sorted(out)]
+
+
+@dataclass(frozen=True)
 class AgentRecord:
     """`online` is None for an agent known only from its responses (no status seen yet).
     `status_at` is when the persister received the status that set `online`: statuses are
@@ -208,8 +239,13 @@ class StoreReader(Protocol):
     def get_request(self, id_: str) -> RequestRecord | None: ...
 
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
-        """The newest answered (state ok) request of `type_` per agent, issued since `since_s`:
-        one indexed read per agent, so a fleet page of thousands stays fast."""
+        """The newest answered (state ok) request of `type_` per agent, answered since `since_s`,
+        from the latest table: one indexed range, so a fleet page of thousands stays fast. The
+        records are `LatestRecord.request()`: id, agent, type, state ok, answered_at and data."""
+
+    def latest_all(self, types: Collection[str] | None = None) -> list[LatestRecord]:
+        """Every latest row (of `types`, if given), sorted by agent_id and type: one per agent and
+        type that has ever answered ok, kept beyond retention."""
 
     def recent_requests(self, agent_id: str, limit: int = 50) -> list[RequestRecord]:
         """Requests of one agent across all types, newest issued first."""

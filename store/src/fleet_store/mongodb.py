@@ -1,5 +1,6 @@
 """MongoDB store: database `fleet`, collections requests (_id = request id), agents
-(_id = agent id) and rejected (_id = dead-letter id).
+(_id = agent id), rejected (_id = dead-letter id) and latest (one per agent_id and type,
+a unique index).
 
 A batch is one ordered bulk write per collection, not a multi-document transaction
 (those need a replica set). That is safe because every operation is an idempotent
@@ -11,7 +12,7 @@ except `expire_at`, a BSON date so the TTL index can delete expired requests.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +30,7 @@ from .base import (
     AgentRecord,
     Batch,
     Incoming,
+    LatestRecord,
     Owner,
     RejectedRecord,
     RequestRecord,
@@ -39,6 +41,7 @@ from .base import (
     birth_labels,
     displaced_letter,
     latency_ms,
+    newest_per_key,
     norm_ts,
     refused,
     resolve,
@@ -110,6 +113,24 @@ class MongoStore:
         self.requests.create_index([("agent_id", ASCENDING), ("issued_at", DESCENDING)])
         self.requests.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
         self.rejected_c.create_index([("received_at", DESCENDING)])
+        self._add_latest()
+
+    def _add_latest(self) -> None:
+        """The latest collection and its unique index; a database that had none is filled once
+        from the ok records of requests (one aggregation; doing it twice changes nothing)."""
+        self.latest_c = self.db["latest"]
+        fill = "latest" not in self.db.list_collection_names()
+        self.latest_c.create_index([("agent_id", ASCENDING), ("type", ASCENDING)], unique=True)
+        self.latest_c.create_index([("type", ASCENDING), ("answered_at", ASCENDING)])
+        if fill:
+            pipeline: list[Doc] = [
+                {"$match": {"state": "ok", "answered_at": {"$ne": None}}},
+                {"$sort": {"answered_at": DESCENDING, "_id": DESCENDING}},
+                {"$group": {"_id": {"agent_id": "$agent_id", "type": "$type"}, "id": {"$first": "$_id"},
+                            "answered_at": {"$first": "$answered_at"}, "data": {"$first": "$data"}}}]
+            self._upsert_latest([LatestRecord(row["_id"]["agent_id"], row["_id"]["type"], row["id"],
+                                              row["answered_at"], row.get("data"))
+                                 for row in self.requests.aggregate(pipeline, allowDiskUse=True)])
 
     @classmethod
     def from_uri(cls, uri: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S, database: str = "fleet",
@@ -204,7 +225,39 @@ class MongoStore:
             self.agents_c.bulk_write(agents, ordered=True)
         self._insert_rejected([*batch.rejected, *turned_away])
         self._complete_pairs([i.message.id for i in resolved.requests] + [i.message.id for i in resolved.responses])
+        self._latest([i.message.id for i in resolved.requests] + [i.message.id for i in resolved.responses])
         return turned_away
+
+    def _latest(self, ids: list[str]) -> None:
+        """Move the latest documents to the batch's newest ok answers, read back from requests once
+        they are written (so with their final answered_at, and only what the store bound to its
+        request: an answer it refused is not there)."""
+        if not ids:
+            return
+        docs = self.requests.find({"_id": {"$in": sorted(set(ids))}, "state": "ok", "answered_at": {"$ne": None}},
+                                  {"agent_id": 1, "type": 1, "answered_at": 1, "data": 1})
+        self._upsert_latest(newest_per_key([LatestRecord(d["agent_id"], d["type"], d["_id"], d["answered_at"],
+                                                         d.get("data")) for d in docs]))
+
+    def _upsert_latest(self, records: list[LatestRecord]) -> None:
+        """Never backwards: a document is replaced only where it is older (answered_at, then id). Where
+        it is not, the filter matches nothing and the upsert's insert meets the unique index: a
+        duplicate key, which means a newer one is there (or was inserted meanwhile: so try again once,
+        when the filter sees it)."""
+        for _ in range(2):
+            if not records:
+                return
+            ops = [UpdateOne({"agent_id": r.agent_id, "type": r.type, "$or": [
+                {"answered_at": {"$lt": r.answered_at}}, {"answered_at": r.answered_at, "id": {"$lt": r.id}}]},
+                {"$set": {"id": r.id, "answered_at": r.answered_at, "data": r.data}}, upsert=True) for r in records]
+            try:
+                self.latest_c.bulk_write(ops, ordered=False)
+                return
+            except BulkWriteError as exc:
+                errors = exc.details.get("writeErrors", [])
+                if any(e.get("code") != DUPLICATE_KEY for e in errors):
+                    raise
+                records = [records[e["index"]] for e in errors]
 
     def _bulk(self, ops: list[Any], sources: list[Incoming[Any]]) -> list[RejectedRecord]:
         """The request upserts: unordered, so that one the server turns away does not stop the rest.
@@ -232,7 +285,19 @@ class MongoStore:
         self._insert_rejected(letters)
         if docs:
             self.requests.delete_many({"_id": {"$in": [d["_id"] for d in docs]}, "issued_at": None})
+            self._unlatest(docs)
         return letters
+
+    def _unlatest(self, docs: list[Doc]) -> None:
+        """A latest document that held a displaced answer goes back to the newest ok record its agent
+        and type still have (none: no document)."""
+        for d in docs:
+            key = {"agent_id": d["agent_id"], "type": d["type"]}
+            if self.latest_c.delete_one({**key, "id": d["_id"]}).deleted_count:
+                found = self.requests.find({**key, "state": "ok", "answered_at": {"$ne": None}}).sort(
+                    [("answered_at", DESCENDING), ("_id", DESCENDING)]).limit(1)
+                self._upsert_latest([LatestRecord(r["agent_id"], r["type"], r["_id"], r["answered_at"], r.get("data"))
+                                     for r in found])
 
     def _insert_rejected(self, letters: list[RejectedRecord]) -> None:
         if letters:
@@ -299,13 +364,17 @@ class MongoStore:
         return self._request(doc) if doc else None
 
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
-        match: Doc = {"type": type_, "state": "ok"}
+        query: Doc = {"type": type_}
         if since_s is not None:
-            since = iso(since_s)
-            match["$or"] = [{"issued_at": {"$gte": since}}, {"issued_at": None, "answered_at": {"$gte": since}}]
-        pipeline: list[Doc] = [{"$match": match}, {"$sort": {"agent_id": ASCENDING, "issued_at": DESCENDING}},
-                               {"$group": {"_id": "$agent_id", "doc": {"$first": "$$ROOT"}}}]
-        return {row["_id"]: self._request(row["doc"]) for row in self.requests.aggregate(pipeline)}
+            query["answered_at"] = {"$gte": iso(since_s)}
+        return {r.agent_id: r.request() for r in self._latest_docs(query)}
+
+    def latest_all(self, types: Collection[str] | None = None) -> list[LatestRecord]:
+        return self._latest_docs({} if types is None else {"type": {"$in": sorted(set(types))}})
+
+    def _latest_docs(self, query: Doc) -> list[LatestRecord]:
+        cursor = self.latest_c.find(query, {"_id": 0}).sort([("agent_id", ASCENDING), ("type", ASCENDING)])
+        return [LatestRecord(d["agent_id"], d["type"], d["id"], d["answered_at"], d.get("data")) for d in cursor]
 
     def recent_requests(self, agent_id: str, limit: int = 50) -> list[RequestRecord]:
         cursor = self.requests.find({"agent_id": agent_id}).sort(

@@ -9,7 +9,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,7 @@ from .base import (
     AgentRecord,
     Batch,
     EncodedJSON,
+    LatestRecord,
     Owner,
     RejectedRecord,
     RequestRecord,
@@ -38,6 +39,7 @@ from .base import (
     birth_labels,
     displaced_letter,
     latency_ms,
+    newest_per_key,
     norm_ts,
     resolve,
     response_state,
@@ -89,6 +91,19 @@ CREATE TABLE IF NOT EXISTS rejected (
 );
 CREATE INDEX IF NOT EXISTS rejected_received_at ON rejected (received_at);
 """
+# The newest ok answer per agent and type (what the fleet page and /metrics show), kept beside
+# requests in the same transaction. Created by _add_latest, which backfills it once from requests.
+LATEST_SCHEMA = """
+CREATE TABLE latest (
+    agent_id    TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    id          TEXT NOT NULL,
+    answered_at TEXT NOT NULL,
+    data        TEXT,
+    PRIMARY KEY (agent_id, type)
+);
+CREATE INDEX latest_type ON latest (type, answered_at);
+"""
 # Columns added since the first release: a database made before gets them when it is opened.
 ADDED_COLUMNS = {"requests": ("collected_at TEXT", "received_at TEXT"),
                  "rejected": ("detail TEXT NOT NULL DEFAULT ''",),
@@ -130,6 +145,22 @@ UPDATE agents SET online = ?, hostname = COALESCE(?, hostname), platform = COALE
 WHERE agent_id = ? AND (status_at IS NULL OR status_at <= ?)
 """
 
+# Never backwards: a row is replaced only by a newer answer, by answered_at and then id, so an
+# older answer arriving late (an outbox drained after an outage, a redelivery) leaves it.
+UPSERT_LATEST = """
+INSERT INTO latest (agent_id, type, id, answered_at, data) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (agent_id, type) DO UPDATE SET id = excluded.id, answered_at = excluded.answered_at, data = excluded.data
+WHERE (excluded.answered_at, excluded.id) > (latest.answered_at, latest.id)
+"""
+# The same, from a stored ok record (an answer whose answered_at its late request moved); `WHERE`
+# also parts the SELECT from ON CONFLICT, as SQLite's grammar needs.
+LATEST_FROM_REQUESTS = """
+INSERT INTO latest (agent_id, type, id, answered_at, data)
+SELECT agent_id, type, id, answered_at, data FROM requests WHERE {where}
+ON CONFLICT (agent_id, type) DO UPDATE SET id = excluded.id, answered_at = excluded.answered_at, data = excluded.data
+WHERE (excluded.answered_at, excluded.id) > (latest.answered_at, latest.id)
+"""
+
 INSERT_REJECTED = ("INSERT OR IGNORE INTO rejected (id, received_at, topic, reason, payload, detail) "
                    "VALUES (?, ?, ?, ?, ?, ?)")
 
@@ -159,6 +190,23 @@ def _add_columns(db: sqlite3.Connection) -> None:
         for column in columns:
             if column.split()[0] not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
+def _add_latest(db: sqlite3.Connection) -> None:
+    """Create the latest table if the database has none (made by an earlier release, or new) and
+    fill it from the ok records it holds: one pass over requests, once, in one transaction, so
+    persisters opening the file together fill it once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'latest'").fetchone() is None:
+            for statement in LATEST_SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(LATEST_FROM_REQUESTS.format(where="state = 'ok' AND answered_at IS NOT NULL"))
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -234,6 +282,7 @@ class SqliteStore:
                     raise sqlite3.OperationalError(f"database is locked (journal mode stays {mode})")
                 db.executescript(SCHEMA)
                 _add_columns(db)
+                _add_latest(db)
                 return db
             except sqlite3.OperationalError as exc:
                 db.close()
@@ -358,7 +407,9 @@ class SqliteStore:
             turned_away += self._displace(resolved.displaced)
             stored = {id_: row for id_, row in stored.items() if id_ not in resolved.displaced}
         db.executemany(UPSERT_REQUEST, [rows.requests[id(i)] for i in resolved.requests])
-        db.executemany(UPSERT_RESPONSE, self._answers(resolved, rows, stored))
+        answers = self._answers(resolved, rows, stored)
+        db.executemany(UPSERT_RESPONSE, answers)
+        self._latest(answers)
         last_heard: dict[str, str] = {}
         for res in resolved.responses:
             last_heard[res.agent_id] = max(res.received_at, last_heard.get(res.agent_id, ""))
@@ -391,7 +442,21 @@ class SqliteStore:
             at = answer_time(collected, received, issued[id_])
             updates.append((at, latency_ms(issued[id_], at), id_))
         self._db.executemany("UPDATE requests SET answered_at = ?, latency_ms = ? WHERE id = ?", updates)
+        self._db.executemany(LATEST_FROM_REQUESTS.format(where="id = ? AND state = 'ok'"), [(u[2],) for u in updates])
         return out
+
+    def _latest(self, answers: list[tuple[Any, ...]]) -> None:
+        """Move each agent's and type's latest row to the newest ok answer of the batch, if it is
+        newer than the row's (UPSERT_LATEST). `answers` are the UPSERT_RESPONSE rows, which base.resolve
+        has bound to their requests: an answer only ever reaches its own agent's and type's row."""
+        newest: dict[tuple[str, str], tuple[Any, ...]] = {}
+        for id_, agent_id, type_, state, answered_at, data, *_ in answers:
+            if state != "ok" or answered_at is None:
+                continue
+            found = newest.get((agent_id, type_))
+            if found is None or (answered_at, id_) > (found[3], found[2]):
+                newest[agent_id, type_] = (agent_id, type_, id_, answered_at, data)
+        self._db.executemany(UPSERT_LATEST, list(newest.values()))
 
     def _displace(self, displaced: dict[str, Owner]) -> list[RejectedRecord]:
         """Move stored answers whose request names another agent or type to rejected."""
@@ -400,7 +465,18 @@ class SqliteStore:
             f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id IN ({','.join('?' * len(chunk))}) "
             "AND issued_at IS NULL", chunk)]
         self._db.executemany("DELETE FROM requests WHERE id = ? AND issued_at IS NULL", [(r.id,) for r in records])
+        self._unlatest(records)
         return [displaced_letter(r, displaced[r.id]) for r in records]
+
+    def _unlatest(self, records: list[RequestRecord]) -> None:
+        """A latest row that held a displaced answer goes back to the newest ok record its agent
+        and type still have (none: no row)."""
+        for r in records:
+            if self._db.execute("DELETE FROM latest WHERE agent_id = ? AND type = ? AND id = ?",
+                                (r.agent_id, r.type, r.id)).rowcount:
+                self._db.execute(LATEST_FROM_REQUESTS.format(
+                    where="agent_id = ?1 AND type = ?2 AND state = 'ok' AND answered_at IS NOT NULL "
+                          "ORDER BY answered_at DESC, id DESC LIMIT 1"), (r.agent_id, r.type))
 
     def expire_pending(self, now_s: float, grace_s: float) -> int:
         with self._lock:
@@ -460,14 +536,27 @@ class SqliteStore:
         return self._request(rows[0]) if rows else None
 
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
-        # One seek per agent down the history index, newest first, to its first ok row.
         since = iso(since_s) if since_s is not None else ""
-        rows = self._query(
-            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id IN (SELECT (SELECT r.id FROM requests r "
-            "WHERE r.agent_id = a.agent_id AND r.type = ?1 AND COALESCE(r.issued_at, r.answered_at) >= ?2 "
-            "AND r.state = 'ok' ORDER BY COALESCE(r.issued_at, r.answered_at) DESC LIMIT 1) FROM agents a)",
-            (type_, since))
-        return {rec.agent_id: rec for rec in map(self._request, rows)}
+        return {r.agent_id: r.request() for r in self._latest_rows("type = ?1 AND answered_at >= ?2", (type_, since))}
+
+    def latest_all(self, types: Collection[str] | None = None) -> list[LatestRecord]:
+        if types is None:
+            return self._latest_rows("1", ())
+        wanted = sorted(set(types))
+        return self._latest_rows(f"type IN ({','.join('?' * len(wanted))})", wanted) if wanted else []
+
+    def _latest_rows(self, where: str, args: Sequence[Any]) -> list[LatestRecord]:
+        sql = f"SELECT agent_id, type, id, answered_at, data FROM latest WHERE {where} ORDER BY agent_id, type"
+        try:
+            rows = self._query(sql, args)
+        except sqlite3.OperationalError as exc:
+            if "no such table: latest" not in str(exc):
+                raise
+            # a reader of a file no persister of this release has opened yet: the ok records, scanned
+            rows = self._query(sql.replace("FROM latest WHERE", "FROM requests WHERE state = 'ok' AND "
+                                           "answered_at IS NOT NULL AND"), args)
+            return newest_per_key([LatestRecord(a, t, i, at, _unjson(d)) for a, t, i, at, d in rows])
+        return [LatestRecord(a, t, i, at, _unjson(d)) for a, t, i, at, d in rows]
 
     def recent_requests(self, agent_id: str, limit: int = 50) -> list[RequestRecord]:
         # The agent's types by a skip-scan of the history index, then its newest of each type.
