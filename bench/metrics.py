@@ -79,7 +79,7 @@ def measure(agents: int, answers: int = 10, db: Path | None = None, refreshes: i
         clock[0] = t0 + k * cfg.dashboard.metrics_refresh_s
         steady.append(exposition.refresh())
     snapshot_mb = round((psutil.Process().memory_info().rss - rss_before) / 2 ** 20, 1)
-    since = {type_: t0 - 4 * interval_s for type_, interval_s in cfg.controller.schedule.items()}
+    since = {type_: t0 - 3 * interval_s for type_, interval_s in cfg.controller.schedule.items()}
     reads = {type_: timed(partial(newest_answers, store, {type_: since[type_]}), refreshes) for type_ in since}
     reads["answered ratio"] = timed(lambda: store.agent_stats(t0 - cfg.dashboard.stats_window_s), refreshes)
     reads["agents"] = timed(store.agents, refreshes)

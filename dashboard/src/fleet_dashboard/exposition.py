@@ -56,9 +56,9 @@ class Newest(NamedTuple):
 
 
 def newest_answers(store: StoreReader, since_s: Mapping[str, float]) -> list[Newest]:
-    """The newest ok answer of each agent for each type in `since_s`, issued since that time.
-    The one place the exposition reads answers: a reader with a `latest` table of its own
-    answers this in one read."""
+    """The newest ok answer of each agent for each type in `since_s`, answered since that time:
+    the store's `latest` table, one indexed range a type. (`latest_all` would return every row,
+    those of agents gone for months too, which is all the filter here would then drop.)"""
     return [Newest(r.agent_id, r.type, r.answered_at, r.data)
             for type_, since in since_s.items() for r in store.latest(type_, since).values()]
 
@@ -181,8 +181,7 @@ class StoreReads:
 
     def values(self, now: float) -> FleetValues:
         schedule, refresh_s = self.cfg.controller.schedule, self.cfg.dashboard.metrics_refresh_s
-        # a request expires one interval after it is issued, so a current answer was issued within four
-        due = {type_: now - (STALE_INTERVALS + 1) * interval_s for type_, interval_s in schedule.items()
+        due = {type_: now - STALE_INTERVALS * interval_s for type_, interval_s in schedule.items()
                if self._due(type_, max(refresh_s, interval_s / 4), now)}
         if due:
             fresh: dict[str, list[Current]] = {type_: [] for type_ in due}
