@@ -1,6 +1,6 @@
 """How fast the dashboard's pages render for a large fleet.
 
-Fills a fresh SQLite store through the persister's own write path with N agents, each with a
+Fills a fresh SQLite store through the persister's own write path with N agents (labelled role and dc), each with a
 status and `--answers` rounds of cpu, memory, disk, network and ping answers inside the
 dashboard's stats window (plus os_info and a 250-row process list), then times the pages
 through the Flask app in this process: the first (cold) fleet page, which reads the store,
@@ -30,6 +30,7 @@ from fleet_store import Batch, Incoming, RejectedRecord
 from fleet_store.sqlite import SqliteStore
 
 TYPES = ("cpu", "memory", "disk", "network", "ping")
+ROLES, SITES = ("web", "db", "build", "cache"), ("ams", "fra", "lon")
 
 
 def reading(type_: str, rng: random.Random, round_: int) -> dict[str, Any]:
@@ -66,7 +67,8 @@ def populate(store: SqliteStore, agents: int, answers: int, window_s: float) -> 
             agent = f"host-{n:05d}"
             batch.statuses.append(Incoming(Status(agent_id=agent, online=n % 50 != 0, ts=iso(now - 60),
                                                   hostname=agent, platform="Linux-6.1.0-x86_64",
-                                                  agent_version="0.1.0", types=[*TYPES, "os_info", "processes"]),
+                                                  agent_version="0.1.0", types=[*TYPES, "os_info", "processes"],
+                                                  labels={"role": ROLES[n % 4], "dc": SITES[n % 3]}),
                                            agent, iso(now - 60)))
             rounds = [(t, r) for r in range(answers) for t in TYPES] + [("os_info", answers), ("processes", answers)]
             for type_, r in rounds:
@@ -132,6 +134,7 @@ def main(argv: Any = None) -> int:
         "fleet page, cold (reads the store)": timed(cold_fleet, 3),
         "fleet page, shared snapshot": timed(get("/"), 10),
         "fleet page sorted by cpu, filtered": timed(get("/?sort=cpu&dir=desc&q=host-01"), 10),
+        "fleet page filtered by two labels": timed(get("/?label=role=web&label=dc=ams&sort=cpu&dir=desc"), 10),
         "agent page": timed(get(f"/agent/{agent}"), 10),
         "agent chart series (1h)": timed(get(f"/api/agent/{agent}/series?range=1h"), 10),
         "rejected page": timed(get("/rejected"), 10),

@@ -4,6 +4,7 @@ one broker; prints a table and writes bench/results.json.
     .venv/bin/python bench/run.py                 # every stage, full size (about 10 minutes)
     .venv/bin/python bench/run.py --tiny          # every stage at toy sizes (proves the bench works)
     .venv/bin/python bench/run.py --only raw,ingest --out /tmp/r.json
+    .venv/bin/python bench/run.py --only storage  # bytes per host per day, per type, on both stores
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import stages
+import storage
 from harness import ROOT, Bench, machine
 from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "metrics")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "job", "storage", "metrics")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -35,6 +37,8 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "controller": lambda: stages.controller(b, sizes),
         "agent": lambda: stages.agent(b, sizes),
         "cold": lambda: stages.cold_start(b, sizes),
+        "job": lambda: stages.job(b, sizes),
+        "storage": lambda: storage.storage(storage.TINY_STORAGE if sizes == TINY else storage.StorageSizes()),
         "metrics": lambda: stages.metrics(sizes),
     }
     return calls[name]()
@@ -118,6 +122,15 @@ def table(results: dict[str, Any]) -> list[str]:
                   f"agents connected in {_fmt(cold['sim_connect_s'])} s"),
                  ("cold start: requests expired / left pending", f"{cold['expired']} / {cold['pending']}",
                   f"of {cold['requests']:,}")]
+    for n, fig in ((results.get("job") or {}).get("sizes") or {}).items():
+        rows += [(f"job to {int(n):,} agents: send s / total s", f"{_fmt(fig['send_s'])} / {_fmt(fig['total_s'])}",
+                  "all answered" if fig["all_answered"] else "NOT all answered"),
+                 ("job: s reading the fleet / to the last answer", f"{_fmt(fig['fleet_read_s'])} / "
+                  f"{_fmt(fig['last_answer_after_first_send_s'])}", "the last answer: from the first request"),
+                 ("job: s from last answer to the end of the wait", fig["after_last_answer_s"], "aim < 2"),
+                 ("job: peak publish/s; RSS growth MB", f"{_fmt(fig['peak_publish_per_s'])}; "
+                  f"{_fmt(fig['rss_growth_mb'])}", f"{fig['rss_growth_kb_per_agent']} KB per agent")]
+    rows += storage.table(results.get("storage") or {})
     mx = results.get("metrics") or {}
     if "scrape_plain" in mx:
         rows += [(f"metrics {mx['agents']:,} agents: scrape ms plain / gzip (median)",

@@ -133,7 +133,7 @@ async def run_aiomqtt(args: argparse.Namespace, ids: list[str], ready: Callable[
             async with asyncio.TaskGroup() as tg:
                 async for msg in c.messages:
                     tg.create_task(c.publish(topics.response(agent_id, "ping"), body, qos=1,
-                                             properties=_reply_props(msg.properties.CorrelationData)))
+                                             properties=_reply_props(getattr(msg.properties, "CorrelationData", None))))
 
     await asyncio.gather(*(one(i) for i in ids))
 

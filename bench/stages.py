@@ -60,13 +60,14 @@ class Sizes:
     agent_seconds: float = 60.0
     profile_s: float = 30.0
     cold_agents: int = 10000
+    job_agents: tuple[int, ...] = (1000, 10000)
     metrics_agents: int = 10000
 
 
 TINY = Sizes(repeats=1, ingest_repeats=1, raw_messages=300, ingest_backlog=200, e2e_agents=5, e2e_intervals=(2, 1),
              e2e_min_window_s=2.0, fleet_agents=20, fleet_interval_s=2, fleet_intervals=2, controller_agents=300,
              controller_settle_s=1.0, controller_window_s=2.0, agent_seconds=3.0, profile_s=0, cold_agents=20,
-             metrics_agents=20)
+             job_agents=(20,), metrics_agents=20)
 
 
 def response_payload(host: Host, agent_id: str, type_: str, req_id: str) -> bytes:
@@ -679,6 +680,41 @@ def _states(db: Path) -> dict[str, int]:
         return {state: int(count) for state, count in rows}
     finally:
         con.close()
+
+
+# 8. jobs -----------------------------------------------------------------------------------------
+JOB_FIGURES = ("fleet_read_s", "send_s", "last_answer_after_first_send_s", "after_last_answer_s", "total_s",
+               "peak_publish_per_s", "rss_growth_mb")
+
+
+def job(b: Bench, sizes: Sizes) -> dict[str, Any]:
+    """`fleetctl request --all ping` to a simulated fleet of each size in sizes.job_agents, as
+    fleet_common.jobrun runs it, in a process of its own (bench/job_client.py): how long it takes
+    to send, how soon after the last answer the wait ends, its peak publish rate, and how much its
+    memory grows (per agent: linear if the figure holds from one size to the next). Medians of
+    sizes.repeats jobs per size."""
+    out: dict[str, Any] = {"sizes": {}}
+    for n in sizes.job_agents:
+        prefix = f"job{n}"
+        cfg = b.config(f"{prefix}-sim", prefix)
+        stats = b.run_dir / f"{prefix}-sim.json"
+        sim = b.service(f"{prefix}-sim", "fleet-sim", cfg, "--agents", str(n), "--id-prefix", prefix,
+                        "--types", "ping", "--stats-file", str(stats), "--stats-every-s", "5")
+        try:
+            if not wait_until(lambda path=stats: sim_stats(path).get("all_connected_after_s") is not None, 180):
+                raise RuntimeError(f"the simulator did not connect {n} agents; see {sim.log_path}")
+            runs = []
+            for k in range(sizes.repeats):
+                proc = b.python(f"{prefix}-job-{k}", "job_client.py", "--config", str(cfg))
+                _wait_exit(proc, 120)
+                runs.append(_last_json(proc))
+        finally:
+            sim.stop(30)
+        fig: dict[str, Any] = {"agents": n, "runs": runs, "all_answered": all(r["ok"] == n for r in runs)}
+        fig.update({k: median(r[k] for r in runs) for k in JOB_FIGURES})
+        fig["rss_growth_kb_per_agent"] = round(1024 * fig["rss_growth_mb"] / n, 2)
+        out["sizes"][str(n)] = fig
+    return out
 
 
 def metrics(sizes: Sizes) -> dict[str, Any]:

@@ -102,7 +102,7 @@ AGENT_STATUS_EXTRAS = {"outbox", "counters"}
 
 
 @pytest.mark.parametrize("schema,fields", [
-    ("Request", set(Request(id="x", type="cpu").to_dict())),
+    ("Request", set(Request(id="x", type="cpu", job="j").to_dict())),
     ("Response", set(Response.ok("x", "web-01", "cpu", {}, 1.0).to_dict())),
     ("Status", set(Status(agent_id="web-01", online=True, labels={"role": "web"}).to_dict())),
 ])

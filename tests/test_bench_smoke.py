@@ -18,6 +18,8 @@ KEYS = {
     "fleet": ("in_time_share", "latency_ms_p50", "latency_ms_p99", "peak_dispatch_per_s", "even_share_per_s"),
     "controller": ("cpu_s_per_60s_interval", "peak_rss_mb", "agents_asked_in_window"),
     "agent": ("rss_mb_max", "cpu_pct_of_core", "collection_ms"),
+    "job": ("sizes",),
+    "storage": ("sqlite", "mongodb", "sqlite_fleet"),
     "metrics": ("scrape_plain", "scrape_gzip", "refresh_full", "refresh_steady", "series", "bytes_gzip"),
 }
 
@@ -38,4 +40,8 @@ def test_bench_stage_runs_at_toy_size_and_reports_its_figures(stage: str, tmp_pa
         assert results[stage]["sqlite_1_persister"]["ratio_to_raw_paired"] is not None
         assert "raw_subscriber_msgs_per_s_just_before" in results[stage]["sqlite_1_persister"]["runs"][0]
         assert results[stage]["sqlite_1_persister_parse_workers_0"]["parse_workers"] == 0
+    if stage == "job":  # every simulated agent answered each job, and the figures are there
+        fig = results[stage]["sizes"]["20"]
+        assert fig["all_answered"] and {"send_s", "after_last_answer_s", "total_s", "peak_publish_per_s",
+                                        "rss_growth_kb_per_agent"} <= set(fig)
     assert "results:" in done.stdout

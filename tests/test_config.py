@@ -186,6 +186,8 @@ def test_metrics_and_heartbeat_keys_stay_flat() -> None:
     ("log: {format: xml}", "log.format"),
     ("controller: {max_dispatch_per_s: 0}", "controller.max_dispatch_per_s"),
     ("persister: {retention_s: {processes: 5}}", "persister.retention_s.default"),
+    ("persister: {trend_retention_s: 60}", "persister.trend_retention_s"),
+    ("persister: {trend_retention_s: a year}", "persister.trend_retention_s"),
     ("controller: {shard: 1}", "controller.shard"),
     ("controller: {shard: a/b}", "controller.shard"),
     ("controller: {shard: 0/0}", "controller.shard"),

@@ -139,6 +139,20 @@ def test_request_defaults_and_payload() -> None:
     assert again == req
 
 
+def test_a_request_carries_its_job_and_refuses_one_that_is_not_an_id() -> None:
+    """`job` round-trips, absent and null are no job, and anything but an id is refused (bad_job),
+    which makes the request a dead letter at the persister."""
+    topic = ParsedTopic("req", "web-01", "cpu")
+    req = parse_request(Request(id="a", type="cpu", job="job-1_x").payload(), topic)
+    assert req.job == "job-1_x"
+    assert parse_request(b'{"id": "a", "job": null}', topic).job is None
+    assert "job" not in Request(id="a", type="cpu").to_dict()
+    for bad in ('""', '"a b"', '"x/y"', '"' + "j" * 65 + '"', "5", "true", '["j"]', '{"id": "j"}'):
+        with pytest.raises(ContractError) as caught:
+            parse_request(b'{"id": "a", "job": ' + bad.encode() + b"}", topic)
+        assert caught.value.reason == "bad_job", bad
+
+
 def test_response_round_trip() -> None:
     """An ok response survives encoding and parsing unchanged."""
     res = Response.ok("id1", "web-01", "cpu", {"percent": 1.5}, 2.0)
@@ -314,7 +328,8 @@ def test_config_defaults_without_a_file(tmp_path, monkeypatch) -> None:
     """With no config.yaml the built-in defaults apply, as the design lists them."""
     cfg = load_config(None, env={})
     assert cfg.mqtt.port == 1883 and cfg.controller.schedule["os_info"] == 3600
-    assert cfg.persister.retention_s == {"default": 2592000, "processes": 86400}
+    assert cfg.persister.retention_s == {"default": 604800, "processes": 86400}
+    assert cfg.persister.trend_retention_s == 34560000
 
 
 def test_config_env_overrides_scalars(tmp_path) -> None:
@@ -386,6 +401,9 @@ def test_packed_publish_properties_are_what_paho_would_write(args: tuple) -> Non
     Request(id='quote"d', type="cpu", issued_at="2026-11-26T04:30:00+01:00"),
     Request(id="x", type="processes", params={"limit": 5, "sort_by": "rss"}),
     Request(id="x\\y", type="cpu", expires_at="t\u00e9"),
+    Request(id="x", type="ping", job="0193e5c2a1b17c3d9f8e6a5b4c3d2e00"),
+    Request(id="x", type="ping", issued_at="2026-11-26T04:30:00.123Z", job="j-1_x"),
+    Request(id="x", type="ping", params={"a": 1}, job="j"),
 ])
 def test_request_payload_is_the_same_bytes_on_the_fast_path(request_: Request) -> None:
     assert request_.payload() == messages.dumps(request_.to_dict())

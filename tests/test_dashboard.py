@@ -4,28 +4,34 @@ sorting and filtering, the series behind the charts, and who may press "ask now"
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from conftest import BIN, wait_for
-from helpers import examples
+from helpers import examples, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import conforming
+from werkzeug.datastructures import MultiDict
 
 from fleet_common import Request, Response, Status, iso
 from fleet_common.cli import run_main
 from fleet_common.config import Config, ConfigError, load_config
 from fleet_common.datatypes import BUILTIN as DATATYPES
+from fleet_common.jobs import AgentResult, Candidate, JobResult, JobSpec, Tally, select
 from fleet_dashboard.app import create_app
-from fleet_dashboard.data import network_series
+from fleet_dashboard.data import FleetQuery, network_series
+from fleet_dashboard.labellinks import LabelLinks
 from fleet_persister.datacheck import check_data
 from fleet_store import Batch, Incoming, RejectedRecord, RequestRecord
 from fleet_store.sqlite import SqliteStore
@@ -43,9 +49,14 @@ def answer(store: SqliteStore, agent: str, type_: str, data: dict[str, Any], at:
                                                    collected_at=iso(at + 0.02 * (n + 1))), agent, iso(at + 0.05))]))
 
 
+LABELS = {"web-01": {"role": "web", "dc": "ams"}, "web-02": {"role": "web", "dc": "fra"},
+          "db-01": {"role": "db", "dc": "ams"}}
+
+
 def hello(store: SqliteStore, agent: str, online: bool, at: float) -> None:
     extra: dict[str, Any] = {"hostname": f"{agent}.example", "platform": "Linux-6.1-x86_64", "agent_version": "0.1.0",
-                             "types": ["cpu", "disk", "memory", "network", "os_info", "ping", "processes"]}
+                             "types": ["cpu", "disk", "memory", "network", "os_info", "ping", "processes"],
+                             "labels": LABELS.get(agent, {})}
     store.write(Batch(statuses=[Incoming(Status(agent_id=agent, online=online, ts=iso(at), **extra), agent,
                                          iso(at))]))
 
@@ -99,8 +110,37 @@ class FakeAsker:
                         collected_at=iso(time.time()))
 
 
-def client(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, **dashboard: Any) -> Any:
-    return create_app(config(tmp_path, **dashboard), store, asker or FakeAsker()).test_client()
+class FakeRunner:
+    """A job that answers as told, once `release` is set: `outcome` maps agent ids to ok, error or
+    no_answer (online agents not named answer ok; offline ones are queued)."""
+
+    def __init__(self, outcome: dict[str, str] | None = None, release: bool = True) -> None:
+        self.outcome = outcome or {}
+        self.release = threading.Event()
+        if release:
+            self.release.set()
+        self.runs: list[tuple[Config, JobSpec, str]] = []
+
+    def __call__(self, cfg: Config, spec: JobSpec, known: list[Candidate], on_tally: Callable[[Tally], None],
+                 job_id: str) -> JobResult:
+        self.runs.append((cfg, spec, job_id))
+        targets = select(known, spec)
+        results = [AgentResult(t.agent_id, self.outcome.get(t.agent_id, "ok") if t.online else "queued",
+                               f"{job_id}-{t.agent_id}") for t in targets]
+        for r in results:
+            if r.status == "error":
+                r.error = {"code": "unknown_type", "message": "<no such type>"}
+            elif r.status == "ok":
+                r.data, r.latency_ms = {"percent": 5.0}, 12.0
+        online = sum(1 for t in targets if t.online)
+        on_tally(Tally(targeted=online, waiting=online, queued=len(targets) - online))
+        assert self.release.wait(10)
+        return JobResult(job_id, spec.type, results)
+
+
+def client(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, runner: FakeRunner | None = None,
+           **dashboard: Any) -> Any:
+    return create_app(config(tmp_path, **dashboard), store, asker or FakeAsker(), runner or FakeRunner()).test_client()
 
 
 def agent_order(html: str) -> list[str]:
@@ -132,6 +172,38 @@ def test_fleet_sorts_filters_and_pages_on_the_server(tmp_path, store) -> None:
     assert paged["page"] == 1 and [a["agent_id"] for a in paged["agents"]] == ["db-01", "web-01", "web-02"]
     part = c.get("/?partial=1&sort=agent_id").get_data(as_text=True)
     assert "<html" not in part and agent_order(part)[0] == "db-01"
+
+
+def test_fleet_shows_labels_and_filters_by_them(tmp_path, store) -> None:
+    """Each row shows its agent's labels, each a link to the filter by it; `?label=k=v` (repeatable)
+    keeps the agents whose labels include every pair, in the page, its partial form and /api/fleet."""
+    c = client(tmp_path, store)
+    html = c.get("/").get_data(as_text=True)
+    row = re.search(r'data-agent="web-01">(.*?)</tr>', html, re.S).group(1)
+    assert re.findall(r'<a class="label" data-labels href="([^"]+)"[^>]*>([^<]+)</a>', row) == [
+        ("/?sort=agent_id&amp;dir=asc&amp;label=dc%3Dams", "dc=ams"),
+        ("/?sort=agent_id&amp;dir=asc&amp;label=role%3Dweb", "role=web")]
+    assert 'class="labels"></td>' in re.search(r'data-agent="gone-01">(.*?)</tr>', html, re.S).group(1)
+
+    assert agent_order(c.get("/?label=role=web").get_data(as_text=True)) == ["web-01", "web-02"]
+    assert agent_order(c.get("/?label=dc=ams&label=role=web").get_data(as_text=True)) == ["web-01"]
+    assert agent_order(c.get("/?label=role=build").get_data(as_text=True)) == []
+    assert "no agent matches this filter" in c.get("/?label=role=build").get_data(as_text=True)
+    part = c.get("/?partial=1&label=dc=ams&sort=cpu&dir=desc&q=01").get_data(as_text=True)
+    assert agent_order(part) == ["db-01", "web-01"]
+    # the filter is shown, each pair a link that drops it; a row's label link replaces its key's value
+    bar = re.search(r'id="label-filter"(.*?)</div>', part, re.S).group(1)
+    rest = "/?q=01&amp;sort=cpu&amp;dir=desc"
+    assert re.findall(r'href="([^"]+)"[^>]*>([^<]+)</a>', bar) == [(rest, "dc=ams \u00d7"), (rest, "all agents")]
+    db_row = re.search(r'data-agent="db-01">(.*?)</tr>', part, re.S).group(1)
+    assert '<a class="label on" data-labels href="/?q=01&amp;sort=cpu&amp;dir=desc&amp;label=dc%3Dams"' in db_row
+    assert 'href="/?q=01&amp;sort=cpu&amp;dir=desc&amp;label=dc%3Dams&amp;label=role%3Ddb"' in db_row
+    # sorting and paging keep the filter
+    assert 'label=dc%3Dams&amp;sort=agent_id' in part
+
+    api = c.get("/api/fleet?label=role=web&sort=cpu&dir=desc").get_json()
+    assert api["matched"] == 2 and [(a["agent_id"], a["labels"]) for a in api["agents"]] == [
+        ("web-02", {"role": "web", "dc": "fra"}), ("web-01", {"role": "web", "dc": "ams"})]
 
 
 def test_agent_page_shows_os_processes_recent_requests_and_escapes(tmp_path, store) -> None:
@@ -296,7 +368,7 @@ def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPath
 
 
 @pytest.mark.parametrize(("path", "name", "allowed"), [
-    ("/api/agent/web-01/series?range=bogus", "range", ["15m", "1h", "6h", "24h", "7d"]),
+    ("/api/agent/web-01/series?range=bogus", "range", ["15m", "1h", "6h", "24h", "7d", "30d", "90d", "400d"]),
     ("/api/agent/web-01/series?rnage=6h", "rnage", ["range"]),
     ("/api/fleet?sort=colour", "sort", ["agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory",
                                         "disk"]),
@@ -307,7 +379,9 @@ def test_any_data_the_contract_accepts_renders(tmp_path_factory: pytest.TempPath
     ("/api/fleet?per=5", "per", None),
     ("/api/fleet?per=1001", "per", None),
     ("/api/fleet?q=" + "x" * 101, "q", None),
-    ("/api/fleet?partial=1", "partial", ["dir", "page", "per", "q", "sort", "state"]),
+    ("/api/fleet?partial=1", "partial", ["dir", "label", "page", "per", "q", "sort", "state"]),
+    ("/api/fleet?label=role", "label", None),
+    ("/api/fleet?label=role=web&label=role=db", "label", None),
 ])
 def test_api_refuses_bad_query_values_naming_the_parameter(tmp_path, store, path, name, allowed) -> None:
     """Every /api query parameter is checked: a bad value or an unknown parameter gets 400 with a
@@ -319,13 +393,17 @@ def test_api_refuses_bad_query_values_naming_the_parameter(tmp_path, store, path
 
 
 @pytest.mark.parametrize(("path", "says"), [
-    ("/agent/web-01?range=1y", "'range': '1y' is not one of 15m, 1h, 6h, 24h, 7d"),
+    ("/agent/web-01?range=1y", "'range': '1y' is not one of 15m, 1h, 6h, 24h, 7d, 30d, 90d, 400d"),
     ("/agent/web-01?partial=yes", "'partial': 'yes' is not one of 0, 1"),
     ("/?sort=colour", "'sort': 'colour' is not one of agent_id, state"),
     ("/?per=abc", "'per': 'abc' is not a whole number; it must be one from 10 to 1000"),
     ("/?page=-1", "'page': -1 is out of range; it must be a whole number of at least 1"),
     ("/?dir=sideways", "'dir': 'sideways' is not one of asc, desc"),
     ("/?state=gone", "'state': 'gone' is not one of '', online, silent, offline"),
+    ("/?label=Role=web", "'label': label key 'Role' must match [a-z][a-z0-9_]{0,31}"),
+    ("/?label=role=%3Cscript%3E", "'label': label role: value '<script>' must be 1-64 characters of [A-Za-z0-9_.-]"),
+    ("/?label=role=web,dc=ams", "'label': 'role=web,dc=ams' must be one key=value pair"),
+    ("/?label=", "'label': '' must be one key=value pair"),
     ("/rejected?limit=5", "'limit': is not a parameter of this page; this page takes partial"),
     ("/healthz?verbose=1", "'verbose': is not a parameter of this page; this page takes none"),
 ])
@@ -354,9 +432,10 @@ def test_sign_in_refuses_a_next_that_leaves_the_site(tmp_path, store) -> None:
     assert c.post("/signin?next=/rejected", data={"token": "s3cret-token"}).headers["Location"].endswith("/rejected")
 
 
-def signed_in(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, **dashboard: Any) -> tuple[Any, str]:
+def signed_in(tmp_path: Path, store: SqliteStore, asker: FakeAsker | None = None, runner: FakeRunner | None = None,
+              **dashboard: Any) -> tuple[Any, str]:
     """A test client signed in as an operator, and the CSRF token its pages carry."""
-    c = client(tmp_path, store, asker, ask_enabled=True, operator_token="s3cret-token", **dashboard)
+    c = client(tmp_path, store, asker, runner, ask_enabled=True, operator_token="s3cret-token", **dashboard)
     assert c.post("/signin", data={"token": "s3cret-token"}).status_code == 302
     return c, re.search(r'data-csrf="([^"]+)"', c.get("/agent/web-01").get_data(as_text=True)).group(1)
 
@@ -540,3 +619,271 @@ def test_the_served_dashboard_checks_queries_ends_sessions_and_limits_tokens(tmp
     assert locked.status == 429 and 295 <= int(locked.getheader("Retry-After")) <= 300
     assert procs.stop("dashboard") == 0
     assert "5 wrong operator tokens from 127.0.0.1 within 60 s" in procs.log("dashboard")
+
+
+def ask_labels(c: Any, csrf: str | None, **body: Any) -> Any:
+    return c.post("/api/jobs", json=body, headers={"X-CSRF-Token": csrf} if csrf else {})
+
+
+def wait_job(c: Any, job: str, state: str) -> dict[str, Any]:
+    return wait_for(lambda: (doc := c.get(f"/api/job/{job}").get_json())["state"] == state and doc, 10,
+                    what=f"job {job} {state}")
+
+
+def test_asking_a_label_selection_is_for_operators_only(tmp_path, store) -> None:
+    """"Ask now" for a label selection takes the checks of asking one agent: off unless enabled, then
+    only a signed-in operator with the session's CSRF token, or the bearer token; the job goes out as
+    the operators' MQTT user, waits dashboard.ask_timeout_s, and the fleet page offers it only to them."""
+    runner = FakeRunner()
+    body = {"type": "cpu", "labels": {"role": "web"}}
+    read_only = client(tmp_path, store, runner=runner)
+    assert ask_labels(read_only, None, **body).status_code == 403
+    assert 'id="ask-labels"' not in read_only.get("/?label=role=web").get_data(as_text=True)
+    enabled = {"ask_enabled": True, "operator_token": "s3cret-token", "mqtt_username": "ops-1", "ask_timeout_s": 4}
+    anonymous = client(tmp_path, store, runner=runner, **enabled)
+    assert ask_labels(anonymous, None, **body).status_code == 403
+    assert 'id="ask-labels"' not in anonymous.get("/?label=role=web").get_data(as_text=True)
+    c, csrf = signed_in(tmp_path, store, runner=runner, mqtt_username="ops-1", ask_timeout_s=4)
+    assert ask_labels(c, None, **body).status_code == 403  # no CSRF token
+    assert ask_labels(c, "not-the-token", **body).status_code == 403
+    assert runner.runs == []
+    assert re.search(r'id="ask-labels"[^>]*>', c.get("/?label=role=web").get_data(as_text=True))
+    assert re.search(r'id="ask-labels"[^>]* hidden>', c.get("/").get_data(as_text=True)), "no label filter: hidden"
+
+    started = ask_labels(c, csrf, **body)
+    assert started.status_code == 202, started.get_json()
+    job = started.get_json()["job"]
+    assert started.get_json()["url"] == f"/job/{job}" and started.get_json()["api"] == f"/api/job/{job}"
+    bearer = anonymous.post("/api/jobs", json=body, headers={"Authorization": "Bearer s3cret-token"})
+    assert bearer.status_code == 202
+    assert [(cfg.mqtt.username, spec.type, spec.selector, spec.timeout_s) for cfg, spec, _ in runner.runs] == [
+        ("ops-1", "cpu", {"role": "web"}, 4.0)] * 2
+    assert runner.runs[0][2] == job
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    ({"type": "cpu", "labels": {"Role": "web"}}, "label key 'Role' must match"),
+    ({"type": "cpu", "labels": {"role": "<b>web</b>"}}, "label role: value '<b>web</b>' must be 1-64 characters"),
+    ({"type": "cpu", "labels": {}}, "choose at least one label"),
+    ({"type": "cpu"}, "choose at least one label"),
+    ({"type": "cpu", "labels": ["role=web"]}, "labels must be a mapping"),
+    ({"type": "CPU!", "labels": {"role": "web"}}, "type"),
+    ({"type": "cpu", "labels": {"role": "build"}}, "no known agent is one of agents labelled role=build; nothing was"),
+])
+def test_asking_a_label_selection_refuses_what_it_cannot_send(tmp_path, store, body, says) -> None:
+    """A bad label or type, no label at all, or a selection no known agent matches: 400 saying so,
+    and no job is started."""
+    runner = FakeRunner()
+    c, csrf = signed_in(tmp_path, store, runner=runner)
+    got = ask_labels(c, csrf, **body)
+    assert got.status_code == 400 and says in got.get_json()["error"], got.get_json()
+    assert runner.runs == []
+
+
+def stored_job_request(store: SqliteStore, job: str, agent: str, answer: str | None = None) -> None:
+    """The job's request to `agent` as the persister stores it, and its answer if `answer` is given."""
+    rid = f"{job}-{agent}"
+    now = time.time()
+    batch = Batch(requests=[Incoming(Request(id=rid, type="cpu", issued_at=iso(now), expires_at=iso(now + 3600),
+                                             job=job), agent, iso(now))])
+    if answer is not None:
+        batch.responses.append(Incoming(Response(id=rid, agent_id=agent, type="cpu", status=answer,
+                                                 data={"percent": 77.0} if answer == "ok" else None,
+                                                 error=None if answer == "ok" else {"code": "collector_failed",
+                                                                                    "message": "<oops>"},
+                                                 collected_at=iso(now)), agent, iso(now)))
+    store.write(batch)
+
+
+def test_a_job_page_shows_the_live_tally_then_the_stores_answers_late_ones_too(tmp_path, store) -> None:
+    """While the job waits, its page and /api/job show the job's own tally; when the wait is over, the
+    store's answers (by requests.job) over what the job concluded: an agent that did not answer in time
+    is no_answer, until its late answer reaches the store; errors are shown escaped."""
+    store.write(Batch(statuses=[Incoming(Status(agent_id="web-03", online=True, ts=iso(NOW - 900),
+                                                labels={"role": "web"}), "web-03", iso(NOW - 900))]))
+    hello(store, "web-03", False, NOW - 600)  # offline when the job starts, labels kept: queued
+    runner = FakeRunner({"web-01": "error", "web-02": "no_answer"}, release=False)
+    c, csrf = signed_in(tmp_path, store, runner=runner)
+    job = ask_labels(c, csrf, type="cpu", labels={"role": "web"}).get_json()["job"]
+    running = wait_job(c, job, "running")
+    assert (running["targeted"], running["waiting"], running["line"]) == (
+        2, 2, "targeted 2 · answered 0 (0%) · errors 0 · waiting 2 · queued 1")
+    page = c.get(f"/job/{job}").get_data(as_text=True)
+    assert 'data-running="1"' in page and 'id="job-targeted">2<' in page
+
+    for agent in ("web-01", "web-02", "web-03"):
+        stored_job_request(store, job, agent)
+    runner.release.set()
+    done = wait_job(c, job, "done")
+    assert {k: done[k] for k in ("type", "targeted", "answered", "ok", "errors", "no_answer", "queued", "waiting")} \
+        == {"type": "cpu", "targeted": 2, "answered": 1, "ok": 0, "errors": 1, "no_answer": 1, "queued": 1,
+            "waiting": 0}
+    assert done["selector"] == {"role": "web"}
+    assert {r["agent_id"]: r["status"] for r in done["results"]} == {"web-01": "error", "web-02": "no_answer",
+                                                                     "web-03": "queued"}
+
+    stored_job_request(store, job, "web-02", "ok")  # late, after the wait: the store has it
+    stored_job_request(store, job, "web-03", "ok")  # came back while its request waited at the broker
+    later = c.get(f"/api/job/{job}").get_json()
+    assert (later["targeted"], later["answered"], later["ok"], later["errors"], later["queued"]) == (3, 3, 2, 1, 0)
+    assert next(r for r in later["results"] if r["agent_id"] == "web-02")["data"] == {"percent": 77.0}
+    part = c.get(f"/job/{job}?partial=1").get_data(as_text=True)
+    assert "<html" not in part and 'id="job-state">done<' in part
+    assert "unknown_type: &lt;no such type&gt;" in part and "cpu 77%" in part
+    assert re.findall(r'<tr class="job-row" data-agent="([^"]+)" data-status="([^"]+)"', part) == [
+        ("web-01", "error"), ("web-02", "ok"), ("web-03", "ok")]
+
+
+def test_a_job_the_dashboard_did_not_start_is_read_from_the_store(tmp_path, store) -> None:
+    """A job sent by `fleetctl request --label` (or before a restart) shows the store's view; an
+    unknown or malformed job id is a 404."""
+    stored_job_request(store, "cli-job-1", "web-01", "ok")
+    stored_job_request(store, "cli-job-1", "db-01")
+    c = client(tmp_path, store)
+    doc = c.get("/api/job/cli-job-1").get_json()
+    assert doc["state"] == "stored" and (doc["targeted"], doc["ok"], doc["waiting"]) == (2, 1, 1)
+    assert "read from the store" in c.get("/job/cli-job-1").get_data(as_text=True)
+    assert c.get("/api/job/no-such-job").status_code == 404
+    assert c.get("/job/not%20a%20job").status_code == 404
+    assert c.get("/job/cli-job-1?limit=3").status_code == 400
+
+
+def fleet_sim(procs: Any, tmp_path: Path, cfg: Path, name: str, agents: int, *args: str) -> None:
+    stats = tmp_path / f"{name}.json"
+    procs.start(name, "fleet-sim", "--config", str(cfg), "--agents", str(agents), "--id-prefix", name,
+                "--stats-file", str(stats), "--stats-every-s", "0.3", *args)
+
+    def connected() -> bool:
+        try:
+            return json.loads(stats.read_text()).get("all_connected_after_s") is not None
+        except (OSError, ValueError):
+            return False
+
+    wait_for(connected, what=f"simulated agents {name} to connect")
+
+
+def test_a_label_job_from_the_dashboard_over_a_real_broker(tmp_path, write_config, procs) -> None:
+    """Against a real broker, persister and agents: an operator's label job from the dashboard asks
+    the online role=web agents and queues the offline one; one answers unknown_type; every request
+    record carries the job; when the offline agent comes back, its late answer shows on the job."""
+    cfg = write_config(dashboard={"ask_enabled": True, "operator_token": "s3cret-token", "ask_timeout_s": 5})
+    db = tmp_path / "fleet.db"
+    procs.start_persister(cfg)
+    away = write_config("away", agent={"id": "away-01", "labels": {"role": "web"}})
+    procs.start("away", "fleet-agent", "--config", str(away))
+    online = lambda: {r["agent_id"]: r["online"] for r in rows(db, "SELECT agent_id, online FROM agents")}  # noqa: E731
+    wait_for(lambda: online().get("away-01") == 1, what="the real agent online in the store")
+    procs.stop("away")
+    wait_for(lambda: online().get("away-01") == 0, what="the real agent offline in the store")
+    fleet_sim(procs, tmp_path, cfg, "web", 2, "--types", "cpu,ping", "--label", "role=web")
+    fleet_sim(procs, tmp_path, cfg, "old", 1, "--types", "cpu", "--label", "role=web")  # no ping: unknown_type
+    fleet_sim(procs, tmp_path, cfg, "db", 1, "--types", "cpu,ping", "--label", "role=db")
+    wait_for(lambda: len(online()) == 5, what="every agent in the store")
+
+    store = SqliteStore(str(db))
+    try:
+        c = create_app(load_config(str(cfg)), store).test_client()
+        bearer = {"Authorization": "Bearer s3cret-token"}
+        started = c.post("/api/jobs", json={"type": "ping", "labels": {"role": "web"}}, headers=bearer)
+        assert started.status_code == 202, started.get_json()
+        job = started.get_json()["job"]
+        done = wait_job(c, job, "done")
+        assert {k: done[k] for k in ("targeted", "answered", "ok", "errors", "no_answer", "queued")} == \
+            {"targeted": 3, "answered": 3, "ok": 2, "errors": 1, "no_answer": 0, "queued": 1}
+        status = {r["agent_id"]: r["status"] for r in done["results"]}
+        assert status == {"away-01": "queued", "old-1": "error", "web-1": "ok", "web-2": "ok"}
+        wait_for(lambda: len(rows(db, "SELECT id FROM requests WHERE job = ?", job)) == 4,
+                 what="the job's four requests stored with its id")
+
+        procs.start("away", "fleet-agent", "--config", str(away))  # back: the broker delivers what waited
+        late = wait_for(lambda: (d := c.get(f"/api/job/{job}").get_json())["queued"] == 0 and d, 30,
+                        what="the late answer on the job")
+        assert (late["targeted"], late["ok"], late["errors"]) == (4, 3, 1)
+        html = c.get(f"/job/{job}").get_data(as_text=True)
+        assert 'data-agent="away-01" data-status="ok"' in html and "unknown_type" in html
+    finally:
+        store.close()
+
+
+def test_wrong_bearer_tokens_for_a_label_job_count_toward_the_lockout(tmp_path, store) -> None:
+    """Starting a label job goes through the same token counting as asking one agent: wrong bearer
+    tokens at /api/jobs lock the address out, the right token then gets 429, and no job starts."""
+    runner = FakeRunner()
+    app = create_app(config(tmp_path, ask_enabled=True, operator_token="s3cret-token"), store, FakeAsker(), runner)
+    c = app.test_client()
+    body = {"type": "cpu", "labels": {"role": "web"}}
+    for n in range(5):
+        got = c.post("/api/jobs", json=body, headers={"Authorization": f"Bearer guess-{n}"})
+        assert got.status_code == 403
+    locked = c.post("/api/jobs", json=body, headers={"Authorization": "Bearer s3cret-token"})
+    assert locked.status_code == 429 and locked.is_json and locked.headers["Retry-After"] == "300"
+    assert runner.runs == []
+
+
+def test_at_most_so_many_jobs_wait_at_once(tmp_path, store) -> None:
+    """Beyond max_running jobs still waiting, a new one gets 429 and is not started; once one is done,
+    the next may start."""
+    runner = FakeRunner(release=False)
+    c, csrf = signed_in(tmp_path, store, runner=runner)
+    c.application.extensions["fleet_jobs"].max_running = 1
+    first = ask_labels(c, csrf, type="cpu", labels={"role": "web"}).get_json()["job"]
+    refused = ask_labels(c, csrf, type="cpu", labels={"role": "db"})
+    assert refused.status_code == 429 and "still waiting" in refused.get_json()["error"]
+    runner.release.set()
+    wait_job(c, first, "done")
+    assert ask_labels(c, csrf, type="cpu", labels={"role": "db"}).status_code == 202
+    assert [spec.selector for _, spec, _ in runner.runs] == [{"role": "web"}, {"role": "db"}]
+
+
+LABEL_KEYS = st.from_regex(r"\A[a-z][a-z0-9_]{0,31}\Z")
+LABEL_VALUES = st.from_regex(r"\A[A-Za-z0-9_.-]{1,64}\Z")
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(filter_=st.dictionaries(LABEL_KEYS, LABEL_VALUES, max_size=4), key=LABEL_KEYS, value=LABEL_VALUES,
+       q=st.text(max_size=20), desc=st.booleans())
+def test_a_label_link_reads_back_as_the_filter_it_names(filter_, key, value, q, desc) -> None:
+    """Whatever the labels and the rest of the query, a label link's query string parses back to the
+    filter it promises (key=value in place of that key's other value) with the rest kept, and the
+    link that drops a pair to the filter without it."""
+    query = FleetQuery(q=q.strip(), labels=filter_, sort="cpu", desc=desc)
+    links = LabelLinks("/", query)
+
+    def read(href: str) -> FleetQuery:
+        return FleetQuery.from_args(MultiDict(parse_qsl(urlsplit(href).query, keep_blank_values=True)))
+
+    got = read(links.only(key, value))
+    assert got.labels == {**{k: v for k, v in filter_.items() if k != key}, key: value}
+    assert (got.q, got.sort, got.desc, got.page) == (query.q, "cpu", desc, 1)
+    if filter_:
+        drop = next(iter(filter_))
+        assert read(links.without(drop)).labels == {k: v for k, v in filter_.items() if k != drop}
+    assert read(links.none()).labels == {}
+def test_charts_beyond_the_raw_window_are_drawn_from_the_hourly_trends(tmp_path) -> None:
+    """A range longer than the raw answers are kept (persister.retention_s) charts each hour's average
+    from the trends: answers of 40 days ago, whose raw records are purged, still show as two hours."""
+    store = SqliteStore(str(tmp_path / "trends.db"))
+    hour = float(int(NOW) // 3600 * 3600 - 40 * 86400)
+    cpu = [(hour + 60, 10.0), (hour + 600, 20.0), (hour + 1200, 30.0), (hour + 3660, 50.0), (hour + 4000, 70.0)]
+    for n, (at, percent) in enumerate(cpu):
+        answer(store, "old-01", "cpu", {"percent": percent, "load_avg": [0.1, 0.1, 0.1]}, at, n)
+        answer(store, "old-01", "disk", {"partitions": [{"mountpoint": "/", "percent": percent / 2},
+                                                        {"mountpoint": "/var", "percent": percent}]}, at, n)
+    for n in range(3):
+        answer(store, "old-01", "network", {"interfaces": [
+            {"name": "lo", "bytes_recv": 10**9 * n, "bytes_sent": 0},
+            {"name": "eth0", "bytes_recv": 6000 * n, "bytes_sent": 600 * n}]}, hour + 100 + 60 * n, n)
+    store.purge(NOW)
+    assert store.count_requests() == 0
+    try:
+        web = client(tmp_path, store)
+        doc = web.get("/api/agent/old-01/series?range=90d").get_json()
+        assert doc["cpu"]["t"] == [hour, hour + 3600] and doc["cpu"]["lines"] == {"cpu %": [20.0, 60.0]}
+        assert doc["disk"]["lines"] == {"/var": [20.0, 60.0], "/": [10.0, 30.0]}
+        assert doc["network"]["t"] == [hour]
+        assert doc["network"]["lines"]["received B/s"][0] == pytest.approx(100, rel=0.01)  # loopback left out
+        assert doc["network"]["lines"]["sent B/s"][0] == pytest.approx(10, rel=0.01)
+        assert doc["memory"]["t"] == []
+        assert web.get("/api/agent/old-01/series?range=7d").get_json()["cpu"]["t"] == []  # raw: purged
+    finally:
+        store.close()

@@ -88,8 +88,9 @@ def stack(write_config: Callable[..., Path], procs: Any, **dashboard: Any) -> st
                        dashboard={"port": port, "refresh_s": 1, **dashboard})
     procs.start_persister(cfg)
     procs.start("controller", "fleet-controller", "--config", str(cfg))
-    for agent in ("host-a", "host-b"):
-        procs.start(agent, "fleet-agent", "--config", str(write_config(agent, agent={"id": agent})))
+    for agent, role in (("host-a", "web"), ("host-b", "db")):
+        procs.start(agent, "fleet-agent", "--config",
+                    str(write_config(agent, agent={"id": agent, "labels": {"role": role}})))
     procs.start("dashboard", "fleetctl", "--config", str(cfg), "dashboard")
     return f"http://127.0.0.1:{port}"
 
@@ -124,6 +125,11 @@ def test_fleet_agent_and_rejected_pages_in_a_browser(tmp_path, broker, prefix, w
              what="a live refresh without reloading")
     browser.find_element(By.CSS_SELECTOR, 'a[data-sort="agent_id"]').click()  # ascending -> descending
     wait_page(lambda: rows(browser) == ["host-b", "host-a"], 10, what="the table sorted by agent, descending")
+    browser.find_element(By.CSS_SELECTOR, 'tr[data-agent="host-b"] a.label').click()  # role=db
+    wait_page(lambda: rows(browser) == ["host-b"], 10, what="the label filter to leave host-b alone")
+    assert "label=role%3Ddb" in browser.current_url and "sort=agent_id" in browser.current_url
+    browser.find_element(By.LINK_TEXT, "all agents").click()
+    wait_page(lambda: rows(browser) == ["host-b", "host-a"], 10, what="both agents again, still sorted")
     search = browser.find_element(By.CSS_SELECTOR, "#fleet-filters input[name=q]")
     search.send_keys("host-a")
     wait_page(lambda: rows(browser) == ["host-a"], 10, what="the filter to leave host-a alone")
@@ -158,7 +164,8 @@ def test_fleet_agent_and_rejected_pages_in_a_browser(tmp_path, broker, prefix, w
 
 def test_ask_now_as_an_operator_shows_a_fresh_answer(tmp_path, broker, write_config, procs, browser) -> None:
     """With asking enabled, an operator signs in, presses "ask now" on an agent page and sees the
-    agent's fresh answer, collected after the press."""
+    agent's fresh answer, collected after the press; then filters the fleet page by a label, asks
+    that selection, and the job's page shows its tally and each agent's answer."""
     url = stack(write_config, procs, ask_enabled=True, operator_token=TOKEN)
     wait_page(lambda: _ok(url), 20, what="the dashboard to answer")
     browser.get(url + "/agent/host-b")
@@ -178,6 +185,26 @@ def test_ask_now_as_an_operator_shows_a_fresh_answer(tmp_path, broker, write_con
     assert shown["data"]["virtual"]["total"] > 0 and parse_iso(shown["collected_at"]) >= pressed - 1
     assert "answered ok" in browser.find_element(By.ID, "ask-status").text
     screenshot(browser, tmp_path, "ask")
+
+    # a label selection: filter the fleet page by host-a's role=web, ask it, follow the job's tally
+    browser.get(url + "/")
+    assert browser.find_element(By.ID, "ask-labels").get_attribute("hidden") is not None  # no label filter yet
+    wait_page(lambda: browser.find_element(By.CSS_SELECTOR, 'tr[data-agent="host-a"] a.label'), 20,
+              what="host-a's label").click()
+    wait_page(lambda: rows(browser) == ["host-a"] and browser.find_element(By.ID, "ask-labels").is_displayed(), 10,
+              what="the fleet filtered by role=web, and the ask panel shown")
+    assert browser.find_element(By.ID, "ask-labels-button").text == "Ask the agents labelled role=web now"
+    screenshot(browser, tmp_path, "fleet-labels")
+    Select(browser.find_element(By.ID, "ask-labels-type")).select_by_visible_text("cpu")
+    browser.find_element(By.ID, "ask-labels-button").click()
+    wait_page(lambda: "/job/" in browser.current_url, 10, what="the job's page")
+    wait_page(lambda: browser.find_element(By.ID, "job-state").text == "done", 20, what="the job done")
+    assert browser.find_element(By.ID, "job-targeted").text == "1"
+    assert browser.find_element(By.ID, "job-answered").text == "1"
+    assert browser.find_element(By.CSS_SELECTOR, 'tr.job-row[data-agent="host-a"]').get_attribute(
+        "data-status") == "ok"
+    assert "cpu " in browser.find_element(By.ID, "job-results").text
+    screenshot(browser, tmp_path, "job")
 
 
 def _ok(url: str) -> bool:

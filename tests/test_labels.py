@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+import yaml
+from conftest import BIN, wait_for
 from helpers import loads, rows
 
-from fleet_common import ConfigError, ContractError, Status
+from fleet_common import ConfigError, ContractError, Status, iso
+from fleet_common.cli import run_main
 from fleet_common.config import load_config
 from fleet_common.labels import MAX_LABELS, check_labels, format_labels, matches, parse_pairs, select
 from fleet_common.messages import parse_status
 from fleet_common.topics import ParsedTopic
+from fleet_store import Batch, Incoming
+from fleet_store.sqlite import SqliteStore
+from fleetctl import cli
 
 TOPIC = ParsedTopic("status", "web-01", None)
 
@@ -105,3 +113,68 @@ def test_an_agents_labels_from_config_and_environment_reach_the_store(tmp_path, 
     assert labels()["host-b"] == {"role": "db", "dc": "fra"}
     procs.start("b2", "fleet-agent", "--config", str(write_config("b", agent={"id": "host-b"})))
     wait_for(lambda: labels()["host-b"] == {}, 20, what="host-b's labels cleared by a birth without them")
+
+
+def labelled_store(tmp_path: Path) -> Path:
+    """A config whose SQLite store knows web-01 (role=web, dc=ams), web-02 (role=web, dc=fra) and
+    db-01 (role=db, dc=ams), and bare-01 without labels."""
+    db = tmp_path / "fleet.db"
+    store = SqliteStore(str(db))
+    now = iso(time.time())
+    for agent, labels in (("web-01", {"role": "web", "dc": "ams"}), ("web-02", {"role": "web", "dc": "fra"}),
+                          ("db-01", {"role": "db", "dc": "ams"}), ("bare-01", {})):
+        status = Status(agent_id=agent, online=True, ts=now, platform="Linux", labels=labels)
+        store.write(Batch(statuses=[Incoming(status, agent, now)]))
+    store.close()
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"persister": {"sqlite_path": str(db)}}))
+    return cfg
+
+
+def fleetctl(cfg: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "fleetctl"), "--config", str(cfg), *args], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_fleetctl_status_shows_labels_and_filters_by_them(tmp_path: Path) -> None:
+    """`fleetctl status` shows each agent's labels (k=v,k=v in the table, an object in --json) and
+    `--label` keeps the agents whose labels include every pair given."""
+    cfg = labelled_store(tmp_path)
+    done = fleetctl(cfg, "status")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[-1] == "LABELS"
+    assert next(x for x in lines if x.startswith("web-01 ")).endswith(" dc=ams,role=web")
+    assert next(x for x in lines if x.startswith("bare-01 ")).endswith(" -")
+
+    done = fleetctl(cfg, "status", "--json", "--label", "role=web", "--label", "dc=ams")
+    assert done.returncode == 0, done.stderr
+    assert [(a["agent_id"], a["labels"]) for a in json.loads(done.stdout)] == [("web-01", {"role": "web", "dc": "ams"})]
+
+
+def test_status_label_selections(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every pair must match; no pair is everyone; the table says which labels it kept."""
+    cfg = str(labelled_store(tmp_path))
+
+    def selected(*labels: str) -> dict[str, object]:
+        assert cli.main(["--config", cfg, "status", "--json", *[a for x in labels for a in ("--label", x)]]) == 0
+        return {a["agent_id"]: a["labels"] for a in json.loads(capsys.readouterr().out)}
+
+    assert selected() == {"web-01": {"role": "web", "dc": "ams"}, "web-02": {"role": "web", "dc": "fra"},
+                          "db-01": {"role": "db", "dc": "ams"}, "bare-01": {}}
+    assert sorted(selected("role=web")) == ["web-01", "web-02"]
+    assert sorted(selected("dc=ams")) == ["db-01", "web-01"]
+    assert selected("role=build") == {}
+    assert cli.main(["--config", cfg, "status", "--label", "role=web", "--label", "dc=ams"]) == 0
+    assert "1 of 1 agents with labels dc=ams,role=web online" in capsys.readouterr().out
+    assert cli.main(["--config", cfg, "status", "--label", "role=build"]) == 0
+    assert "no agent has labels role=build" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["role", "Role=web", "role=", "role=web,dc=ams"])
+def test_fleetctl_status_refuses_a_bad_label_in_one_line(tmp_path: Path, bad: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A --label that is not one valid key=value pair stops `fleetctl status` with one line and exit 2."""
+    assert run_main("fleetctl", cli.main, ["--config", str(labelled_store(tmp_path)), "status", "--label", bad]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("fleetctl: --label: ") and err.count("\n") == 1, err

@@ -658,3 +658,25 @@ def test_whole_pipeline_over_tls_with_acls(secure, procs) -> None:
     assert json.loads(done.stdout)["agent_id"] == "host-b" and time.monotonic() - started < 15
     for name in ("persister", "controller", *AGENTS):
         assert not any(secure.password(u) in procs.log(name) for u in (*SERVICE_USERS, *AGENTS)), name
+
+
+def test_a_job_over_tls_as_the_operator_reaches_every_agent_and_a_user_who_may_not_read_answers_is_told(
+        secure, procs) -> None:
+    """`fleetctl request --all` as the operator (TLS, ACLs on) gets both agents' answers; as the
+    controller, which may ask but not read answers, it gets none (Mosquitto grants the subscription
+    and drops what the user may not read), and fleetctl says what to check."""
+    for agent in AGENTS:
+        procs.start(agent, "fleet-agent", "--config", str(secure.config(agent)))
+    operator = secure.config("operator-1")
+
+    def job() -> subprocess.CompletedProcess | None:
+        done = fleetctl("--config", str(operator), "request", "--all", "ping", "--json", check=False)
+        return done if done.returncode == 0 else None
+
+    result = json.loads(wait_for(job, 30, interval_s=0.5, what="a job both agents answered").stdout)
+    assert (result["targeted"], result["ok"], result["queued"]) == (2, 2, 0)
+    assert sorted(r["agent_id"] for r in result["results"]) == sorted(AGENTS)
+    done = fleetctl("--config", str(secure.config("controller-1")), "request", "--all", "ping", "--timeout", "1",
+                    check=False)
+    assert done.returncode == 1 and "no answer 2" in done.stderr, done.stderr
+    assert f"check that user 'controller-1' may read {secure.prefix}/+/res/+" in done.stderr

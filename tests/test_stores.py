@@ -565,3 +565,60 @@ def test_a_birth_sets_labels_and_a_goodbye_keeps_them(store: Store) -> None:
     assert store.agents()[0].labels == {"role": "db"}
     store.write(Batch(statuses=[birth(T0 + 4, None)]))
     assert store.agents()[0].labels == {}
+
+
+def job_req(id_: str, job: str | None, agent: str = AGENT, at: float = T0) -> Incoming[Request]:
+    return Incoming(Request(id=id_, type="ping", issued_at=iso(at), expires_at=iso(at + 3600), job=job),
+                    agent, iso(at + 0.005))
+
+
+def test_a_jobs_requests_are_read_back_by_its_id_whatever_the_order(store: Store) -> None:
+    """requests.job holds the request's job, also when the answer came first; job_requests reads
+    the job's records by agent, and no other job's or the controller's."""
+    store.write(Batch(requests=[job_req("a1", "job1", "web-01"), job_req("b1", "job1", "db-01"),
+                                job_req("c1", "job2", "web-01"), job_req("d1", None, "web-01")]))
+    store.write(Batch(responses=[res("e1", type_="ping", agent="app-01")]))  # its request comes later
+    store.write(Batch(requests=[job_req("e1", "job1", "app-01")]))
+    store.write(Batch(responses=[res("a1", type_="ping", agent="web-01")]))
+    found = store.job_requests("job1")
+    assert [(r.agent_id, r.id, r.job) for r in found] == [("app-01", "e1", "job1"), ("db-01", "b1", "job1"),
+                                                          ("web-01", "a1", "job1")]
+    assert [r.state for r in found] == ["ok", "pending", "ok"]
+    assert [r.id for r in store.job_requests("job2")] == ["c1"]
+    assert store.job_requests("nope") == []
+    rec = store.get_request("d1")
+    assert rec is not None and rec.job is None
+
+
+def test_a_request_sent_again_keeps_its_first_job(store: Store) -> None:
+    """A request id is one request: a copy naming another job, or a job where the first named none
+    (a replay), does not move it into that job."""
+    store.write(Batch(requests=[job_req("a1", "job1"), job_req("c1", None)]))
+    store.write(Batch(requests=[job_req("a1", "job2"), job_req("c1", "job2")]))
+    assert [r.id for r in store.job_requests("job1")] == ["a1"]
+    assert store.job_requests("job2") == []
+    rec = store.get_request("c1")
+    assert rec is not None and rec.job is None
+
+
+def test_an_older_sqlite_file_gets_the_job_column_and_its_index(tmp_path: Path) -> None:
+    """A database made before jobs existed is given requests.job and its index when opened."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript("CREATE TABLE requests (id TEXT PRIMARY KEY, agent_id TEXT NOT NULL, type TEXT NOT NULL, "
+                     "params TEXT, issued_at TEXT, expires_at TEXT, state TEXT NOT NULL DEFAULT 'pending', "
+                     "answered_at TEXT, latency_ms REAL, data TEXT, error TEXT, expire_at TEXT);"
+                     "INSERT INTO requests (id, agent_id, type) VALUES ('old1', 'web-01', 'cpu');")
+    db.close()
+    s = SqliteStore(str(path), RETENTION)
+    try:
+        s.write(Batch(requests=[job_req("n1", "job1")]))
+        assert [r.id for r in s.job_requests("job1")] == ["n1"]
+        old = s.get_request("old1")
+        assert old is not None and old.job is None
+        plan = s._query("EXPLAIN QUERY PLAN SELECT id FROM requests WHERE job = ?", ("job1",))
+        assert any("requests_job" in str(row) for row in plan), plan
+    finally:
+        s.close()

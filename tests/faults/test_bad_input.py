@@ -210,6 +210,10 @@ def bad_requests() -> list[BadRequest]:
         "bad_request", "too_deep", "too_deep")
     add("params not an object", "cpu", lambda i: json.dumps({"id": i, "params": 5}).encode(),
         "bad_request", "bad_params", "bad_params", correlated=False)
+    add("job that is not an id", "cpu", lambda i: json.dumps({"id": i, "job": "no spaces allowed"}).encode(),
+        "bad_request", "bad_job", "bad_job", correlated=False)
+    add("job that is not a string", "cpu", lambda i: json.dumps({"id": i, "job": 5}).encode(),
+        "bad_request", "bad_job", "bad_job", correlated=False)
     add("id that breaks the contract", "cpu", lambda i: json.dumps({"id": "no spaces allowed"}).encode(),
         "bad_request", "bad_id", "bad_id")
     add("unknown type (a valid name)", "gpu_temp", lambda i: request("gpu_temp", id=i).payload(),

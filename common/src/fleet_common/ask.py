@@ -35,11 +35,14 @@ class OutgoingRequest(NamedTuple):
 
 
 def build_request(topics: Topics, agent_id: str, type_: str, ttl_s: float,
-                  params: JsonObject | None = None, now_s: float | None = None) -> OutgoingRequest:
+                  params: JsonObject | None = None, now_s: float | None = None,
+                  job: str | None = None) -> OutgoingRequest:
     """A request for `type_` to `agent_id`, issued at `now_s` (default: now) and expiring `ttl_s`
-    later; the broker holds it for an offline agent at most that long (at least a second)."""
+    later; the broker holds it for an offline agent at most that long (at least a second).
+    `job`: the job it is part of (fleet_common.jobs)."""
     now = time.time() if now_s is None else now_s
-    request = Request(id=new_id(), type=type_, params=params or {}, issued_at=iso(now), expires_at=iso(now + ttl_s))
+    request = Request(id=new_id(), type=type_, params=params or {}, issued_at=iso(now), expires_at=iso(now + ttl_s),
+                      job=job)
     topic, reply_topic = topics.request_and_response(agent_id, type_)
     props = publish_properties(reply_topic, request.id.encode(), int(ttl_s))
     return OutgoingRequest(topic, request, props, reply_topic)

@@ -191,7 +191,9 @@ class PersisterConfig:
     sqlite_path: str = "data/fleet.db"
     mongodb_uri: str = "mongodb://localhost:27017"
     mongodb_database: str = "fleet"
-    retention_s: dict[str, int] = field(default_factory=lambda: {"default": 2592000, "processes": 86400})
+    # raw answers, by the persister's clock: 7 days, processes 1 (the hourly trends keep the long view)
+    retention_s: dict[str, int] = field(default_factory=lambda: {"default": 604800, "processes": 86400})
+    trend_retention_s: int = 34560000  # hourly trends: 400 days
     batch_size: int = 500
     batch_wait_s: float = 0.2
     receive_maximum: int = 3000
@@ -208,6 +210,8 @@ class PersisterConfig:
     def __post_init__(self) -> None:
         if "default" not in self.retention_s:
             raise ConfigError("retention_s.default", "is required")
+        if self.trend_retention_s < 3600:
+            raise ConfigError("trend_retention_s", f"{self.trend_retention_s} must be at least 3600 (one hour)")
         make_one = ("`fleetctl add-user NAME --role persister` writes the deployment's group into the config it "
                     "makes, or make one with: python3 -c 'import secrets; print(secrets.token_urlsafe(18))'")
         if self.share_group is None:

@@ -323,20 +323,25 @@ class Request:
     issued_at: str | None = None
     expires_at: str | None = None
     v: int = VERSION
+    job: str | None = None  # the job (fleetctl request --all|--label) this request is part of
 
     def to_dict(self) -> JsonObject:
-        return {"v": self.v, "id": self.id, "type": self.type, "params": self.params,
-                "issued_at": self.issued_at, "expires_at": self.expires_at}
+        out: JsonObject = {"v": self.v, "id": self.id, "type": self.type, "params": self.params,
+                           "issued_at": self.issued_at, "expires_at": self.expires_at}
+        if self.job is not None:
+            out["job"] = self.job
+        return out
 
     def payload(self) -> bytes:
-        # The controller sends thousands a second, nearly all with no params and fields that need
-        # no escaping; those are formatted directly, to the same bytes dumps() writes.
-        if not self.params and type(self.v) is int and _PLAIN.fullmatch(f"{self.id}{self.type}{self.issued_at or ''}"
-                                                f"{self.expires_at or ''}"):
+        # The controller sends thousands a second (a job, one per agent), nearly all with no params
+        # and fields that need no escaping; those are formatted directly, to the bytes dumps() writes.
+        if not self.params and type(self.v) is int and _PLAIN.fullmatch(
+                f"{self.id}{self.type}{self.issued_at or ''}{self.expires_at or ''}{self.job or ''}"):
             issued = "null" if self.issued_at is None else f'"{self.issued_at}"'
             expires = "null" if self.expires_at is None else f'"{self.expires_at}"'
+            job = "" if self.job is None else f',"job":"{self.job}"'
             return (f'{{"v":{self.v},"id":"{self.id}","type":"{self.type}","params":{{}},'
-                    f'"issued_at":{issued},"expires_at":{expires}}}').encode()
+                    f'"issued_at":{issued},"expires_at":{expires}{job}}}').encode()
         return dumps(self.to_dict())
 
     def is_expired(self, now_s: float) -> bool:
@@ -355,8 +360,19 @@ def parse_request(payload: bytes, topic: ParsedTopic, now_s: float | None = None
     return Request(
         v=_version(obj), id=_id(obj), type=_same(obj, "type", topic.type), params=params,
         issued_at=_opt_ts(obj, "issued_at", now_s),
-        expires_at=_opt_ts(obj, "expires_at", now_s, future_s=EXPIRES_FUTURE_S),
+        expires_at=_opt_ts(obj, "expires_at", now_s, future_s=EXPIRES_FUTURE_S), job=_job(obj),
     )
+
+
+def _job(obj: JsonObject) -> str | None:
+    """The request's job id, absent or null for none. Anything else is refused (bad_job): a
+    persister makes the request a dead letter rather than store it under a job it cannot name."""
+    value = obj.get("job")
+    if value is None:
+        return None
+    if not is_valid_id(value):
+        raise ContractError("bad_job", f"job {str(value)[:80]!r} is not 1-64 characters of [A-Za-z0-9_-]")
+    return str(value)
 
 
 @dataclass(frozen=True)

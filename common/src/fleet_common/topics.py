@@ -124,6 +124,10 @@ class Topics:
     def all_responses(self) -> str:
         return f"{self.prefix}/+/{RES}/+"
 
+    def all_responses_of(self, type_: str) -> str:
+        """Every agent's answers of one type (a job waits on these)."""
+        return f"{self.prefix}/+/{RES}/{check_type(type_)}"
+
     def all_status(self) -> str:
         return f"{self.prefix}/+/{STATUS}"
 

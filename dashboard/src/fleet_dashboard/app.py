@@ -15,15 +15,18 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.wrappers.response import Response as HttpResponse
 
 from fleet_common.ask import NoAnswer, ask
-from fleet_common.config import Config
+from fleet_common.config import BUILTIN_TYPES, Config
 from fleet_common.errors import FleetError
+from fleet_common.jobs import AgentResult, Candidate, JobSpec, candidates, check_job_id, select
 from fleet_common.messages import Response
 from fleet_common.timefmt import ago
 from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
 
-from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery
+from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery, cpu_percent, fullest_disk, memory_percent
 from .exposition import metrics_for
+from .jobs import DashboardJobs, JobView, Runner, TooManyJobs, job_request, run_over_mqtt
+from .labellinks import LabelLinks
 from .operators import TooManyWrongTokens, operators
 from .query import PARTIAL, BadQuery, check_names, choice, local_path
 
@@ -36,7 +39,8 @@ CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline
 TAKES: dict[str, tuple[str, ...]] = {
     "fleet_page": (*FLEET_PARAMS, "partial"), "fleet_json": FLEET_PARAMS, "agent_page": ("range", "partial"),
     "agent_series": ("range",), "ask_now": (), "rejected_page": ("partial",), "sign_in": ("next",),
-    "sign_out": (), "health": (), "metrics": ()}
+    "sign_out": (), "health": (), "start_job": (), "job_page": ("partial",), "job_json": (), "metrics": ()}
+JOB_TYPES = tuple(sorted(BUILTIN_TYPES))
 
 
 def ask_via_mqtt(cfg: Config, agent_id: str, type_: str, timeout_s: float) -> Response:
@@ -69,6 +73,24 @@ def size(value: Any) -> str:
     return str(value)
 
 
+def outline(type_: str, result: AgentResult) -> str:
+    """A job result in a few words: the error's code and message, or the reading the fleet page shows."""
+    if result.error:
+        return f"{result.error.get('code')}: {str(result.error.get('message') or '')[:100]}"
+    data = result.data
+    if data is None:
+        return ""
+    if type_ == "cpu":
+        return f"cpu {pct(cpu_percent(data))}"
+    if type_ == "memory":
+        return f"memory {pct(memory_percent(data))} used"
+    if type_ == "disk":
+        used, mount = fullest_disk(data)
+        return f"fullest disk {mount} {pct(used)}" if mount else "no partitions"
+    text = json.dumps(data, ensure_ascii=False)
+    return text if len(text) <= 120 else text[:119] + "\u2026"
+
+
 class SessionCookies(SecureCookieSessionInterface):
     """The sign-in cookie is Secure (a browser sends it over HTTPS only) when this request came over
     HTTPS: directly, or through a TLS proxy that says so in X-Forwarded-Proto; or always, with
@@ -83,7 +105,8 @@ class SessionCookies(SecureCookieSessionInterface):
         return self.always or request.is_secure or forwarded == "https"
 
 
-def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> Flask:
+def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt,
+               job_runner: Runner = run_over_mqtt) -> Flask:
     app = Flask(__name__)
     app.config.update(SECRET_KEY=secrets.token_bytes(32), SESSION_COOKIE_HTTPONLY=True,
                       SESSION_COOKIE_SAMESITE="Strict")
@@ -92,10 +115,13 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
     fleet = Fleet(store, cfg)
     ops = operators(cfg.dashboard)
     ask_cfg = as_operator(cfg)
+    jobs = DashboardJobs(ask_cfg, job_runner)
     app.jinja_env.filters.update(ago=ago, pct=pct, ms=ms, size=size,
                                  tojson_pretty=lambda v: json.dumps(v, indent=2, ensure_ascii=False))
+    app.jinja_env.globals.update(outline=outline)
     app.extensions["fleet"] = fleet
     app.extensions["fleet_operators"] = ops
+    app.extensions["fleet_jobs"] = jobs
     exposition = app.extensions["fleet_metrics"] = metrics_for(store, cfg)
 
     @app.context_processor
@@ -130,8 +156,12 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
     @app.get("/")
     def fleet_page() -> str:
         page = fleet.page(FleetQuery.from_args(request.args))
+        links = LabelLinks(url_for("fleet_page"), page.query)
+        # each row's label links made here: a call from the template costs more than making them
+        rows_and_labels = [(r, links.cell(r.labels)) for r in page.rows]
         return render_template("_fleet.html" if partial() else "fleet.html", page=page, sort_keys=SORT_KEYS,
-                               args=request.args)
+                               args=request.args, label_links=links, rows_and_labels=rows_and_labels,
+                               job_types=JOB_TYPES)
 
     @app.get("/api/fleet")
     def fleet_json() -> Any:
@@ -177,6 +207,49 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt) -> 
         took_ms = (time.monotonic() - started) * 1000
         log.info("operator asked %s for %s: %s in %.0f ms", agent_id, type_, res.status, took_ms)
         return jsonify(answer=res.to_dict(), took_ms=round(took_ms, 1))
+
+    @app.post("/api/jobs")
+    def start_job() -> Any:
+        """Ask now for a label selection: the same checks as asking one agent, then one job."""
+        if not ops.enabled:
+            return jsonify(error="asking is disabled: set dashboard.ask_enabled (and an operator token)"), 403
+        if not ops.may_ask():
+            return jsonify(error="only a signed-in operator may ask agents"), 403
+        try:
+            type_, labels = job_request(request.get_json(silent=True))
+            spec = JobSpec(type=type_, selector=labels, timeout_s=cfg.dashboard.ask_timeout_s)
+        except FleetError as exc:  # a bad type or label
+            return jsonify(error=str(exc)), 400
+        known = [Candidate(a.agent_id, bool(a.online), dict(a.labels)) for a in fleet.snapshot().agents.values()]
+        matched = select(candidates(None, known), spec)
+        if not matched:
+            return jsonify(error=f"no known agent is one of {spec.describe()}; nothing was sent"), 400
+        try:
+            job = jobs.start(spec, known)
+        except TooManyJobs as exc:
+            return jsonify(error=str(exc)), 429
+        log.info("operator started job %s: %s to %s (%d known)", job.job, type_, spec.describe(), len(matched))
+        return jsonify(job=job.job, url=url_for("job_page", job_id=job.job),
+                       api=url_for("job_json", job_id=job.job)), 202
+
+    def known_job(job_id: str) -> JobView:
+        try:
+            check_job_id(job_id)
+        except FleetError as exc:
+            abort(404, str(exc))
+        view = jobs.view(job_id, store, fleet.snapshot().agents.values())
+        if view is None:
+            abort(404, f"no job {job_id!r} is known to this dashboard or the store")
+        return view
+
+    @app.get("/job/<job_id>")
+    def job_page(job_id: str) -> str:
+        view = known_job(job_id)
+        return render_template("_job.html" if partial() else "job.html", view=view)
+
+    @app.get("/api/job/<job_id>")
+    def job_json(job_id: str) -> Any:
+        return jsonify(known_job(job_id).to_dict())
 
     @app.get("/rejected")
     def rejected_page() -> str:

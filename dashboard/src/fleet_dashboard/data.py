@@ -3,6 +3,7 @@ viewer for a moment), one agent's series and latest answers, and the dead letter
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -11,15 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fleet_common.config import Config
+from fleet_common.labels import Labels
 from fleet_common.timefmt import parse_iso
-from fleet_store import AgentRecord, RequestRecord, Stats, StoreReader
+from fleet_store import AgentRecord, RequestRecord, Stats, StoreReader, TrendRecord
 
-from .query import choice, integer, text
+from .query import choice, integer, label_selector, text
 
 STATES = ("online", "silent", "offline")
-FLEET_PARAMS = ("q", "state", "sort", "dir", "page", "per")
+FLEET_PARAMS = ("q", "state", "label", "sort", "dir", "page", "per")
 SORT_KEYS = ("agent_id", "state", "last_seen", "answered", "latency", "cpu", "memory", "disk")
-RANGES_S = {"15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800}
+# Beyond a type's raw retention (persister.retention_s) a chart is drawn from the hourly trends.
+RANGES_S = {"15m": 900, "1h": 3600, "6h": 21600, "24h": 86400, "7d": 604800, "30d": 2592000, "90d": 7776000,
+            "400d": 34560000}
 MAX_POINTS = 10000
 
 
@@ -37,6 +41,7 @@ class FleetRow:
     memory: float | None
     disk: float | None
     disk_mount: str | None
+    labels: Labels = field(default_factory=dict)
 
     @property
     def answered_ratio(self) -> float | None:
@@ -50,14 +55,22 @@ class Snapshot:
     counts: dict[str, int]
     taken_at: float
     took_ms: float
+    by_label: dict[tuple[str, str], set[int]] = field(default_factory=dict)  # (key, value) -> indexes in rows
+
+    def labelled(self, selector: Labels) -> list[FleetRow]:
+        """The rows whose labels include every pair of `selector`, from the index: a label filter costs
+        what it finds, not a pass over the fleet."""
+        found = [self.by_label.get(pair, set()) for pair in selector.items()]
+        return [self.rows[i] for i in set.intersection(*found)] if found else self.rows
 
 
 @dataclass(frozen=True)
 class FleetQuery:
-    """What the fleet page asks for: filter text, state, sort key and direction, page."""
+    """What the fleet page asks for: filter text, state, labels, sort key and direction, page."""
 
     q: str = ""
     state: str = ""
+    labels: Labels = field(default_factory=dict)
     sort: str = "agent_id"
     desc: bool = False
     page: int = 1
@@ -65,11 +78,17 @@ class FleetQuery:
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> FleetQuery:
-        """The query from `?q=&state=&sort=&dir=&page=&per=`; a value it cannot use raises BadQuery."""
+        """The query from `?q=&state=&label=&sort=&dir=&page=&per=`; a value it cannot use raises BadQuery."""
         return cls(q=text(args, "q", 100).strip(), state=choice(args, "state", ("", *STATES), ""),
+                   labels=label_selector(args, "label"),
                    sort=choice(args, "sort", SORT_KEYS, "agent_id"),
                    desc=choice(args, "dir", ("asc", "desc"), "asc") == "desc",
                    page=integer(args, "page", 1, 1), per_page=integer(args, "per", 100, 10, 1000))
+
+    @property
+    def label_args(self) -> list[str]:
+        """The label filter as its query values: ["role=web", "dc=ams"]."""
+        return [f"{k}={v}" for k, v in self.labels.items()]
 
 
 @dataclass(frozen=True)
@@ -173,17 +192,21 @@ class Fleet:
                                  last_seen=a.last_seen, hostname=a.hostname, platform=a.platform, issued=s.issued,
                                  answered=s.answered, median_latency_ms=s.median_latency_ms,
                                  cpu=cpu_percent(c.data) if c else None,
-                                 memory=memory_percent(m.data) if m else None, disk=disk_pct, disk_mount=mount))
+                                 memory=memory_percent(m.data) if m else None, disk=disk_pct, disk_mount=mount,
+                                 labels=a.labels))
         counts = {state: 0 for state in STATES}
-        for row in rows:
+        by_label: dict[tuple[str, str], set[int]] = {}
+        for i, row in enumerate(rows):
             counts[row.state] += 1
+            for pair in row.labels.items():
+                by_label.setdefault(pair, set()).add(i)
         return Snapshot(rows=rows, agents={a.agent_id: a for a in agents}, counts=counts, taken_at=now,
-                        took_ms=(time.perf_counter() - started) * 1000)
+                        took_ms=(time.perf_counter() - started) * 1000, by_label=by_label)
 
     def page(self, query: FleetQuery) -> FleetPage:
         snap = self.snapshot()
         needle = query.q.lower()
-        rows = [r for r in snap.rows if (not query.state or r.state == query.state)
+        rows = [r for r in snap.labelled(query.labels) if (not query.state or r.state == query.state)
                 and (not needle or needle in r.agent_id.lower() or needle in (r.hostname or "").lower()
                      or needle in (r.platform or "").lower())]
         rows = sort_rows(rows, query.sort, query.desc)
@@ -191,7 +214,7 @@ class Fleet:
         page = min(query.page, pages)
         start = (page - 1) * query.per_page
         return FleetPage(rows=rows[start:start + query.per_page], matched=len(rows), pages=pages,
-                         query=FleetQuery(query.q, query.state, query.sort, query.desc, page, query.per_page),
+                         query=dataclasses.replace(query, page=page),
                          snapshot=snap)
 
     # one agent
@@ -206,7 +229,20 @@ class Fleet:
         return self.store.recent_requests(agent_id, limit)
 
     def series(self, agent_id: str, range_s: float) -> dict[str, dict[str, Any]]:
-        since = self.clock() - range_s
+        """The charts' series over the last `range_s`: from the raw answers while the range lies
+        within their retention, else from the hourly trends (each hour's average)."""
+        now = self.clock()
+        since = now - range_s
+        retention = self.cfg.persister.retention_s
+        if range_s > min(retention.get(t, retention["default"]) for t in ("cpu", "memory", "disk", "network")):
+            def hourly(series: str) -> list[TrendRecord]:
+                return self.store.trends(agent_id, series, since, now)
+
+            return {"cpu": trend_series(hourly("cpu_percent"), "cpu %").to_dict(),
+                    "memory": trend_series(hourly("memory_percent"), "memory %").to_dict(),
+                    "disk": trend_series(hourly("disk_used_percent"), None).to_dict(),
+                    "network": network_trend_series(hourly("network_rx_bytes_per_s"),
+                                                    hourly("network_tx_bytes_per_s")).to_dict()}
 
         def answers(type_: str) -> list[RequestRecord]:
             found = [r for r in self.store.history(agent_id, type_, limit=MAX_POINTS, since_s=since)
@@ -278,3 +314,30 @@ def network_series(records: Sequence[RequestRecord]) -> Series:
             out.lines["sent B/s"].append(rates[1])
         prev = (at, now)
     return out
+
+
+def trend_series(records: Sequence[TrendRecord], name: str | None, max_lines: int = 6) -> Series:
+    """Each hour's average: one line named `name`, or with None one per key (mount point), the
+    fullest `max_lines` of the newest hour."""
+    hours = sorted({r.hour for r in records})
+    newest = {r.key: r.avg for r in records if r.hour == hours[-1]} if hours else {}
+    keys = [""] if name is not None else sorted(newest, key=lambda k: -newest[k])[:max_lines]
+    by = {(r.key, r.hour): r.avg for r in records}
+    return Series(t=[parse_iso(h) for h in hours],
+                  lines={name if name is not None else k: [by.get((k, h)) for h in hours] for k in keys})
+
+
+def network_trend_series(rx: Sequence[TrendRecord], tx: Sequence[TrendRecord]) -> Series:
+    """Bytes per second received and sent per hour, the hour's average summed over all interfaces
+    but loopback, as the raw chart shows them."""
+    def totals(records: Sequence[TrendRecord]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for r in records:
+            if r.key != "lo":
+                out[r.hour] = out.get(r.hour, 0.0) + r.avg
+        return out
+
+    received, sent = totals(rx), totals(tx)
+    hours = sorted(set(received) | set(sent))
+    return Series(t=[parse_iso(h) for h in hours], lines={"received B/s": [received.get(h) for h in hours],
+                                                          "sent B/s": [sent.get(h) for h in hours]})

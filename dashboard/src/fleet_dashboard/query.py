@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 from fleet_common.errors import FleetError
+from fleet_common.labels import Labels, select
 
 PARTIAL = ("0", "1")
 
@@ -73,3 +74,17 @@ def local_path(args: Mapping[str, str], name: str) -> str | None:
     if not value.startswith("/") or value.startswith("//") or "\\" in value or not value.isprintable():
         raise BadQuery(name, f"{value!r} is not a path on this site; it must start with a single '/'")
     return value
+
+
+def label_selector(args: Mapping[str, str], name: str) -> Labels:
+    """Repeated `?label=key=value` as one selector (every pair must match). A pair that is not a valid
+    label, or a key given twice (which no agent could match), is refused rather than dropped."""
+    getlist = getattr(args, "getlist", None)
+    values: list[str] = getlist(name) if getlist else [args[name]] if name in args else []
+    try:
+        selector = select(values)
+    except ValueError as exc:
+        raise BadQuery(name, str(exc)) from None
+    if len(selector) < len(values):
+        raise BadQuery(name, "gives one key twice; give each key once")
+    return selector

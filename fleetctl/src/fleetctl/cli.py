@@ -1,5 +1,6 @@
-"""fleetctl: up, status, request, history, dashboard, and provisioning of the production broker
-(make-certs, add-agent, remove-agent, add-user, remove-user, list-users)."""
+"""fleetctl: up, status, request (one agent, or a job to many), job, history, dashboard, and
+provisioning of the production broker (make-certs, add-agent, remove-agent, add-user, remove-user,
+list-users)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from fleet_common.ask import ask
 from fleet_common.cli import base_parser, globals_after_subcommands, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
+from fleet_common.labels import Labels, select
 from fleet_store import open_reader
 
+from . import job, up, views
 from . import request as req
-from . import up, views
 from .provision import add_provision_parsers, run_provision
 
 # Commands other distributions add to fleetctl (the dashboard's `dashboard`), found by name at run
@@ -44,6 +46,14 @@ def read_from(cfg: Config, as_json: bool) -> None:
         print(f"fleetctl: read {views.footer(cfg)}", file=sys.stderr)
     else:
         print(views.footer(cfg))
+
+
+def label_selector(pairs: list[str]) -> Labels:
+    """`--label k=v` values as one selector; a bad one stops the command with one line (exit 2)."""
+    try:
+        return select(pairs)
+    except ValueError as exc:
+        raise FleetError(f"--label: {exc}") from None
 
 
 def positive_int(text: str) -> int:
@@ -82,13 +92,28 @@ def parser() -> argparse.ArgumentParser:
                    help="count requests of this recent window (default 3600)")
     s.add_argument("--watch", type=float, nargs="?", const=2.0, default=None, metavar="SECONDS",
                    help="refresh in place every SECONDS (default 2) until Ctrl-C; with --json, one JSON line each")
+    s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="only agents with this label (repeatable: all must match)")
 
-    s = sub.add_parser("request", help="ask an agent now, wait, print the response")
-    s.add_argument("agent")
-    s.add_argument("type")
+    s = sub.add_parser("request", help="ask an agent, or every (matching) agent, now; wait; print the answers",
+                       usage="fleetctl request [options] AGENT TYPE | --all TYPE | --label KEY=VALUE [--label ...] "
+                             "TYPE")
+    s.add_argument("agent", metavar="AGENT", help="the agent to ask (with --all or --label: the type)")
+    s.add_argument("type", metavar="TYPE", nargs="?", help="the request type: cpu, memory, disk, ...")
+    s.add_argument("--all", action="store_true", help="one job to every known agent")
+    s.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="one job to the agents with this label (repeatable: all must match)")
     s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="request parameter (repeatable)")
     s.add_argument("--timeout", type=positive_seconds, default=10.0, metavar="SECONDS",
-                   help="wait this long for the answer; the request expires at the broker then (default 10)")
+                   help="wait this long for the answer (of each online agent, in a job); one agent's request "
+                        "expires at the broker then (default 10)")
+    s.add_argument("--expires", type=positive_seconds, default=None, metavar="SECONDS",
+                   help="a job's requests wait at the broker this long for offline agents (default 3600)")
+    s.add_argument("--json", action="store_true", help="a job's results as one JSON object, for scripts")
+
+    s = sub.add_parser("job", help="a job's tally from the store, answers that came after it stopped waiting included")
+    s.add_argument("job", metavar="JOB_ID", help="the id 'fleetctl request --all|--label' printed")
+    s.add_argument("--json", action="store_true", help="print JSON for scripts")
 
     s = sub.add_parser("history", help="stored results of one agent and type, newest first")
     s.add_argument("agent")
@@ -116,16 +141,29 @@ def main(argv: list[str] | None = None) -> int:
         extra += [f"--log-format={args.log_format}"] if args.log_format else []
         return up.run_stack(cfg, args.config, stop_event(), broker_config=args.broker_config,
                             data_dir=args.data_dir, extra_args=extra)
+    selector = label_selector(args.label) if args.command == "status" else {}
     if args.command == "status" and args.watch is not None:
-        views.watch(lambda: views.status_frame(cfg, args.since, args.json), max(args.watch, 0.1), stop_event())
+        views.watch(lambda: views.status_frame(cfg, args.since, args.json, selector), max(args.watch, 0.1),
+                    stop_event())
         return 0
     if args.command == "status":
-        print(views.render_status(views.status_rows(cfg, args.since), args.json))
+        print(views.render_status(views.status_rows(cfg, args.since, selector), args.json, selector))
         read_from(cfg, args.json)
         for line in views.broker_warnings(cfg):
             print(line, file=sys.stderr)
         return 0
+    if args.command == "request" and (args.all or args.label):
+        if args.type is not None:
+            raise FleetError(f"with --all or --label give only the type, as in 'fleetctl request --all {args.type}'")
+        return job.run(cfg, args)
+    if args.command == "job":
+        return job.show(cfg, args.job, args.json)
     if args.command == "request":
+        if args.type is None:
+            raise FleetError("give an agent and a type ('fleetctl request web-01 cpu'), or --all or --label and a "
+                             "type ('fleetctl request --label role=web cpu')")
+        if args.expires is not None:
+            raise FleetError("--expires is for jobs (--all, --label); one agent's request expires after --timeout")
         started = time.monotonic()
         res = ask(cfg, args.agent, args.type, req.parse_params(args.param), args.timeout,
                   notice=lambda text: print(f"fleetctl: {text}", file=sys.stderr, flush=True))

@@ -13,6 +13,7 @@ from typing import Any, Callable, TextIO
 from fleet_common import health
 from fleet_common.brokerwatch import ADVICE
 from fleet_common.config import BUILTIN_TYPES, Config
+from fleet_common.labels import Labels, format_labels, matches
 from fleet_common.timefmt import ago
 from fleet_store import StoreReader, describe, open_reader
 
@@ -27,36 +28,42 @@ def fmt_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
 
 
-def status_rows(cfg: Config, since_s: float) -> list[dict[str, Any]]:
+def status_rows(cfg: Config, since_s: float, selector: Labels | None = None) -> list[dict[str, Any]]:
+    """The agents, those whose labels include every pair of `selector` when one is given."""
     store = open_reader(cfg.persister)
     try:
         stats = store.agent_stats(time.time() - since_s)
         rows = []
         for agent in store.agents():
+            if selector and not matches(agent.labels, selector):
+                continue
             s = stats.get(agent.agent_id)
             rows.append({
                 "agent_id": agent.agent_id, "online": agent.online, "last_seen": agent.last_seen,
                 "hostname": agent.hostname, "platform": agent.platform, "agent_version": agent.agent_version,
                 "types": agent.types, "issued": s.issued if s else 0, "answered": s.answered if s else 0,
                 "expired": s.expired if s else 0, "errors": s.errors if s else 0,
-                "median_latency_ms": s.median_latency_ms if s else None,
+                "median_latency_ms": s.median_latency_ms if s else None, "labels": agent.labels,
             })
         return rows
     finally:
         store.close()
 
 
-def render_status(rows: list[dict[str, Any]], as_json: bool) -> str:
+def render_status(rows: list[dict[str, Any]], as_json: bool, selector: Labels | None = None) -> str:
     if as_json:
         return json.dumps(rows, indent=2)
+    with_labels = f" with labels {format_labels(selector)}" if selector else ""
     if not rows:
-        return "no agents known yet (is the persister running, and has an agent connected?)"
+        return (f"no agent has labels {format_labels(selector)}" if selector
+                else "no agents known yet (is the persister running, and has an agent connected?)")
     now = time.time()
     body = [[r["agent_id"], "online" if r["online"] else "offline", ago(r["last_seen"], now),
-             f"{r['answered']}/{r['issued']}", fmt_ms(r["median_latency_ms"]), r["platform"]] for r in rows]
+             f"{r['answered']}/{r['issued']}", fmt_ms(r["median_latency_ms"]), r["platform"],
+             format_labels(r.get("labels")) or None] for r in rows]
     online = sum(1 for r in rows if r["online"])
-    return (table(["AGENT", "STATE", "LAST SEEN", "ANSWERED/ISSUED", "MEDIAN LATENCY", "PLATFORM"], body)
-            + f"\n\n{online} of {len(rows)} agents online")
+    return (table(["AGENT", "STATE", "LAST SEEN", "ANSWERED/ISSUED", "MEDIAN LATENCY", "PLATFORM", "LABELS"], body)
+            + f"\n\n{online} of {len(rows)} agents{with_labels} online")
 
 
 def broker_warnings(cfg: Config) -> list[str]:
@@ -82,13 +89,13 @@ def broker_warnings(cfg: Config) -> list[str]:
             f"{service} saw it): answers lost on their way to the persister. {ADVICE[0].upper()}{ADVICE[1:]}."]
 
 
-def status_frame(cfg: Config, since_s: float, as_json: bool) -> str:
+def status_frame(cfg: Config, since_s: float, as_json: bool, selector: Labels | None = None) -> str:
     """One refresh of `fleetctl status --watch`: the table, or one line of JSON per refresh for scripts."""
-    rows = status_rows(cfg, since_s)
+    rows = status_rows(cfg, since_s, selector)
     if as_json:
         return json.dumps({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "agents": rows,
                            "store": describe(cfg.persister)})
-    return render_status(rows, False) + "\n" + footer(cfg)
+    return render_status(rows, False, selector) + "\n" + footer(cfg)
 
 
 def footer(cfg: Config) -> str:

@@ -31,6 +31,7 @@ from .base import (
     dead_letter,
     refused,
 )
+from .trends import SERIES, TrendRecord
 
 __version__ = dist_version("fleet-store")
 
@@ -40,13 +41,14 @@ log = logging.getLogger("fleet.persister")
 def _sqlite(cfg: PersisterConfig) -> Store:
     from .sqlite import SqliteStore
 
-    return SqliteStore(cfg.sqlite_path, cfg.retention_s)
+    return SqliteStore(cfg.sqlite_path, cfg.retention_s, trend_retention_s=cfg.trend_retention_s)
 
 
 def _mongodb(cfg: PersisterConfig) -> Store:
     from .mongodb import MongoStore  # pymongo is imported only when it is chosen
 
-    return MongoStore.from_uri(cfg.mongodb_uri, cfg.retention_s, cfg.mongodb_database)
+    return MongoStore.from_uri(cfg.mongodb_uri, cfg.retention_s, cfg.mongodb_database,
+                               trend_retention_s=cfg.trend_retention_s)
 
 
 STORES: dict[str, Callable[[PersisterConfig], Store]] = {"sqlite": _sqlite, "mongodb": _mongodb}
@@ -69,7 +71,7 @@ def open_reader(cfg: PersisterConfig) -> StoreReader:
     if cfg.store == "sqlite":
         from .sqlite import SqliteStore
 
-        return SqliteStore(cfg.sqlite_path, cfg.retention_s, read_only=True)
+        return SqliteStore(cfg.sqlite_path, cfg.retention_s, read_only=True, trend_retention_s=cfg.trend_retention_s)
     return open_store(cfg)
 
 
@@ -104,6 +106,7 @@ def open_store_waiting(cfg: PersisterConfig, stop: threading.Event,
 
 
 __all__ = ["ENCODES_JSON", "MAX_REJECTED_PAYLOAD", "STORES", "AgentRecord", "Batch", "EncodedJSON", "Incoming",
-           "LatestRecord", "RejectedRecord", "RequestRecord", "Stats", "Store", "StoreError", "StoreMissing",
-           "StoreReader", "StoreUnreachable", "StoreWriter", "dead_letter", "describe", "open_reader", "open_store",
+           "LatestRecord", "RejectedRecord", "RequestRecord", "SERIES", "Stats", "Store", "StoreError", "StoreMissing",
+           "StoreReader", "StoreUnreachable", "StoreWriter", "TrendRecord", "dead_letter", "describe", "open_reader",
+           "open_store",
            "open_store_waiting", "refused"]

@@ -19,10 +19,13 @@ from fleet_common import FleetError, Request, Response, Status, iso, parse_iso
 from fleet_common.config import PersisterConfig
 from fleet_common.timefmt import LATEST_S, is_canonical
 
+from .trends import TrendRecord
+
 M = TypeVar("M", Request, Response, Status)
 
 STATES = ("pending", "ok", "error", "expired")
 DEFAULT_RETENTION_S: Mapping[str, int] = PersisterConfig().retention_s
+DEFAULT_TREND_RETENTION_S: int = PersisterConfig().trend_retention_s
 EXPIRED_ERROR = {"code": "expired", "message": "no response before expires_at"}
 
 
@@ -135,6 +138,7 @@ class RequestRecord:
     expire_at: str | None
     collected_at: str | None = None  # as the agent's clock said
     received_at: str | None = None  # when a persister received the answer, by its clock
+    job: str | None = None  # the job the request was sent in (fleetctl request --all|--label)
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,9 @@ class StoreReader(Protocol):
 
     def get_request(self, id_: str) -> RequestRecord | None: ...
 
+    def job_requests(self, job_id: str) -> list[RequestRecord]:
+        """The requests sent in job `job_id`, by agent id (an indexed read)."""
+
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         """The newest answered (state ok) request of `type_` per agent, answered since `since_s`,
         from the latest table: one indexed range, so a fleet page of thousands stays fast. The
@@ -252,6 +259,10 @@ class StoreReader(Protocol):
 
     def rejected(self, limit: int = 100) -> list[RejectedRecord]:
         """Dead letters, newest first."""
+
+    def trends(self, agent_id: str, series: str, since_s: float, until_s: float) -> list[TrendRecord]:
+        """The hourly trend of one agent's series (trends.SERIES) for the hours from the one
+        `since_s` falls in up to `until_s`, by key (mountpoint, interface; '' for host-wide) and hour."""
 
     def count_requests(self, *, agent_id: str | None = None, type_: str | None = None,
                        state: str | None = None) -> int: ...

@@ -1,12 +1,16 @@
 """MongoDB store: database `fleet`, collections requests (_id = request id), agents
-(_id = agent id), rejected (_id = dead-letter id) and latest (one per agent_id and type,
-a unique index).
+(_id = agent id), rejected (_id = dead-letter id), latest (one per agent_id and type,
+a unique index) and trends (unique on agent_id, series, key, hour).
 
 A batch is one ordered bulk write per collection, not a multi-document transaction
 (those need a replica set). That is safe because every operation is an idempotent
 upsert: if a bulk write fails part-way, the persister has acknowledged nothing and
 re-applies the whole batch. Timestamps are RFC 3339 strings, as in the contract,
 except `expire_at`, a BSON date so the TTL index can delete expired requests.
+
+Trends are added after the requests are written, for the answers that were not stored before
+the batch: a batch retried after a partial write may so leave an answer out of its hour's trend,
+but never counts one twice.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, MongoClient, UpdateOne
 from pymongo.errors import BulkWriteError, ConnectionFailure, DocumentTooLarge, PyMongoError, WriteError
 
-from fleet_common import iso, parse_iso
+from fleet_common import Response, iso, parse_iso
 
 from .base import (
     DATA_ERRORS,
     DEFAULT_RETENTION_S,
+    DEFAULT_TREND_RETENTION_S,
     EXPIRED_ERROR,
     AgentRecord,
     Batch,
@@ -50,6 +55,7 @@ from .base import (
     seen_at,
     summarise,
 )
+from .trends import TREND_TYPES, Answer, TrendRecord, TrendRow, roll_up
 
 Doc = dict[str, Any]
 DUPLICATE_KEY = 11000
@@ -100,9 +106,14 @@ class MongoStore:
     """A Store in one MongoDB database; pass a MongoClient (or a mongomock one in tests)."""
 
     def __init__(self, client: MongoClient[Doc], retention_s: Mapping[str, int] = DEFAULT_RETENTION_S,
-                 database: str = "fleet") -> None:
+                 database: str = "fleet", trend_retention_s: int = DEFAULT_TREND_RETENTION_S) -> None:
         self.client, self.retention_s = client, dict(retention_s)
+        self.trend_retention_s = trend_retention_s
         self.db = client[database]
+        self.trends_c = self.db["trends"]
+        self.trends_c.create_index([("agent_id", ASCENDING), ("series", ASCENDING), ("key", ASCENDING),
+                                    ("hour", ASCENDING)], unique=True)
+        self.trends_c.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
         self.requests, self.agents_c, self.rejected_c = self.db["requests"], self.db["agents"], self.db["rejected"]
         self.requests.create_index([("agent_id", ASCENDING), ("type", ASCENDING), ("issued_at", DESCENDING)])
         self.requests.create_index([("state", ASCENDING), ("expires_at", ASCENDING)])
@@ -112,6 +123,8 @@ class MongoStore:
                                     ("issued_at", DESCENDING)])
         self.requests.create_index([("agent_id", ASCENDING), ("issued_at", DESCENDING)])
         self.requests.create_index([("expire_at", ASCENDING)], expireAfterSeconds=0)
+        # fleetctl job: a job's requests; partial, so the controller's (no job) cost it nothing
+        self.requests.create_index([("job", ASCENDING)], partialFilterExpression={"job": {"$type": "string"}})
         self.rejected_c.create_index([("received_at", DESCENDING)])
         self._add_latest()
 
@@ -134,7 +147,7 @@ class MongoStore:
 
     @classmethod
     def from_uri(cls, uri: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S, database: str = "fleet",
-                 timeout_s: float = 5.0) -> MongoStore:
+                 timeout_s: float = 5.0, trend_retention_s: int = DEFAULT_TREND_RETENTION_S) -> MongoStore:
         """Connect and check the server answers. StoreUnreachable if it does not (worth retrying);
         StoreError for anything else (a bad URI, failed authentication: fix the config)."""
         try:
@@ -145,7 +158,7 @@ class MongoStore:
                              f"{redact(str(exc))[:200]})") from None
         try:
             client.admin.command("ping")
-            return cls(client, retention_s, database)
+            return cls(client, retention_s, database, trend_retention_s)
         except PyMongoError as exc:
             client.close()
             error = StoreUnreachable if isinstance(exc, ConnectionFailure) else StoreError
@@ -173,10 +186,12 @@ class MongoStore:
 
     def _write(self, batch: Batch) -> list[RejectedRecord]:
         ids = sorted({i.message.id for i in batch.requests} | {i.message.id for i in batch.responses})
-        owners = {d["_id"]: Owner(d["agent_id"], d["type"], d.get("issued_at") is not None)
-                  for d in self.requests.find({"_id": {"$in": ids}}, {"agent_id": 1, "type": 1, "issued_at": 1})} \
-            if ids else {}
+        found = list(self.requests.find({"_id": {"$in": ids}}, {"agent_id": 1, "type": 1, "issued_at": 1,
+                                                                 "received_at": 1})) if ids else []
+        owners = {d["_id"]: Owner(d["agent_id"], d["type"], d.get("issued_at") is not None) for d in found}
+        answered = {d["_id"] for d in found if d.get("received_at") is not None}
         resolved = resolve(batch, owners)
+        trend_rows = self._trend_rows(resolved.responses, answered)
         turned_away = list(resolved.refused)
         if resolved.displaced:
             turned_away += self._displace(resolved.displaced)
@@ -190,11 +205,11 @@ class MongoStore:
             ops.append(UpdateOne(mine, {"$setOnInsert": {
                 "id": r.id, "params": r.params, "issued_at": issued, "expires_at": norm_ts(r.expires_at),
                 "state": "pending", "answered_at": None, "latency_ms": None, "data": None, "error": None,
-                "collected_at": None, "received_at": None,
+                "collected_at": None, "received_at": None, "job": r.job,
                 "expire_at": to_date(retention_until(item.received_at, r.type, ret))}}, upsert=True))
             # an answer stored first left the request's fields empty: fill them, never overwrite them
             ops.append(UpdateOne({**mine, "issued_at": None}, {"$set": {
-                "issued_at": issued, "params": r.params, "expires_at": norm_ts(r.expires_at)}}))
+                "issued_at": issued, "params": r.params, "expires_at": norm_ts(r.expires_at), "job": r.job}}))
             sources += [item, item]
         agents: list[Any] = []
         for res in resolved.responses:
@@ -210,6 +225,7 @@ class MongoStore:
             agents.append(self._seen(p.agent_id, res.received_at))
         if ops:
             turned_away += self._bulk(ops, sources)
+        self._add_trends(trend_rows)
         for st in batch.statuses:
             s = st.message
             agents.append(self._seen(s.agent_id, seen_at(st)))
@@ -258,6 +274,43 @@ class MongoStore:
                 if any(e.get("code") != DUPLICATE_KEY for e in errors):
                     raise
                 records = [records[e["index"]] for e in errors]
+    def _trend_rows(self, responses: list[Incoming[Response]], answered: set[str]) -> list[TrendRow]:
+        """The trend rows of the ok answers new to the store (trends.py), made before the batch is
+        written, so the network rates start from the newest answer stored before it."""
+        fresh: dict[str, Answer] = {}
+        for res in responses:
+            p = res.message
+            if p.type in TREND_TYPES and p.status == "ok" and p.id not in answered and p.id not in fresh:
+                fresh[p.id] = Answer(p.agent_id, p.type, answer_time(norm_ts(p.collected_at), res.received_at),
+                                     p.data, res.received_at)
+        if not fresh:
+            return []
+        previous = {}
+        for agent_id in sorted({a.agent_id for a in fresh.values() if a.type == "network"}):
+            newest = self._newest_network(agent_id)
+            if newest is not None:
+                previous[agent_id] = newest
+        return roll_up(fresh.values(), previous, self.trend_retention_s)
+
+    def _newest_network(self, agent_id: str) -> Answer | None:
+        """The agent's newest stored network answer: of those with a request, by the request's index;
+        of the few stored before their request came (no issued_at), by answered_at."""
+        mine: Doc = {"agent_id": agent_id, "type": "network", "state": "ok", "answered_at": {"$ne": None}}
+        found = [d for d in (self.requests.find_one(mine, sort=[("issued_at", DESCENDING)]),
+                             self.requests.find_one({**mine, "issued_at": None}, sort=[("answered_at", DESCENDING)]))
+                 if d is not None]
+        if not found:
+            return None
+        d = max(found, key=lambda doc: str(doc["answered_at"]))
+        return Answer(agent_id, "network", d["answered_at"], d.get("data"), d.get("received_at") or d["answered_at"])
+
+    def _add_trends(self, rows: list[TrendRow]) -> None:
+        if rows:
+            self.trends_c.bulk_write([UpdateOne(
+                {"agent_id": r.agent_id, "series": r.series, "key": r.key, "hour": r.hour},
+                {"$inc": {"count": r.count, "sum": r.sum}, "$min": {"min": r.min},
+                 "$max": {"max": r.max, "expire_at": to_date(r.expire_at)}}, upsert=True) for r in rows],
+                ordered=False)
 
     def _bulk(self, ops: list[Any], sources: list[Incoming[Any]]) -> list[RejectedRecord]:
         """The request upserts: unordered, so that one the server turns away does not stop the rest.
@@ -333,6 +386,7 @@ class MongoStore:
     def purge(self, now_s: float) -> int:
         n = self.requests.delete_many({"expire_at": {"$lt": to_date(iso(now_s))}}).deleted_count
         self.rejected_c.delete_many({"received_at": {"$lt": iso(now_s - self.retention_s["default"])}})
+        self.trends_c.delete_many({"expire_at": {"$lt": to_date(iso(now_s))}})
         return int(n)
 
     # read side
@@ -363,6 +417,10 @@ class MongoStore:
         doc = self.requests.find_one({"_id": id_})
         return self._request(doc) if doc else None
 
+    def job_requests(self, job_id: str) -> list[RequestRecord]:
+        cursor = self.requests.find({"job": job_id}).sort([("agent_id", ASCENDING), ("_id", ASCENDING)])
+        return [self._request(d) for d in cursor]
+
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         query: Doc = {"type": type_}
         if since_s is not None:
@@ -380,6 +438,13 @@ class MongoStore:
         cursor = self.requests.find({"agent_id": agent_id}).sort(
             [("issued_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
         return [self._request(d) for d in cursor]
+
+    def trends(self, agent_id: str, series: str, since_s: float, until_s: float) -> list[TrendRecord]:
+        cursor = self.trends_c.find({"agent_id": agent_id, "series": series,
+                                     "hour": {"$gte": iso(since_s - since_s % 3600), "$lt": iso(until_s)}}).sort(
+            [("key", ASCENDING), ("hour", ASCENDING)])
+        return [TrendRecord(agent_id=d["agent_id"], series=d["series"], key=d["key"], hour=d["hour"], min=d["min"],
+                            avg=d["sum"] / d["count"], max=d["max"], count=d["count"]) for d in cursor]
 
     def rejected(self, limit: int = 100) -> list[RejectedRecord]:
         cursor = self.rejected_c.find().sort([("received_at", DESCENDING), ("_id", DESCENDING)]).limit(limit)
@@ -407,4 +472,4 @@ class MongoStore:
                              issued_at=d.get("issued_at"), expires_at=d.get("expires_at"), state=d["state"],
                              answered_at=d.get("answered_at"), latency_ms=d.get("latency_ms"), data=d.get("data"),
                              error=d.get("error"), expire_at=from_date(d.get("expire_at")),
-                             collected_at=d.get("collected_at"), received_at=d.get("received_at"))
+                             collected_at=d.get("collected_at"), received_at=d.get("received_at"), job=d.get("job"))

@@ -23,6 +23,7 @@ from fleet_common.backoff import Backoff
 from .base import (
     DATA_ERRORS,
     DEFAULT_RETENTION_S,
+    DEFAULT_TREND_RETENTION_S,
     EXPIRED_ERROR,
     AgentRecord,
     Batch,
@@ -47,6 +48,7 @@ from .base import (
     seen_at,
     summarise_counts,
 )
+from .trends import TREND_TYPES, Answer, TrendRecord, roll_up
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -63,7 +65,8 @@ CREATE TABLE IF NOT EXISTS requests (
     error        TEXT,
     expire_at    TEXT,
     collected_at TEXT,
-    received_at  TEXT
+    received_at  TEXT,
+    job          TEXT
 );
 CREATE INDEX IF NOT EXISTS requests_history ON requests (agent_id, type, COALESCE(issued_at, answered_at));
 CREATE INDEX IF NOT EXISTS requests_time ON requests (COALESCE(issued_at, answered_at));
@@ -90,6 +93,20 @@ CREATE TABLE IF NOT EXISTS rejected (
     detail      TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS rejected_received_at ON rejected (received_at);
+CREATE TABLE IF NOT EXISTS trends (
+    agent_id  TEXT NOT NULL,
+    series    TEXT NOT NULL,
+    key       TEXT NOT NULL DEFAULT '',
+    hour      TEXT NOT NULL,
+    count     INTEGER NOT NULL,
+    sum       REAL NOT NULL,
+    min       REAL NOT NULL,
+    max       REAL NOT NULL,
+    avg       REAL GENERATED ALWAYS AS (sum / count) VIRTUAL,
+    expire_at TEXT NOT NULL,
+    PRIMARY KEY (agent_id, series, key, hour)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS trends_expire_at ON trends (expire_at);
 """
 # The newest ok answer per agent and type (what the fleet page and /metrics show), kept beside
 # requests in the same transaction. Created by _add_latest, which backfills it once from requests.
@@ -105,17 +122,21 @@ CREATE TABLE latest (
 CREATE INDEX latest_type ON latest (type, answered_at);
 """
 # Columns added since the first release: a database made before gets them when it is opened.
-ADDED_COLUMNS = {"requests": ("collected_at TEXT", "received_at TEXT"),
+ADDED_COLUMNS = {"requests": ("collected_at TEXT", "received_at TEXT", "job TEXT"),
                  "rejected": ("detail TEXT NOT NULL DEFAULT ''",),
                  "agents": ("labels TEXT",)}
+# Indexes on added columns, made once the columns are there (SCHEMA runs before _add_columns).
+# Partial: the controller's requests (no job) cost the index nothing.
+ADDED_INDEXES = ("CREATE INDEX IF NOT EXISTS requests_job ON requests (job) WHERE job IS NOT NULL",)
 
 # The request decides whose a record is (base.resolve); these conditions make sure of it
 # in SQL too: an upsert never changes a record of another agent or type.
 UPSERT_REQUEST = """
-INSERT INTO requests (id, agent_id, type, params, issued_at, expires_at, state, expire_at)
-VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
+INSERT INTO requests (id, agent_id, type, params, issued_at, expires_at, state, expire_at, job)
+VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     params = COALESCE(requests.params, excluded.params),
+    job = CASE WHEN requests.issued_at IS NULL THEN excluded.job ELSE requests.job END,
     issued_at = COALESCE(requests.issued_at, excluded.issued_at),
     expires_at = COALESCE(requests.expires_at, excluded.expires_at),
     expire_at = COALESCE(requests.expire_at, excluded.expire_at)
@@ -164,8 +185,20 @@ WHERE (excluded.answered_at, excluded.id) > (latest.answered_at, latest.id)
 INSERT_REJECTED = ("INSERT OR IGNORE INTO rejected (id, received_at, topic, reason, payload, detail) "
                    "VALUES (?, ?, ?, ?, ?, ?)")
 
+# An hour's samples added to what is stored (trends.TrendRow); the same hour written again adds to it.
+UPSERT_TREND = """
+INSERT INTO trends (agent_id, series, key, hour, count, sum, min, max, expire_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (agent_id, series, key, hour) DO UPDATE SET
+    count = trends.count + excluded.count, sum = trends.sum + excluded.sum,
+    min = MIN(trends.min, excluded.min), max = MAX(trends.max, excluded.max),
+    expire_at = MAX(trends.expire_at, excluded.expire_at)
+"""
+NEWEST_NETWORK = ("SELECT answered_at, data, received_at FROM requests WHERE agent_id = ? AND type = 'network' "
+                  "AND state = 'ok' AND answered_at IS NOT NULL "
+                  "ORDER BY COALESCE(issued_at, answered_at) DESC LIMIT 1")
+
 REQUEST_COLUMNS = ("id, agent_id, type, params, issued_at, expires_at, state, answered_at, latency_ms, "
-                   "data, error, expire_at, collected_at, received_at")
+                   "data, error, expire_at, collected_at, received_at, job")
 AGENT_COLUMNS = ("agent_id, online, first_seen, last_seen, hostname, platform, agent_version, types, status_at, "
                  "labels")
 CHUNK = 500
@@ -190,6 +223,8 @@ def _add_columns(db: sqlite3.Connection) -> None:
         for column in columns:
             if column.split()[0] not in have:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    for index in ADDED_INDEXES:
+        db.execute(index)
 
 
 def _add_latest(db: sqlite3.Connection) -> None:
@@ -241,10 +276,12 @@ class SqliteStore:
     with the writer (sqlite3 releases the GIL). Readers never start it."""
 
     def __init__(self, path: str, retention_s: Mapping[str, int] = DEFAULT_RETENTION_S,
-                 busy_timeout_ms: int = 5000, read_only: bool = False) -> None:
+                 busy_timeout_ms: int = 5000, read_only: bool = False,
+                 trend_retention_s: int = DEFAULT_TREND_RETENTION_S) -> None:
         """`read_only`: a reader's view (fleetctl status, history) that never creates the file,
         its folder or its schema; StoreMissing if there is no file."""
         self.path, self.retention_s = path, dict(retention_s)
+        self.trend_retention_s = trend_retention_s
         self.read_only = read_only and path != ":memory:"
         self._lock = threading.Lock()
         self._file = str(Path(path).expanduser()) if path != ":memory:" else path
@@ -378,7 +415,7 @@ class SqliteStore:
             r = item.message
             out.requests[id(item)] = (r.id, item.agent_id, r.type, _json(r.params),
                                       norm_ts(r.issued_at) or item.received_at, norm_ts(r.expires_at),
-                                      retention_until(item.received_at, r.type, ret))
+                                      retention_until(item.received_at, r.type, ret), r.job)
         for res in batch.responses:
             p = res.message
             collected = norm_ts(p.collected_at)
@@ -408,6 +445,7 @@ class SqliteStore:
             stored = {id_: row for id_, row in stored.items() if id_ not in resolved.displaced}
         db.executemany(UPSERT_REQUEST, [rows.requests[id(i)] for i in resolved.requests])
         answers = self._answers(resolved, rows, stored)
+        db.executemany(UPSERT_TREND, self._trend_rows(answers, stored))  # before the answers: see _newest_network
         db.executemany(UPSERT_RESPONSE, answers)
         self._latest(answers)
         last_heard: dict[str, str] = {}
@@ -457,6 +495,31 @@ class SqliteStore:
             if found is None or (answered_at, id_) > (found[3], found[2]):
                 newest[agent_id, type_] = (agent_id, type_, id_, answered_at, data)
         self._db.executemany(UPSERT_LATEST, list(newest.values()))
+    def _trend_rows(self, answers: list[tuple[Any, ...]], stored: dict[str, tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The trend rows of the ok answers new to the store (trends.py). An answer stored before
+        (a redelivery after a restart) is not new, so it is never counted twice."""
+        fresh, seen = [], set()
+        for id_, agent_id, type_, state, at, data, _, _, _, received, _ in answers:
+            old = stored.get(id_)
+            if type_ not in TREND_TYPES or state != "ok" or id_ in seen or (old is not None and old[5] is not None):
+                continue
+            seen.add(id_)
+            fresh.append(Answer(agent_id, type_, at, None if data is None else orjson.loads(data.encode()), received))
+        if not fresh:
+            return []
+        previous = {}
+        for agent_id in sorted({a.agent_id for a in fresh if a.type == "network"}):
+            newest = self._newest_network(agent_id)
+            if newest is not None:
+                previous[agent_id] = newest
+        return [(r.agent_id, r.series, r.key, r.hour, r.count, r.sum, r.min, r.max, r.expire_at)
+                for r in roll_up(fresh, previous, self.trend_retention_s)]
+
+    def _newest_network(self, agent_id: str) -> Answer | None:
+        """The agent's newest stored network answer, the one the first rate of a batch is counted
+        from: read before the batch's answers are written, so a restart loses no rate."""
+        row = self._db.execute(NEWEST_NETWORK, (agent_id,)).fetchone()
+        return None if row is None else Answer(agent_id, "network", row[0], _unjson(row[1]), row[2] or row[0])
 
     def _displace(self, displaced: dict[str, Owner]) -> list[RejectedRecord]:
         """Move stored answers whose request names another agent or type to rejected."""
@@ -492,6 +555,7 @@ class SqliteStore:
                 n = self._db.execute("DELETE FROM requests WHERE expire_at < ?", (iso(now_s),)).rowcount
                 self._db.execute("DELETE FROM rejected WHERE received_at < ?",
                                  (iso(now_s - self.retention_s["default"]),))
+                self._db.execute("DELETE FROM trends WHERE expire_at < ?", (iso(now_s),))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -535,6 +599,10 @@ class SqliteStore:
         rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE id = ?", (id_,))
         return self._request(rows[0]) if rows else None
 
+    def job_requests(self, job_id: str) -> list[RequestRecord]:
+        rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE job = ? ORDER BY agent_id, id", (job_id,))
+        return [self._request(row) for row in rows]
+
     def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
         since = iso(since_s) if since_s is not None else ""
         return {r.agent_id: r.request() for r in self._latest_rows("type = ?1 AND answered_at >= ?2", (type_, since))}
@@ -568,6 +636,17 @@ class SqliteStore:
         found.sort(key=lambda r: (r.issued_at or r.answered_at or "", r.id), reverse=True)
         return found[:limit]
 
+    def trends(self, agent_id: str, series: str, since_s: float, until_s: float) -> list[TrendRecord]:
+        try:
+            rows = self._query("SELECT agent_id, series, key, hour, min, sum / count, max, count FROM trends "
+                               "WHERE agent_id = ? AND series = ? AND hour >= ? AND hour < ? ORDER BY key, hour",
+                               (agent_id, series, iso(since_s - since_s % 3600), iso(until_s)))
+        except sqlite3.OperationalError as exc:
+            if "no such table" not in str(exc):
+                raise
+            return []  # a reader of a file no persister with trends has written to yet
+        return [TrendRecord(*row) for row in rows]
+
     def rejected(self, limit: int = 100) -> list[RejectedRecord]:
         return [RejectedRecord(*row) for row in self._query(
             "SELECT id, received_at, topic, reason, payload, detail FROM rejected "
@@ -598,8 +677,8 @@ class SqliteStore:
     @staticmethod
     def _request(row: Sequence[Any]) -> RequestRecord:
         (id_, agent_id, type_, params, issued, expires, state, answered, latency, data, error, expire_at,
-         collected, received) = row
+         collected, received, job) = row
         return RequestRecord(id=id_, agent_id=agent_id, type=type_, params=_unjson(params), issued_at=issued,
                              expires_at=expires, state=state, answered_at=answered, latency_ms=latency,
                              data=_unjson(data), error=_unjson(error), expire_at=expire_at, collected_at=collected,
-                             received_at=received)
+                             received_at=received, job=job)

@@ -9,7 +9,9 @@
 
   function withPageArgs(base, extra) {
     var url = new URL(base, location.href);
-    new URLSearchParams(location.search).forEach(function (v, k) { url.searchParams.set(k, v); });
+    var here = new URLSearchParams(location.search);
+    here.forEach(function (v, k) { url.searchParams.delete(k); });
+    here.forEach(function (v, k) { url.searchParams.append(k, v); });  // a repeated ?label= stays repeated
     Object.keys(extra || {}).forEach(function (k) { url.searchParams.set(k, extra[k]); });
     return url;
   }
@@ -64,10 +66,12 @@
     filters.addEventListener("input", function () { clearTimeout(timer); timer = setTimeout(apply, 200); });
     filters.addEventListener("submit", function (e) { e.preventDefault(); apply(); });
     fleet.addEventListener("click", function (e) {
-      var a = e.target.closest("a[data-sort], a[data-page]");
+      var a = e.target.closest("a[data-sort], a[data-page], a[data-labels]");
       if (!a) { return; }
       e.preventDefault();
-      if (a.dataset.sort) {
+      if (a.dataset.labels !== undefined) {  // a label link: its href is the whole new query
+        history.replaceState(null, "", a.href);
+      } else if (a.dataset.sort) {
         setArgs({sort: a.dataset.sort, dir: a.dataset.dir, page: ""});
         filters.elements.sort.value = a.dataset.sort;
         filters.elements.dir.value = a.dataset.dir;
@@ -76,6 +80,55 @@
       }
       refreshPart(fleet);
     });
+  }
+
+  // ---------------------------------------------------------------- ask a label selection now (operators only)
+  var askLabels = document.getElementById("ask-labels");
+  if (askLabels && fleet) {
+    var labelsForm = document.getElementById("ask-labels-form");
+    var labelsButton = document.getElementById("ask-labels-button");
+    var labelsStatus = document.getElementById("ask-labels-status");
+    afterSwap.push(function (el) {  // offered only while the table is filtered by labels
+      if (el !== fleet) { return; }
+      var filter = fleet.querySelector("#label-filter");
+      askLabels.hidden = !filter;
+      if (filter) { labelsButton.textContent = "Ask the agents labelled " + filter.dataset.selector + " now"; }
+    });
+    labelsForm.addEventListener("submit", function (e) {
+      e.preventDefault();
+      var labels = {};
+      new URLSearchParams(location.search).getAll("label").forEach(function (pair) {
+        var i = pair.indexOf("=");
+        labels[pair.slice(0, i)] = pair.slice(i + 1);
+      });
+      labelsButton.disabled = true;
+      labelsStatus.textContent = "starting the job…";
+      fetch(askLabels.dataset.url, {
+        method: "POST", credentials: "same-origin",
+        headers: {"Content-Type": "application/json", "X-CSRF-Token": body.dataset.csrf || ""},
+        body: JSON.stringify({type: labelsForm.elements.type.value, labels: labels})
+      }).then(function (res) {
+        return res.json().then(function (doc) { return {ok: res.ok, doc: doc}; });
+      }).then(function (r) {
+        if (!r.ok) { throw new Error(r.doc.error || "the dashboard refused"); }
+        location.href = r.doc.url;
+      }).catch(function (err) {
+        labelsStatus.textContent = String(err.message || err);
+        labelsButton.disabled = false;
+      });
+    });
+  }
+
+  // ---------------------------------------------------------------- a job: its tally, live while it waits
+  var job = document.getElementById("job");
+  if (job && job.dataset.running === "1") {
+    var poll = function () {
+      refreshPart(job).then(function () {
+        var tally = document.getElementById("job-tally");
+        if (tally && tally.dataset.state === "running") { setTimeout(poll, 500); }
+      }, function () { stale(true); setTimeout(poll, 2000); });
+    };
+    setTimeout(poll, 500);
   }
 
   // ---------------------------------------------------------------- process table: sort in the page
