@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mongomock
 import pytest
 from helpers import examples
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ from fleet_common.timefmt import parse_iso
 from fleet_dashboard.app import create_app
 from fleet_dashboard.exposition import Exposition, exposed_names, info_labels
 from fleet_store import AgentRecord, Batch, Incoming
+from fleet_store.mongodb import MongoStore
 from fleet_store.sqlite import SqliteStore
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -116,10 +118,21 @@ def store(tmp_path: Path) -> Iterator[SqliteStore]:
     s.close()
 
 
-def test_the_values_are_the_newest_stored_answers_and_stale_ones_are_left_out(tmp_path: Path,
-                                                                             store: SqliteStore) -> None:
-    """Each metric is the agent's newest answer of its type; one answered more than three intervals
-    of its type ago (cpu every 60 s, disk every 300 s) is not shown at all."""
+@pytest.fixture(params=["sqlite", "mongodb"], ids=["sqlite", "mongodb[mongomock]"])
+def either(request: pytest.FixtureRequest, tmp_path: Path, mongomock_accepts_sort: None) -> Iterator[Any]:
+    """Each store the dashboard reads: SQLite, and MongoDB through mongomock."""
+    if request.param == "sqlite":
+        s: Any = SqliteStore(str(tmp_path / "fleet.db"))
+    else:
+        s = MongoStore(mongomock.MongoClient(), database="fleet_test")
+    yield s
+    s.close()
+
+
+def test_the_values_are_the_newest_stored_answers_and_stale_ones_are_left_out(tmp_path: Path, either: Any) -> None:
+    """Each metric is the agent's newest answer of its type, on either store; one answered more than
+    three intervals of its type ago (cpu every 60 s, disk every 300 s) is not shown at all."""
+    store = either
     now = time.time()
     hello(store, "web-01", True, now - 10)
     hello(store, "old-01", True, now - 10)
