@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DISTS  := common agent controller store persister fleetctl sim dashboard
 
-.PHONY: run test test-fast lint typecheck unit docs bench clean deps lock mosquitto chromium asyncapi
+.PHONY: run test test-fast lint typecheck unit docs bench clean deps lock mosquitto chromium asyncapi prometheus
 
 run: deps
 	$(BIN)/fleetctl up
@@ -29,9 +29,10 @@ typecheck: deps
 docs: deps
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-# The dashboard's browser tests drive Debian's Chromium, and docs/asyncapi.yaml is validated with the
-# official AsyncAPI parser (npm): both installed when we may, else their tests skip saying why.
-unit: deps chromium asyncapi
+# The dashboard's browser tests drive Debian's Chromium, docs/asyncapi.yaml is validated with the
+# official AsyncAPI parser (npm), and a real Prometheus (Debian's, with promtool) scrapes /metrics and
+# checks the alert rules: all installed when we may, else their tests skip saying why.
+unit: deps chromium asyncapi prometheus
 	$(BIN)/pytest
 
 deps: $(STAMP) mosquitto
@@ -41,6 +42,9 @@ mosquitto:
 
 chromium:
 	@bash scripts/ensure-chromium.sh
+
+prometheus:
+	@bash scripts/ensure-prometheus.sh
 
 # @asyncapi/parser, pinned by tools/asyncapi/package-lock.json, into tools/asyncapi/node_modules (npm ci).
 asyncapi:

@@ -24,7 +24,7 @@ from stages import TINY, Sizes
 
 from fleet_common import compat
 
-STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "groups", "job", "storage")
+STAGES = ("raw", "ingest", "e2e", "fleet", "controller", "agent", "cold", "groups", "job", "storage", "metrics")
 
 
 def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profile: bool) -> dict[str, Any]:
@@ -40,6 +40,7 @@ def run_stage(name: str, b: Bench, sizes: Sizes, results: dict[str, Any], profil
         "job": lambda: stages.job(b, sizes),
         "storage": lambda: storage.storage(storage.TINY_STORAGE if sizes == TINY else storage.StorageSizes()),
         "groups": lambda: stages.groups(b, sizes),
+        "metrics": lambda: stages.metrics(sizes),
     }
     return calls[name]()
 
@@ -138,6 +139,14 @@ def table(results: dict[str, Any]) -> list[str]:
                  ("groups: RSS MB", grp["peak_rss_mb"], ""),
                  ("groups: SIGHUP reload of every agent, ms", grp["reload_ms"],
                   f"busiest second after it {_fmt(grp['busiest_second_after_reload_over_steady'])}x steady")]
+    mx = results.get("metrics") or {}
+    if "scrape_plain" in mx:
+        rows += [(f"metrics {mx['agents']:,} agents: scrape ms plain / gzip (median)",
+                  f"{_fmt(mx['scrape_plain']['median_ms'])} / {_fmt(mx['scrape_gzip']['median_ms'])}",
+                  f"{mx['series']:,} series, {mx['bytes'] / 1e6:.1f} MB ({mx['bytes_gzip'] / 1e6:.2f} MB gzip)"),
+                 ("metrics: refresh ms, every part read / one interval on (median)",
+                  f"{_fmt(mx['refresh_full']['median_ms'])} / {_fmt(mx['refresh_steady']['median_ms'])}",
+                  "in the background, every dashboard.metrics_refresh_s")]
     for name in STAGES:
         r = results.get(name)
         if isinstance(r, dict) and "error" in r:

@@ -64,12 +64,13 @@ class Sizes:
     profile_s: float = 30.0
     cold_agents: int = 10000
     job_agents: tuple[int, ...] = (1000, 10000)
+    metrics_agents: int = 10000
 
 
 TINY = Sizes(repeats=1, ingest_repeats=1, raw_messages=300, ingest_backlog=200, e2e_agents=5, e2e_intervals=(2, 1),
              e2e_min_window_s=2.0, fleet_agents=20, fleet_interval_s=2, fleet_intervals=2, controller_agents=300,
              controller_settle_s=1.0, controller_window_s=2.0, agent_seconds=3.0, profile_s=0, cold_agents=20,
-             job_agents=(20,))
+             job_agents=(20,), metrics_agents=20)
 
 
 def response_payload(host: Host, agent_id: str, type_: str, req_id: str) -> bytes:
@@ -800,3 +801,11 @@ def groups(b: Bench, sizes: Sizes) -> dict[str, Any]:
             "reload_ms": int(reloaded[1]) if reloaded else None,
             "requests_per_s_after_reload": after,
             "busiest_second_after_reload_over_steady": round(max(after) / steady, 2) if steady and after else None}
+
+
+# 10. Prometheus exposition ----------------------------------------------------------------------
+def metrics(sizes: Sizes) -> dict[str, Any]:
+    """/metrics at fleet size (bench/metrics.py): needs no broker, only a store."""
+    import metrics as bench_metrics
+
+    return bench_metrics.measure(sizes.metrics_agents, answers=2 if sizes.metrics_agents < 100 else 10)

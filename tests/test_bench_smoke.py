@@ -21,6 +21,7 @@ KEYS = {
     "job": ("sizes",),
     "storage": ("sqlite", "mongodb", "sqlite_fleet"),
     "groups": ("cpu_s_per_60s_interval", "peak_rss_mb", "reload_ms", "busiest_second_after_reload_over_steady"),
+    "metrics": ("scrape_plain", "scrape_gzip", "refresh_full", "refresh_steady", "series", "bytes_gzip"),
 }
 
 

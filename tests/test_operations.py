@@ -90,10 +90,11 @@ def assert_real_config_keys(env: dict[str, str], where: str) -> None:
 
 def test_compose_has_the_stack_with_health_checks_and_restart_policies() -> None:
     """docker-compose.yml parses and defines mosquitto, mongo (with a volume), controller, persister on
-    MongoDB and one agent, each with a health check and a restart policy."""
+    MongoDB, one agent, the dashboard, Prometheus and Grafana, each with a health check and a restart policy."""
     doc = compose()
     services = doc["services"]
-    assert set(services) == {"mosquitto", "mongo", "controller", "persister", "agent", "dashboard"}
+    assert set(services) == {"mosquitto", "mongo", "controller", "persister", "agent", "dashboard", "prometheus",
+                             "grafana"}
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert any(v.endswith(":/data/db") and v.split(":")[0] in doc["volumes"] for v in services["mongo"]["volumes"])
     assert services["persister"]["environment"]["FLEET_PERSISTER_STORE"] == "mongodb"

@@ -265,9 +265,15 @@ class DashboardConfig:
     mqtt_username: str | None = None
     mqtt_password: str | None = None
     secure_cookies: bool = False  # served over HTTPS by a proxy: browsers send the sign-in cookie only over HTTPS
+    # /metrics (docs/prometheus.md): None serves it when the dashboard listens on loopback only
+    metrics_enabled: bool | None = None
+    metrics_token: str | None = None  # when set, a scrape must send `Authorization: Bearer <token>`
+    metrics_refresh_s: float = 15.0
 
     def __post_init__(self) -> None:
         _check_port("port", self.port)
+        if self.metrics_refresh_s < 1:
+            raise ConfigError("metrics_refresh_s", "must be at least 1 second")
         if self.ask_enabled and not self.operator_token:
             raise ConfigError("operator_token", "is required when dashboard.ask_enabled is true "
                               "(set FLEET_DASHBOARD_OPERATOR_TOKEN to a long random string)")

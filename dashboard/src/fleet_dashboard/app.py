@@ -24,6 +24,7 @@ from fleet_common.topics import check_agent_id
 from fleet_store import StoreReader
 
 from .data import FLEET_PARAMS, RANGES_S, SORT_KEYS, Fleet, FleetQuery, cpu_percent, fullest_disk, memory_percent
+from .exposition import metrics_for
 from .jobs import DashboardJobs, JobView, Runner, TooManyJobs, job_request, run_over_mqtt
 from .labellinks import LabelLinks
 from .operators import TooManyWrongTokens, operators
@@ -38,7 +39,7 @@ CSP = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline
 TAKES: dict[str, tuple[str, ...]] = {
     "fleet_page": (*FLEET_PARAMS, "partial"), "fleet_json": FLEET_PARAMS, "agent_page": ("range", "partial"),
     "agent_series": ("range",), "ask_now": (), "rejected_page": ("partial",), "sign_in": ("next",),
-    "sign_out": (), "health": (), "start_job": (), "job_page": ("partial",), "job_json": ()}
+    "sign_out": (), "health": (), "start_job": (), "job_page": ("partial",), "job_json": (), "metrics": ()}
 JOB_TYPES = tuple(sorted(BUILTIN_TYPES))
 
 
@@ -121,6 +122,7 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt,
     app.extensions["fleet"] = fleet
     app.extensions["fleet_operators"] = ops
     app.extensions["fleet_jobs"] = jobs
+    exposition = app.extensions["fleet_metrics"] = metrics_for(store, cfg)
 
     @app.context_processor
     def common() -> dict[str, Any]:
@@ -277,6 +279,13 @@ def create_app(cfg: Config, store: StoreReader, asker: Asker = ask_via_mqtt,
         except Exception as exc:  # the store is down: say so, for the health check
             return jsonify(ok=False, error=f"{type(exc).__name__}: {exc}"), 503
         return jsonify(ok=True, store=cfg.persister.store)
+
+    if exposition.enabled:
+        @app.get("/metrics")
+        def metrics() -> HttpResponse:
+            reply = exposition.reply(request.headers.get("Authorization", ""),
+                                     request.headers.get("Accept-Encoding", ""))
+            return HttpResponse(reply.body, reply.status, reply.headers)
 
     @app.after_request
     def headers(resp: HttpResponse) -> HttpResponse:

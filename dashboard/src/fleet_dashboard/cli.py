@@ -16,6 +16,8 @@ from fleet_common.cli import base_parser, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_store import open_store
 
+from .exposition import is_loopback, serves_metrics
+
 log = logging.getLogger("fleet.dashboard")
 
 
@@ -48,6 +50,16 @@ def check(cfg: Config, timeout_s: float = 3.0) -> int:
     return 0
 
 
+def metrics_note(cfg: Config) -> str:
+    d = cfg.dashboard
+    if not serves_metrics(d):
+        return "/metrics off"
+    if not d.metrics_token and not is_loopback(d.host):
+        log.warning("/metrics is served beyond this host without a token: set dashboard.metrics_token, or let only "
+                    "Prometheus reach port %d", d.port)
+    return f"/metrics every {d.metrics_refresh_s:g} s" + (", token required" if d.metrics_token else "")
+
+
 def serve(cfg: Config, stop: threading.Event) -> int:
     """Serve until `stop` is set; the store is opened once and shared by the server's threads."""
     from waitress.server import create_server
@@ -61,14 +73,19 @@ def serve(cfg: Config, stop: threading.Event) -> int:
                                ident="fleet-dashboard")
         # read the fleet once now, so the first viewer of a large fleet does not wait for it
         threading.Thread(target=app.extensions["fleet"].snapshot, name="dashboard-warm", daemon=True).start()
+        metrics = app.extensions["fleet_metrics"]
+        refresher = threading.Thread(target=metrics.run, args=(stop,), name="dashboard-metrics", daemon=True)
+        refresher.start()
         thread = threading.Thread(target=server.run, name="dashboard-http", daemon=True)
         thread.start()
         asking = "on, for operators" if cfg.dashboard.ask_enabled else "off (read-only)"
-        log.info("dashboard at %s (store %s; ask now %s)", local_url(cfg), cfg.persister.store, asking)
+        log.info("dashboard at %s (store %s; ask now %s; %s)", local_url(cfg), cfg.persister.store, asking,
+                 metrics_note(cfg))
         stop.wait()
         log.info("stopping the dashboard")
         server.close()
         thread.join(5.0)
+        refresher.join(5.0)
     finally:
         store.close()
     return 0
