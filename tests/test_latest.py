@@ -257,3 +257,20 @@ def test_a_mongodb_database_made_before_latest_gets_it_filled_on_open() -> None:
     assert [r.id for r in expected] == ["a1"]
     store.db.drop_collection("latest")
     assert MongoStore(client, RETENTION, "fleet_latest_backfill").latest_all() == expected
+
+
+def test_latest_with_fields_hands_over_only_those_keys(store: Store) -> None:
+    """latest(fields=...) cuts each answer down in the store to the named top-level keys (null where
+    absent), so a fleet's processes lists never reach the reader; a name that is not a plain key is refused."""
+    data = {"processes": [{"pid": i} for i in range(50)], "total": 312, "sort_by": "cpu_percent"}
+    answer_ = Incoming(Response(id="p1", agent_id=AGENT, type="processes", status="ok", data=data,
+                                collected_at=iso(T0 + 0.1)), AGENT, iso(T0 + 0.11))
+    store.write(Batch(requests=[req("p1", type_="processes")], responses=[answer_]))
+    [full] = store.latest("processes").values()
+    assert full.data == data
+    [cut] = store.latest("processes", fields=["total", "missing"]).values()
+    assert cut.data == {"total": 312, "missing": None} and cut.id == "p1" and cut.answered_at == full.answered_at
+    assert [r.data for r in store.latest("processes", fields=[]).values()] == [{}]
+    for bad in ("total') --", "a.b", "$where", ""):
+        with pytest.raises(ValueError):
+            store.latest("processes", fields=[bad])

@@ -60,7 +60,7 @@ def newest_answers(store: StoreReader, since_s: Mapping[str, float]) -> list[New
     the store's `latest` table, one indexed range a type. (`latest_all` would return every row,
     those of agents gone for months too, which is all the filter here would then drop.)"""
     return [Newest(r.agent_id, r.type, r.answered_at, r.data)
-            for type_, since in since_s.items() for r in store.latest(type_, since).values()]
+            for type_, since in since_s.items() for r in store.latest(type_, since, FIELDS.get(type_, ())).values()]
 
 
 Labels = dict[str, str]
@@ -137,6 +137,10 @@ def _processes(data: dict[str, Any]) -> Iterator[tuple[str, Labels, Any]]:
 
 
 READERS = {"cpu": _cpu, "memory": _memory, "disk": _disk, "network": _network, "processes": _processes}
+# What of each type's data the store hands over: of processes only the total (a fleet's processes
+# answers are gigabytes, their totals kilobytes), of types no reader looks at nothing, of the rest
+# all (they are small, and SQLite's JSON functions would round their floats to 15 digits).
+FIELDS: dict[str, tuple[str, ...] | None] = {"processes": ("total",), **dict.fromkeys(READERS.keys() - {"processes"})}
 
 
 def current(found: Newest) -> Current | None:

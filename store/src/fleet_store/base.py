@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
@@ -245,10 +246,14 @@ class StoreReader(Protocol):
     def job_requests(self, job_id: str) -> list[RequestRecord]:
         """The requests sent in job `job_id`, by agent id (an indexed read)."""
 
-    def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
+    def latest(self, type_: str, since_s: float | None = None,
+               fields: Sequence[str] | None = None) -> dict[str, RequestRecord]:
         """The newest answered (state ok) request of `type_` per agent, answered since `since_s`,
         from the latest table: one indexed range, so a fleet page of thousands stays fast. The
-        records are `LatestRecord.request()`: id, agent, type, state ok, answered_at and data."""
+        records are `LatestRecord.request()`: id, agent, type, state ok, answered_at and data.
+        With `fields`, data holds only those top-level keys (null where absent), cut down by the
+        store: a fleet's processes answers are gigabytes, their `total`s a few kilobytes. (SQLite
+        writes the cut-down floats with 15 significant digits: ask for whole data to keep all 17.)"""
 
     def latest_all(self, types: Collection[str] | None = None) -> list[LatestRecord]:
         """Every latest row (of `types`, if given), sorted by agent_id and type: one per agent and
@@ -281,6 +286,17 @@ class Store(StoreWriter, StoreReader, Protocol):
 
 # Errors a store raises about a value it cannot hold, whichever the store: a retry cannot help.
 DATA_ERRORS = (ValueError, TypeError, OverflowError, UnicodeError, RecursionError)
+
+
+FIELD_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def check_fields(fields: Sequence[str]) -> list[str]:
+    """`latest(fields=...)`'s names: plain top-level keys (they go into a query's text)."""
+    for name in fields:
+        if not FIELD_RE.match(name):
+            raise ValueError(f"{name!r} is not a field name")
+    return list(fields)
 
 
 def norm_ts(text: str | None) -> str | None:

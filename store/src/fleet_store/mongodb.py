@@ -16,7 +16,7 @@ but never counts one twice.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
@@ -44,6 +44,7 @@ from .base import (
     StoreUnreachable,
     answer_time,
     birth_labels,
+    check_fields,
     displaced_letter,
     latency_ms,
     newest_per_key,
@@ -421,17 +422,24 @@ class MongoStore:
         cursor = self.requests.find({"job": job_id}).sort([("agent_id", ASCENDING), ("_id", ASCENDING)])
         return [self._request(d) for d in cursor]
 
-    def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
+    def latest(self, type_: str, since_s: float | None = None,
+               fields: Sequence[str] | None = None) -> dict[str, RequestRecord]:
         query: Doc = {"type": type_}
         if since_s is not None:
             query["answered_at"] = {"$gte": iso(since_s)}
-        return {r.agent_id: r.request() for r in self._latest_docs(query)}
+        wanted = None if fields is None else [f"data.{name}" for name in check_fields(fields)]
+        records = self._latest_docs(query, wanted)
+        if fields is not None:
+            records = [replace(r, data={name: (r.data or {}).get(name) for name in fields}) for r in records]
+        return {r.agent_id: r.request() for r in records}
 
     def latest_all(self, types: Collection[str] | None = None) -> list[LatestRecord]:
         return self._latest_docs({} if types is None else {"type": {"$in": sorted(set(types))}})
 
-    def _latest_docs(self, query: Doc) -> list[LatestRecord]:
-        cursor = self.latest_c.find(query, {"_id": 0}).sort([("agent_id", ASCENDING), ("type", ASCENDING)])
+    def _latest_docs(self, query: Doc, data: list[str] | None = None) -> list[LatestRecord]:
+        projection: Doc = {"_id": 0} if data is None else {"_id": 0, "agent_id": 1, "type": 1, "id": 1,
+                                                           "answered_at": 1, **dict.fromkeys(data, 1)}
+        cursor = self.latest_c.find(query, projection).sort([("agent_id", ASCENDING), ("type", ASCENDING)])
         return [LatestRecord(d["agent_id"], d["type"], d["id"], d["answered_at"], d.get("data")) for d in cursor]
 
     def recent_requests(self, agent_id: str, limit: int = 50) -> list[RequestRecord]:

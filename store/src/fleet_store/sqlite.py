@@ -38,6 +38,7 @@ from .base import (
     StoreMissing,
     answer_time,
     birth_labels,
+    check_fields,
     displaced_letter,
     latency_ms,
     newest_per_key,
@@ -242,6 +243,15 @@ def _add_latest(db: sqlite3.Connection) -> None:
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _data_of(fields: Sequence[str] | None) -> str:
+    """The SQL for a latest row's data, or only its top-level `fields` of it (names are checked:
+    they go into the SQL text)."""
+    if fields is None:
+        return "data"
+    pairs = ", ".join(f"'{name}', json_extract(data, '$.{name}')" for name in check_fields(fields))
+    return f"json_object({pairs})"
 
 
 def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
@@ -603,9 +613,11 @@ class SqliteStore:
         rows = self._query(f"SELECT {REQUEST_COLUMNS} FROM requests WHERE job = ? ORDER BY agent_id, id", (job_id,))
         return [self._request(row) for row in rows]
 
-    def latest(self, type_: str, since_s: float | None = None) -> dict[str, RequestRecord]:
+    def latest(self, type_: str, since_s: float | None = None,
+               fields: Sequence[str] | None = None) -> dict[str, RequestRecord]:
         since = iso(since_s) if since_s is not None else ""
-        return {r.agent_id: r.request() for r in self._latest_rows("type = ?1 AND answered_at >= ?2", (type_, since))}
+        rows = self._latest_rows("type = ?1 AND answered_at >= ?2", (type_, since), _data_of(fields))
+        return {r.agent_id: r.request() for r in rows}
 
     def latest_all(self, types: Collection[str] | None = None) -> list[LatestRecord]:
         if types is None:
@@ -613,8 +625,8 @@ class SqliteStore:
         wanted = sorted(set(types))
         return self._latest_rows(f"type IN ({','.join('?' * len(wanted))})", wanted) if wanted else []
 
-    def _latest_rows(self, where: str, args: Sequence[Any]) -> list[LatestRecord]:
-        sql = f"SELECT agent_id, type, id, answered_at, data FROM latest WHERE {where} ORDER BY agent_id, type"
+    def _latest_rows(self, where: str, args: Sequence[Any], data: str = "data") -> list[LatestRecord]:
+        sql = f"SELECT agent_id, type, id, answered_at, {data} FROM latest WHERE {where} ORDER BY agent_id, type"
         try:
             rows = self._query(sql, args)
         except sqlite3.OperationalError as exc:
