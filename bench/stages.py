@@ -477,10 +477,12 @@ def top_frames(path: Path, n: int = 12) -> dict[str, Any]:
 
 
 # 5. controller at 100,000 agents --------------------------------------------------------------
-def controller(b: Bench, sizes: Sizes) -> dict[str, Any]:
-    prefix = "ctl100k"
-    topics = Topics(prefix)
-    n = sizes.controller_agents
+ROLES = ("web", "db", "build")
+
+
+def _publish_fleet(b: Bench, topics: Topics, n: int, labelled: bool = False) -> float:
+    """n retained births (syn-000000 ...), with `labelled` a third each of role web, db and build
+    (ROLES); seconds it took. At most 1000 wait for the broker's acknowledgement."""
     c = client()
     connect(c, b.port)
     acked = [0]
@@ -490,14 +492,21 @@ def controller(b: Bench, sizes: Sizes) -> dict[str, Any]:
     for i in range(n):
         agent = f"syn-{i:06d}"
         status = Status(agent_id=agent, online=True, hostname=agent, platform="Linux", agent_version="0.1.0",
-                        types=list(TYPES))
+                        types=list(TYPES), labels={"role": ROLES[i % 3]} if labelled else None)
         while i - acked[0] >= 1000:
             time.sleep(0.0005)
         c.publish(topics.status(agent), status.payload(), qos=1, retain=True)
     wait_until(lambda: acked[0] >= n, 120, 0.05)
     c.disconnect()
     c.loop_stop()
-    publish_s = time.monotonic() - started
+    return time.monotonic() - started
+
+
+def controller(b: Bench, sizes: Sizes) -> dict[str, Any]:
+    prefix = "ctl100k"
+    topics = Topics(prefix)
+    n = sizes.controller_agents
+    publish_s = _publish_fleet(b, topics, n)
 
     seen: set[str] = set()
     count = [0]
@@ -723,28 +732,6 @@ GROUPS_BEFORE = [{"match": {"role": "db"}, "schedule": {"processes": 60}},
                  {"match": {"role": "build"}, "schedule": {"processes": 0}}]
 GROUPS_AFTER = [{"match": {"role": "db"}, "schedule": {"processes": 120}},
                 {"match": {"role": "build"}, "schedule": {"disk": 60}}]
-ROLES = ("web", "db", "build")
-
-
-def _publish_labelled_fleet(b: Bench, topics: Topics, n: int) -> float:
-    """n retained births, a third each of role web, db and build; seconds it took."""
-    c = client()
-    connect(c, b.port)
-    acked = [0]
-    c.on_publish = lambda *a: acked.__setitem__(0, acked[0] + 1)
-    c.loop_start()
-    started = time.monotonic()
-    for i in range(n):
-        agent = f"syn-{i:06d}"
-        status = Status(agent_id=agent, online=True, hostname=agent, platform="Linux", agent_version="0.1.0",
-                        types=list(TYPES), labels={"role": ROLES[i % 3]})
-        while i - acked[0] >= 1000:
-            time.sleep(0.0005)
-        c.publish(topics.status(agent), status.payload(), qos=1, retain=True)
-    wait_until(lambda: acked[0] >= n, 120, 0.05)
-    c.disconnect()
-    c.loop_stop()
-    return time.monotonic() - started
 
 
 def groups(b: Bench, sizes: Sizes) -> dict[str, Any]:
@@ -755,7 +742,7 @@ def groups(b: Bench, sizes: Sizes) -> dict[str, Any]:
     prefix = "grp100k"
     topics = Topics(prefix)
     n = sizes.controller_agents
-    publish_s = _publish_labelled_fleet(b, topics, n)
+    publish_s = _publish_fleet(b, topics, n, labelled=True)
     per_second: Counter[int] = Counter()
     lock = threading.Lock()
     obs = client()

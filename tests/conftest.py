@@ -3,6 +3,7 @@ config files, and real service processes that are stopped (and their logs shown)
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -199,3 +200,19 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
     p = Procs(tmp_path)
     yield p
     p.close()
+
+
+def start_sim(procs: Procs, tmp_path: Path, cfg: Path, name: str, agents: int, *args: str) -> None:
+    """`agents` simulated agents named <name>-1 ... (fleet-sim, with `args`), waited for until all
+    are connected."""
+    stats = tmp_path / f"{name}.json"
+    procs.start(name, "fleet-sim", "--config", str(cfg), "--agents", str(agents), "--id-prefix", name,
+                "--stats-file", str(stats), "--stats-every-s", "0.3", *args)
+
+    def connected() -> bool:
+        try:
+            return json.loads(stats.read_text()).get("all_connected_after_s") is not None
+        except (OSError, ValueError):
+            return False
+
+    wait_for(connected, what=f"simulated agents {name} to connect")

@@ -4,7 +4,6 @@ sorting and filtering, the series behind the charts, and who may press "ask now"
 from __future__ import annotations
 
 import http.client
-import json
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
-from conftest import BIN, wait_for
+from conftest import BIN, start_sim, wait_for
 from helpers import examples, rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -748,20 +747,6 @@ def test_a_job_the_dashboard_did_not_start_is_read_from_the_store(tmp_path, stor
     assert c.get("/job/cli-job-1?limit=3").status_code == 400
 
 
-def fleet_sim(procs: Any, tmp_path: Path, cfg: Path, name: str, agents: int, *args: str) -> None:
-    stats = tmp_path / f"{name}.json"
-    procs.start(name, "fleet-sim", "--config", str(cfg), "--agents", str(agents), "--id-prefix", name,
-                "--stats-file", str(stats), "--stats-every-s", "0.3", *args)
-
-    def connected() -> bool:
-        try:
-            return json.loads(stats.read_text()).get("all_connected_after_s") is not None
-        except (OSError, ValueError):
-            return False
-
-    wait_for(connected, what=f"simulated agents {name} to connect")
-
-
 def test_a_label_job_from_the_dashboard_over_a_real_broker(tmp_path, write_config, procs) -> None:
     """Against a real broker, persister and agents: an operator's label job from the dashboard asks
     the online role=web agents and queues the offline one; one answers unknown_type; every request
@@ -775,9 +760,9 @@ def test_a_label_job_from_the_dashboard_over_a_real_broker(tmp_path, write_confi
     wait_for(lambda: online().get("away-01") == 1, what="the real agent online in the store")
     procs.stop("away")
     wait_for(lambda: online().get("away-01") == 0, what="the real agent offline in the store")
-    fleet_sim(procs, tmp_path, cfg, "web", 2, "--types", "cpu,ping", "--label", "role=web")
-    fleet_sim(procs, tmp_path, cfg, "old", 1, "--types", "cpu", "--label", "role=web")  # no ping: unknown_type
-    fleet_sim(procs, tmp_path, cfg, "db", 1, "--types", "cpu,ping", "--label", "role=db")
+    start_sim(procs, tmp_path, cfg, "web", 2, "--types", "cpu,ping", "--label", "role=web")
+    start_sim(procs, tmp_path, cfg, "old", 1, "--types", "cpu", "--label", "role=web")  # no ping: unknown_type
+    start_sim(procs, tmp_path, cfg, "db", 1, "--types", "cpu,ping", "--label", "role=db")
     wait_for(lambda: len(online()) == 5, what="every agent in the store")
 
     store = SqliteStore(str(db))

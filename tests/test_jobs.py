@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BIN, Procs, wait_for
+from conftest import BIN, Procs, start_sim, wait_for
 from helpers import rows
 
 from fleet_common import Status, Topics
@@ -37,20 +37,6 @@ def by_agent(result: dict[str, Any]) -> dict[str, str]:
     return {r["agent_id"]: r["status"] for r in result["results"]}
 
 
-def sim(procs: Procs, tmp_path: Path, cfg: Path, name: str, agents: int, *args: str) -> None:
-    stats = tmp_path / f"{name}.json"
-    procs.start(name, "fleet-sim", "--config", str(cfg), "--agents", str(agents), "--id-prefix", name,
-                "--stats-file", str(stats), "--stats-every-s", "0.3", *args)
-
-    def connected() -> bool:
-        try:
-            return json.loads(stats.read_text()).get("all_connected_after_s") is not None
-        except (OSError, ValueError):
-            return False
-
-    wait_for(connected, what=f"simulated agents {name} to connect")
-
-
 def agents_online(db: Path) -> dict[str, bool]:
     return {r["agent_id"]: bool(r["online"]) for r in rows(db, "SELECT agent_id, online FROM agents")}
 
@@ -68,9 +54,9 @@ def test_jobs_count_the_queued_offline_agent_and_the_error_and_fleetctl_job_show
     wait_for(lambda: agents_online(db).get("away-01"), what="the real agent's birth in the store")
     procs.stop("away")  # a clean stop: offline, its session (and so its subscription) kept at the broker
     wait_for(lambda: agents_online(db).get("away-01") is False, what="the agent offline in the store")
-    sim(procs, tmp_path, cfg, "web", 3, "--types", "cpu,ping", "--label", "role=web")
-    sim(procs, tmp_path, cfg, "old", 1, "--types", "cpu", "--label", "role=web")  # no ping: unknown_type
-    sim(procs, tmp_path, cfg, "db", 2, "--types", "cpu,ping", "--label", "role=db")
+    start_sim(procs, tmp_path, cfg, "web", 3, "--types", "cpu,ping", "--label", "role=web")
+    start_sim(procs, tmp_path, cfg, "old", 1, "--types", "cpu", "--label", "role=web")  # no ping: unknown_type
+    start_sim(procs, tmp_path, cfg, "db", 2, "--types", "cpu,ping", "--label", "role=db")
 
     code, web = job_json(cfg, "--label", "role=web", "ping")
     assert code == 1, "one targeted agent answered an error"

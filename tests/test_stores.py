@@ -36,19 +36,29 @@ AGENT = "web-01"
 pytestmark = pytest.mark.usefixtures("mongomock_accepts_sort")
 
 
-@pytest.fixture(params=["sqlite", "mongodb"], ids=["sqlite", "mongodb[real]" if MONGO_URI else "mongodb[mongomock]"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = SqliteStore(str(tmp_path / "fleet.db"), RETENTION)
+STORE_KINDS: dict[str, Any] = {"params": ["sqlite", "mongodb"],
+                               "ids": ["sqlite", "mongodb[real]" if MONGO_URI else "mongodb[mongomock]"]}
+
+
+def each_store(kind: str, tmp_path: Path, retention: dict[str, int], **options: Any) -> Iterator[Store]:
+    """A fresh store of `kind`: SQLite in tmp_path, or MongoDB (a real server when
+    FLEET_TEST_MONGODB_URI is set, else mongomock) in a database of its own, dropped after."""
+    if kind == "sqlite":
+        s = SqliteStore(str(tmp_path / "fleet.db"), retention, **options)
         yield s
         s.close()
         return
     client: Any = pymongo.MongoClient(MONGO_URI, serverSelectionTimeoutMS=5000) if MONGO_URI \
         else mongomock.MongoClient()
     name = f"fleet_test_{uuid.uuid4().hex[:12]}"
-    yield MongoStore(client, RETENTION, name)
+    yield MongoStore(client, retention, name, **options)
     client.drop_database(name)
     client.close()
+
+
+@pytest.fixture(**STORE_KINDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    yield from each_store(request.param, tmp_path, RETENTION)
 
 
 def req(id_: str, at: float = T0, type_: str = "cpu", expires_in: float | None = 60.0,

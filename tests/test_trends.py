@@ -9,22 +9,19 @@ import math
 import os
 import random
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mongomock
-import pymongo
 import pytest
 from helpers import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_stores import STORE_KINDS, each_store
 from trendcalc import Sent, as_table, assert_equal, expected, generated_hour
 
 from fleet_common import Request, Response, iso
 from fleet_store import Batch, EncodedJSON, Incoming, Store
-from fleet_store.mongodb import MongoStore
 from fleet_store.sqlite import SqliteStore
 from fleet_store.trends import SERIES, Answer, roll_up, samples
 
@@ -36,19 +33,9 @@ HOUR = float(int(time.time()) // 3600 * 3600 - 3600)  # the last whole hour: nea
 pytestmark = pytest.mark.usefixtures("mongomock_accepts_sort")
 
 
-@pytest.fixture(params=["sqlite", "mongodb"], ids=["sqlite", "mongodb[real]" if MONGO_URI else "mongodb[mongomock]"])
+@pytest.fixture(**STORE_KINDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s = SqliteStore(str(tmp_path / "fleet.db"), RETENTION, trend_retention_s=TREND_RETENTION)
-        yield s
-        s.close()
-        return
-    client: Any = pymongo.MongoClient(MONGO_URI, serverSelectionTimeoutMS=5000) if MONGO_URI \
-        else mongomock.MongoClient()
-    name = f"fleet_test_{uuid.uuid4().hex[:12]}"
-    yield MongoStore(client, RETENTION, name, trend_retention_s=TREND_RETENTION)
-    client.drop_database(name)
-    client.close()
+    yield from each_store(request.param, tmp_path, RETENTION, trend_retention_s=TREND_RETENTION)
 
 
 def answer(s: Sent, store: Store, received_s: float) -> Incoming[Response]:
