@@ -262,10 +262,11 @@ def test_a_mongodb_database_made_before_latest_gets_it_filled_on_open() -> None:
 def test_latest_with_fields_hands_over_only_those_keys(store: Store) -> None:
     """latest(fields=...) cuts each answer down in the store to the named top-level keys (null where
     absent), so a fleet's processes lists never reach the reader; a name that is not a plain key is refused."""
+    now = time.time()  # not T0: processes are kept 60 s here, and a TTL index deletes them after
     data = {"processes": [{"pid": i} for i in range(50)], "total": 312, "sort_by": "cpu_percent"}
     answer_ = Incoming(Response(id="p1", agent_id=AGENT, type="processes", status="ok", data=data,
-                                collected_at=iso(T0 + 0.1)), AGENT, iso(T0 + 0.11))
-    store.write(Batch(requests=[req("p1", type_="processes")], responses=[answer_]))
+                                collected_at=iso(now + 0.1)), AGENT, iso(now + 0.11))
+    store.write(Batch(requests=[req("p1", at=now, type_="processes")], responses=[answer_]))
     [full] = store.latest("processes").values()
     assert full.data == data
     [cut] = store.latest("processes", fields=["total", "missing"]).values()
