@@ -47,7 +47,7 @@ def spec_of(args: Any) -> JobSpec:
     try:
         selector = select(args.label) if args.label else None
     except ValueError as exc:
-        raise FleetError(f"--label {exc}") from None
+        raise FleetError(f"--label: {exc}") from None
     from .request import parse_params
 
     return JobSpec(type=args.agent, params=parse_params(args.param), selector=selector,
