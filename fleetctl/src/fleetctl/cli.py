@@ -16,7 +16,6 @@ from fleet_common.ask import ask
 from fleet_common.cli import base_parser, globals_after_subcommands, load, run_main, stop_event
 from fleet_common.config import Config
 from fleet_common.errors import FleetError
-from fleet_common.labels import Labels, select
 from fleet_store import open_reader
 
 from . import job, up, views
@@ -46,14 +45,6 @@ def read_from(cfg: Config, as_json: bool) -> None:
         print(f"fleetctl: read {views.footer(cfg)}", file=sys.stderr)
     else:
         print(views.footer(cfg))
-
-
-def label_selector(pairs: list[str]) -> Labels:
-    """`--label k=v` values as one selector; a bad one stops the command with one line (exit 2)."""
-    try:
-        return select(pairs)
-    except ValueError as exc:
-        raise FleetError(f"--label: {exc}") from None
 
 
 def positive_int(text: str) -> int:
@@ -141,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         extra += [f"--log-format={args.log_format}"] if args.log_format else []
         return up.run_stack(cfg, args.config, stop_event(), broker_config=args.broker_config,
                             data_dir=args.data_dir, extra_args=extra)
-    selector = label_selector(args.label) if args.command == "status" else {}
+    selector = job.label_selector(args.label) if args.command == "status" else {}
     if args.command == "status" and args.watch is not None:
         views.watch(lambda: views.status_frame(cfg, args.since, args.json, selector), max(args.watch, 0.1),
                     stop_event())

@@ -13,7 +13,7 @@ from fleet_common.config import Config
 from fleet_common.errors import FleetError
 from fleet_common.jobrun import JobRun, NoTargets
 from fleet_common.jobs import ERROR, NO_ANSWER, OK, Candidate, JobResult, JobSpec, Tally, check_job_id
-from fleet_common.labels import select
+from fleet_common.labels import Labels, select
 from fleet_store import StoreError, describe, open_reader
 from fleet_store.jobs import known_agents, stored_job
 
@@ -40,14 +40,19 @@ class LiveTally:
             self.out.flush()
 
 
+def label_selector(pairs: list[str]) -> Labels:
+    """`--label k=v` values as one selector; a bad one stops the command with one line (exit 2)."""
+    try:
+        return select(pairs)
+    except ValueError as exc:
+        raise FleetError(f"--label: {exc}") from None
+
+
 def spec_of(args: Any) -> JobSpec:
     """The job the command line asks for: --all, or --label pairs (all must match)."""
     if args.all and args.label:
         raise FleetError("give --all or --label, not both")
-    try:
-        selector = select(args.label) if args.label else None
-    except ValueError as exc:
-        raise FleetError(f"--label: {exc}") from None
+    selector = label_selector(args.label) if args.label else None
     from .request import parse_params
 
     return JobSpec(type=args.agent, params=parse_params(args.param), selector=selector,
